@@ -1,0 +1,119 @@
+"""Command-line entry points: medblip-export, medblip-infer, medblip-bench (thin shells over the Python API)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import MedblipError
+
+
+def one_line_errors(fn):
+    """User errors print one line on stderr and exit 2; never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MedblipError as e:
+            click.echo(f"error [{e.code}]: {e}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+# -- medblip-export -------------------------------------------------------------
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="Training checkpoint: torch.save(model.state_dict()) "
+              "file ({'model': ...} wrapping accepted) or .safetensors. Loaded with weights_only=True.")
+@click.option("--llm", "llm_dir", type=click.Path(path_type=Path), help="Local Hugging Face folder of the LLM "
+              "(config.json + tokenizer; weights too if the checkpoint lacks them).")
+@click.option("--preset", help="Instead of a checkpoint: random weights of a named size "
+              "(tiny, tiny-biomedlm, small, small-biomedlm, paper-t5, paper-biomedlm). Marked random_weights.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle folder to write "
+              "(replaced atomically: a failed export leaves the old one in place).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="Precision of the vision graph (fp16: for GPU execution).")
+@click.option("--llm-quant", type=click.Choice(["none", "int8", "int4", "fp16"]), default="none", show_default=True,
+              help="LLM graphs: none (fp32), int8 (dynamic, CPU), int4 (weight-only blockwise), fp16 (GPU).")
+@click.option("--trt", is_flag=True, help="Also build a TensorRT FP16 engine of the vision graph (needs TensorRT + GPU).")
+@click.option("--no-onnx", is_flag=True, help="Write only the PyTorch weights (no ONNX graphs).")
+@click.option("--max-batch", type=int, default=8, show_default=True, help="Largest vision batch (TensorRT profile max).")
+@click.option("--opt-batch", type=int, default=1, show_default=True, help="TensorRT profile: batch to tune for.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+@one_line_errors
+def export_main(checkpoint, llm_dir, preset, out, precision, llm_quant, trt, no_onnx, max_batch, opt_batch, quiet):
+    """Turn a MedBLIP checkpoint (or a preset with random weights) into a verified bundle folder.
+
+    Every artifact is compared with the fp32 PyTorch model on a fixed evaluation set
+    before it is written into manifest.json, together with its SHA-256.
+
+    \b
+    Examples:
+      medblip-export --preset tiny --out bundles/tiny --llm-quant int8
+      medblip-export --checkpoint medblip_t5.pth --llm ./flan-t5-xl --out bundles/t5 --llm-quant int4
+    """
+    from .export.run import ExportOptions, export_bundle
+
+    manifest = export_bundle(ExportOptions(out=out, preset=preset, checkpoint=checkpoint, llm_dir=llm_dir,
+                                           precision=precision, llm_quant=llm_quant, trt=trt, onnx=not no_onnx,
+                                           max_batch=max_batch, opt_batch=opt_batch), quiet=quiet)
+    click.echo(json.dumps({"bundle": str(out), "random_weights": manifest["random_weights"],
+                           "artifacts": sorted(manifest["artifacts"]), "notes": manifest["notes"]}))
+
+
+# -- medblip-infer --------------------------------------------------------------
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("scans", nargs=-1, required=True)
+@click.option("--bundle", "bundle_dir", required=True, type=click.Path(path_type=Path), help="Bundle folder "
+              "written by medblip-export.")
+@click.option("--backend", default="auto", show_default=True,
+              help="auto, torch, ort or trt (auto: the fastest this bundle and machine have; it says which).")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+              help="torch backend only: compute precision (default fp32).")
+@click.option("--patient-text", default="", help="Patient text put before the question (age, sex, scores...).")
+@click.option("--question", default=None, help="Ask a free-form question; the answer is generated greedily "
+              "(at most 60 new tokens). Without it: diagnosis by scoring the three answers.")
+@click.option("--include-paths", is_flag=True, help="Report full scan paths (default: file name only).")
+@one_line_errors
+def infer_main(scans, bundle_dir, backend, device, precision, patient_text, question, include_paths):
+    """Diagnose NIfTI scans with a bundle: one JSON object per scan on stdout (JSON Lines).
+
+    Each row has label (AD, MCI or NC), probabilities, answer, timings_ms per stage,
+    warnings and random_weights. A scan that fails gives {"scan", "error"} and the
+    others still run; the exit code is 1 if any failed.
+    """
+    from .runtime.pipeline import Pipeline
+
+    pipe = Pipeline.from_bundle(bundle_dir, backend=backend, device=device, precision=precision)
+    click.echo(f"backend: vision={pipe.chosen['vision']} llm={pipe.chosen['llm']}", err=True)
+    failed = 0
+    for scan in scans:
+        try:
+            row = pipe(scan, patient_text=patient_text, question=question)
+        except MedblipError as e:
+            failed += 1
+            row = {"scan": Path(scan).name, "error": e.as_json()}
+        if include_paths:
+            row["path"] = str(Path(scan).resolve())
+        click.echo(json.dumps(row))
+    sys.exit(1 if failed else 0)
+
+
+# -- medblip-bench --------------------------------------------------------------
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@one_line_errors
+def bench_main():
+    """Benchmark a bundle or preset per stage, side by side with the PyTorch reference."""
+    raise MedblipError("medblip-bench is not built yet", code="not_implemented")

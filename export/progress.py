@@ -1,0 +1,64 @@
+"""Step-by-step progress on stderr for long exports, and the closing summary table."""
+
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import contextmanager
+
+
+class Progress:
+    def __init__(self, total: int, stream=None, quiet: bool = False):
+        self.total, self.i = total, 0
+        self.stream = stream or sys.stderr
+        self.quiet = quiet
+        self._pending: list[str] = []
+
+    def _say(self, text: str, end: str = "\n") -> None:
+        if not self.quiet:
+            print(text, end=end, file=self.stream, flush=True)
+
+    @contextmanager
+    def step(self, what: str):
+        self.i += 1
+        self._say(f"[{self.i}/{self.total}] {what} ...", end="")
+        t0 = time.perf_counter()
+        try:
+            yield
+        except BaseException:
+            self._say(" failed")
+            self._pending.clear()
+            raise
+        self._say(f" done ({time.perf_counter() - t0:.1f} s)")
+        for text in self._pending:
+            self._say(f"      {text}")
+        self._pending.clear()
+
+    def note(self, text: str) -> None:
+        """A detail line, printed under the step that is running."""
+        self._pending.append(text)
+
+
+def summary_table(artifacts: dict) -> str:
+    """artifact | size | precision | parity, one row per artifact."""
+    rows = [("artifact", "size", "precision", "parity vs PyTorch fp32")]
+    for name, a in artifacts.items():
+        parity = a.get("parity") or {}
+        text = ", ".join(f"{k}={_fmt(v)}" for k, v in parity.items() if not isinstance(v, (dict, list)))
+        rows.append((name, _size(a.get("bytes", 0)), str(a.get("precision", "-")), text or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)

@@ -1,0 +1,121 @@
+"""`medblip-export`: checkpoint (or preset) -> a verified bundle folder.
+
+Order: load the checkpoint through the one loading path, compute the fp32
+PyTorch reference on the evaluation set, then make each artifact and compare it
+with that reference before it is registered in the manifest.
+"""
+
+from __future__ import annotations
+
+import platform
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import MedblipError
+from ..model.checkpoint import load_checkpoint
+from ..model.config import preset as get_preset
+from ..model.llm import family
+from ..model.prompts import ANSWERS, DIAGNOSIS_QUESTION, PROMPT_TEMPLATE
+from ..model.random_init import write_random_checkpoint
+from ..model.weights import save_weights
+from ..preprocess import PreprocessSpec
+from .bundle_writer import BundleWriter
+from .progress import Progress, summary_table
+from .reference_eval import ReferenceEval
+
+LLM_QUANTS = ("none", "int8", "int4", "fp16")
+
+
+@dataclass
+class ExportOptions:
+    out: Path
+    preset: str | None = None
+    checkpoint: Path | None = None
+    llm_dir: Path | None = None
+    precision: str = "fp32"  # vision graph: fp32 | fp16
+    llm_quant: str = "none"
+    trt: bool = False
+    onnx: bool = True
+    max_batch: int = 8
+    min_batch: int = 1
+    opt_batch: int = 1
+    eval_cases: int = 4
+    seed: int = 0
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("transformers", "onnx", "onnxruntime", "tensorrt", "nibabel"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # optional packages: absent is a fact worth recording
+            out[mod] = None
+    return out
+
+
+def export_bundle(opts: ExportOptions, quiet: bool = False) -> dict:
+    """Run the export; returns the manifest written. Nothing is left at `opts.out` on failure."""
+    if (opts.preset is None) == (opts.checkpoint is None):
+        raise MedblipError("give either --preset NAME or --checkpoint PATH --llm DIR", code="usage")
+    if opts.checkpoint is not None and opts.llm_dir is None:
+        raise MedblipError("--checkpoint needs --llm DIR (the LLM's Hugging Face folder: config + tokenizer)",
+                           code="usage")
+    from .steps import plan_steps
+
+    steps = plan_steps(opts)
+    progress = Progress(total=(opts.preset is not None) + 2 + len(steps), quiet=quiet)
+    with tempfile.TemporaryDirectory(prefix="medblip-export-") as work, BundleWriter(opts.out) as writer:
+        random_weights = opts.preset is not None
+        ckpt, llm_dir = opts.checkpoint, opts.llm_dir
+        if random_weights:
+            with progress.step(f"writing random {opts.preset} weights in the training checkpoint layout"):
+                ckpt, llm_dir = write_random_checkpoint(get_preset(opts.preset), Path(work), opts.seed)
+        with progress.step(f"loading {Path(ckpt).name}"):
+            model, report = load_checkpoint(ckpt, llm_dir)
+            progress.note(f"{report.loaded} keys loaded, {len(report.unused)} unused at inference "
+                          f"(contrastive heads, Q-Former text path, buffers)")
+        fam = family(model.cfg.variant)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(llm_dir))
+        with progress.step("PyTorch weights, tokenizer and the fp32 reference on the evaluation set"):
+            save_weights(model, writer.path("torch/weights.safetensors"), report.dtypes)
+            writer.add("torch", "torch/weights.safetensors", kind="torch-weights", precision="as stored",
+                       parity={"reference": True})
+            tokenizer.save_pretrained(str(writer.path("tokenizer/x").parent))
+            writer.add("tokenizer", "tokenizer", kind="tokenizer")
+            ref = ReferenceEval.run(model, tokenizer, opts.eval_cases)
+        ctx = {"model": model, "tokenizer": tokenizer, "family": fam, "ref": ref, "writer": writer,
+               "opts": opts, "progress": progress, "work": Path(work)}
+        notes = []
+        for step in steps:
+            with progress.step(step.title):
+                note = step.run(ctx)
+                if note:
+                    notes.append(note)
+                    progress.note(note)
+        manifest = {
+            "random_weights": random_weights,
+            "model": {"variant": model.cfg.variant, "config": model.cfg.as_dict(),
+                      "parameters": {k: sum(p.numel() for p in m.parameters()) for k, m in
+                                     (("vision", model.visual_encoder), ("qformer", model.qformer),
+                                      ("llm", model.llm))},
+                      "source": {"checkpoint": "random (preset " + opts.preset + ")" if random_weights
+                                 else Path(ckpt).name, **report.as_dict()}},
+            "preprocess": PreprocessSpec(size=model.cfg.vision.image_size).as_dict(),
+            "prompt": {"template": PROMPT_TEMPLATE, "question": DIAGNOSIS_QUESTION, "answers": ANSWERS},
+            "generation": {"strategy": "greedy", "max_new_tokens": fam.max_new_tokens},
+            "max_batch": opts.max_batch,
+            "evaluation": ref.as_manifest(),
+            "versions": versions(),
+            "notes": notes,
+        }
+        manifest = writer.commit(manifest)
+    if not quiet:
+        import sys
+
+        print(summary_table(manifest["artifacts"]), file=sys.stderr)
+    return manifest

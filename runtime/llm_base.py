@@ -1,0 +1,52 @@
+"""The LLM backend interface: prefill once, score candidate answers in one batch, greedy-decode with a KV cache."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+
+
+class LlmBackend(ABC):
+    """One LLM family on one runtime. `state` is whatever the backend keeps between verbs."""
+
+    name: str  # backend name, e.g. "torch", "ort"
+    precision: str
+    eos_token_id: int
+
+    @abstractmethod
+    def prefill(self, prompt_ids: list[int], visual) -> Any:
+        """Run the prompt + visual tokens [1, Q, d_llm] once; returns a state with `next_logits` [V]."""
+
+    @abstractmethod
+    def score(self, state, candidates: list[list[int]]) -> np.ndarray:
+        """Sum of log-probabilities of each candidate token sequence, one batched pass -> [n] float64."""
+
+    @abstractmethod
+    def step(self, state, token: int):
+        """Feed one generated token; returns the logits [V] for the next one (KV cache kept in `state`)."""
+
+    def generate(self, state, max_new_tokens: int) -> list[int]:
+        """Greedy decoding from a prefilled state; stops at EOS (not returned) or after `max_new_tokens`."""
+        out: list[int] = []
+        logits = state.next_logits
+        for i in range(max_new_tokens):
+            tok = int(logits.argmax())
+            if tok == self.eos_token_id:
+                break
+            out.append(tok)
+            if i + 1 < max_new_tokens:
+                logits = self.step(state, tok)
+        return out
+
+
+def pad_candidates(candidates: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad token lists -> (ids [n, L] int64, mask [n, L] bool)."""
+    n, length = len(candidates), max(len(c) for c in candidates)
+    ids = np.full((n, length), pad, dtype=np.int64)
+    mask = np.zeros((n, length), dtype=bool)
+    for i, c in enumerate(candidates):
+        ids[i, : len(c)] = c
+        mask[i, : len(c)] = True
+    return ids, mask

@@ -1,0 +1,110 @@
+"""Pipeline: NIfTI in, diagnosis (class probabilities) and/or a free-form answer out.
+
+Stages: load + preprocess (nibabel, bit-exact with the training loader), vision
+(volume -> visual tokens), LLM (score the three answers in one batch; greedy
+answer for free-form questions). Backends are picked in `factory.py` only.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..model.llm import family
+from ..model.prompts import DIAGNOSIS_QUESTION
+from ..preprocess import PreprocessSpec, load_volume, to_model_input
+from .bundle import Bundle, sha256_file
+from .factory import make_backends
+from .tasks import Tasks
+
+
+@dataclass
+class PreparedScan:
+    """A scan ready for the model: volume [1,1,S,S,S] float32 plus what the output row reports about it."""
+
+    name: str
+    sha256: str
+    volume: torch.Tensor
+    warnings: list[str] = field(default_factory=list)
+    timings_ms: dict = field(default_factory=dict)
+
+
+def _ms(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1000.0, 3)
+
+
+class Pipeline:
+    """`Pipeline.from_bundle(dir)(scan)` -> one result dict (the JSON row of `medblip-infer`)."""
+
+    def __init__(self, bundle: Bundle, vision, llm, chosen: dict):
+        self.bundle, self.vision, self.llm, self.chosen = bundle, vision, llm, chosen
+        self.tokenizer = bundle.tokenizer()
+        self.tasks = Tasks(family(bundle.config.variant), self.tokenizer, bundle.manifest["generation"]["max_new_tokens"])
+        self.spec = PreprocessSpec(**bundle.manifest["preprocess"])
+
+    @classmethod
+    def from_bundle(cls, path, backend: str = "auto", device: str = "cpu", precision: str | None = None,
+                    verify: bool = True) -> "Pipeline":
+        bundle = Bundle.open(path, verify=verify)
+        vision, llm, chosen = make_backends(bundle, backend, device, precision)
+        return cls(bundle, vision, llm, chosen)
+
+    # -- stages ---------------------------------------------------------------
+
+    def prepare(self, scan: str | Path) -> PreparedScan:
+        """Read + preprocess one file; raises ScanError on bad input."""
+        path = Path(scan)
+        t0 = time.perf_counter()
+        loaded = load_volume(path)
+        load_ms = _ms(t0)
+        digest = sha256_file(path)
+        t1 = time.perf_counter()
+        volume = to_model_input(loaded.array, self.spec.size)  # [1,1,S,S,S]
+        return PreparedScan(path.name, digest, volume, list(loaded.warnings),
+                            {"load": load_ms, "preprocess": _ms(t1)})
+
+    def visual_tokens(self, volumes: torch.Tensor) -> torch.Tensor:
+        """volumes [B,1,S,S,S] -> visual tokens [B, Q, d_llm]."""
+        return self.vision.run(volumes)
+
+    def classify(self, visual: torch.Tensor, patient_text: str = "") -> dict:
+        """visual [1,Q,d] -> {label, probabilities, answer, log_likelihoods}."""
+        return self.tasks.diagnose(self.llm, visual, patient_text)
+
+    def ask(self, visual: torch.Tensor, patient_text: str = "", question: str = DIAGNOSIS_QUESTION,
+            max_new_tokens: int | None = None) -> str:
+        """visual [1,Q,d] -> greedy free-form answer text."""
+        return self.tasks.ask(self.llm, visual, patient_text, question, max_new_tokens)
+
+    # -- one scan end to end ----------------------------------------------------
+
+    def answer(self, prepared: PreparedScan, visual: torch.Tensor, patient_text: str = "",
+               question: str | None = None) -> dict:
+        """The result row for a prepared scan whose visual tokens [1,Q,d] are computed."""
+        t0 = time.perf_counter()
+        row = self.classify(visual, patient_text)
+        if question is not None:
+            row["answer"] = self.ask(visual, patient_text, question)
+        timings = dict(prepared.timings_ms, llm=_ms(t0))
+        return {"scan": prepared.name, "scan_sha256": prepared.sha256, **row,
+                "question": question or DIAGNOSIS_QUESTION, "task": "ask" if question is not None else "classify",
+                "backend": self.chosen, "precision": self.precision,
+                "random_weights": self.bundle.random_weights, "timings_ms": timings,
+                "warnings": prepared.warnings}
+
+    @property
+    def precision(self) -> dict:
+        return {"vision": self.vision.precision, "llm": self.llm.precision}
+
+    def __call__(self, scan, patient_text: str = "", question: str | None = None) -> dict:
+        t0 = time.perf_counter()
+        prepared = self.prepare(scan)
+        t1 = time.perf_counter()
+        visual = self.visual_tokens(prepared.volume)
+        prepared.timings_ms["vision"] = _ms(t1)
+        row = self.answer(prepared, visual, patient_text, question)
+        row["timings_ms"]["total"] = _ms(t0)
+        return row

@@ -1,0 +1,40 @@
+"""The two tasks as functions of an LLM backend: diagnose (score the three answers) and ask (greedy answer)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..model.prompts import ANSWERS, DIAGNOSIS_QUESTION, LABELS, build_prompt
+
+
+class Tasks:
+    """Prompt building and answer scoring for one family + tokenizer, over any LLM backend."""
+
+    def __init__(self, family, tokenizer, max_new_tokens: int):
+        self.family, self.tokenizer = family, tokenizer
+        self.answer_ids = [family.answer_ids(tokenizer, ANSWERS[k]) for k in LABELS]
+        self.max_new_tokens = min(60, max_new_tokens)
+
+    def prompt_ids(self, patient_text: str, question: str = DIAGNOSIS_QUESTION) -> list[int]:
+        return self.family.prompt_ids(self.tokenizer, build_prompt(patient_text, question))
+
+    def diagnose(self, llm, visual, patient_text: str = "") -> dict:
+        """visual [1,Q,d] -> {label, probabilities, answer, log_likelihoods}: one prefill, one batched scoring pass."""
+        state = llm.prefill(self.prompt_ids(patient_text), visual)
+        scores = np.asarray(llm.score(state, self.answer_ids), dtype=np.float64)  # [3] sum log p
+        p = np.exp(scores - scores.max())
+        p /= p.sum()
+        best = int(np.argmax(scores))
+        return {"label": LABELS[best], "probabilities": {k: float(v) for k, v in zip(LABELS, p)},
+                "answer": ANSWERS[LABELS[best]], "log_likelihoods": {k: float(s) for k, s in zip(LABELS, scores)}}
+
+    def ask_ids(self, llm, visual, patient_text: str = "", question: str = DIAGNOSIS_QUESTION,
+                max_new_tokens: int | None = None) -> list[int]:
+        """visual [1,Q,d] -> greedy answer token ids (EOS not included)."""
+        state = llm.prefill(self.prompt_ids(patient_text, question), visual)
+        return llm.generate(state, min(60, max_new_tokens or self.max_new_tokens))
+
+    def ask(self, llm, visual, patient_text: str = "", question: str = DIAGNOSIS_QUESTION,
+            max_new_tokens: int | None = None) -> str:
+        ids = self.ask_ids(llm, visual, patient_text, question, max_new_tokens)
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
