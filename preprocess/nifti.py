@@ -34,7 +34,8 @@ more than one volume, dims < 1), unsupported_dtype (complex, RGB, float128,
 ...), too_large (header declares more than max_voxels voxels or max_bytes
 bytes; checked before any data is read), truncated (file ends inside the
 header or the data), no_finite_data (every voxel NaN/Inf), out_of_range
-(values past float32 after scaling), constant_volume (min == max: nothing to
+(values not finite in float32: past its range after scaling, or NaN/Inf in an
+array given to to_model_input), constant_volume (min == max: nothing to
 normalise).
 """
 
@@ -142,7 +143,8 @@ def load_volume(path, *, max_voxels: int = DEFAULT_MAX_VOXELS, max_bytes: int = 
         head = _read(stream, 4, p)
         if len(head) < 4:
             raise ScanError(f"not a NIfTI file (empty or a few bytes): {p}", code="not_nifti")
-        sizeof_hdr = next((s for s in (int.from_bytes(head, "little"), int.from_bytes(head, "big")) if s in _HEADERS), None)
+        sizes = (int.from_bytes(head, "little"), int.from_bytes(head, "big"))
+        sizeof_hdr = next((s for s in sizes if s in _HEADERS), None)
         if sizeof_hdr is None:
             raise ScanError(f"not a NIfTI-1/2 file (no NIfTI header): {p}", code="not_nifti")
         header_cls, magic_one, magic_pair, version = _HEADERS[sizeof_hdr]
@@ -152,7 +154,9 @@ def load_volume(path, *, max_voxels: int = DEFAULT_MAX_VOXELS, max_bytes: int = 
         hdr = header_cls(binaryblock=bytes(block), check=False)
         magic = bytes(hdr["magic"])[:3]
         if magic == magic_pair:
-            raise ScanError(f"NIfTI .hdr/.img pairs are not supported, convert to one .nii/.nii.gz file: {p}", code="unsupported_format")
+            raise ScanError(
+                f"NIfTI .hdr/.img pairs are not supported, convert to one .nii/.nii.gz file: {p}", code="unsupported_format"
+            )
         if magic != magic_one:
             raise ScanError(f"not a NIfTI-{version} file (bad magic {magic!r}, Analyze?): {p}", code="not_nifti")
 
@@ -175,7 +179,8 @@ def load_volume(path, *, max_voxels: int = DEFAULT_MAX_VOXELS, max_bytes: int = 
             dtype = None
         if dtype is None or dtype.str[1:] not in _SUPPORTED:
             name = "unknown" if dtype is None else str(dtype)
-            raise ScanError(f"unsupported NIfTI datatype {int(hdr['datatype'])} ({name}): {p}", code="unsupported_dtype")
+            code = int(hdr["datatype"])
+            raise ScanError(f"unsupported NIfTI datatype {code} ({name}): {p}", code="unsupported_dtype")
 
         # Size checks come from the header alone, before any data is read or allocated.
         nvox = math.prod(shape)
@@ -184,7 +189,8 @@ def load_volume(path, *, max_voxels: int = DEFAULT_MAX_VOXELS, max_bytes: int = 
         offset = int(vox_offset) if math.isfinite(vox_offset) else -1
         if nvox > max_voxels or offset + nbytes > max_bytes:
             raise ScanError(
-                f"volume {shape} ({nvox} voxels, {nbytes} bytes) exceeds the limit of {max_voxels} voxels / {max_bytes} bytes: {p}",
+                f"volume {shape} ({nvox} voxels, {nbytes} bytes) exceeds the limit of "
+                f"{max_voxels} voxels / {max_bytes} bytes: {p}",
                 code="too_large",
             )
         if offset < sizeof_hdr + 4:  # the 4 extension-flag bytes always follow the header
@@ -234,7 +240,9 @@ def load_volume(path, *, max_voxels: int = DEFAULT_MAX_VOXELS, max_bytes: int = 
     del arr
     lo, hi = float(out.min()), float(out.max())
     if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ScanError(f"voxel values exceed the float32 range (scl_slope {slope}, scl_inter {inter} applied): {p}", code="out_of_range")
+        raise ScanError(
+            f"voxel values exceed the float32 range (scl_slope {slope}, scl_inter {inter} applied): {p}", code="out_of_range"
+        )
     if lo == hi:
         raise ScanError(f"constant volume (every voxel is {lo}), nothing to normalise: {p}", code="constant_volume")
     if version == 2:

@@ -41,7 +41,7 @@ class PreprocessSpec:
         """Raise ValueError unless this is the one computation `to_model_input` implements."""
         want = PreprocessSpec(size=self.size)
         if self != want or not (isinstance(self.size, int) and self.size > 0):
-            raise ValueError(f"unsupported preprocessing {self.as_dict()}; supported: {want.as_dict()} with any size > 0")
+            raise ValueError(f"unsupported preprocessing {self.as_dict()}; supported: {want.as_dict()}, any size > 0")
 
 
 def to_model_input(array: np.ndarray, size: int = 224) -> torch.Tensor:
@@ -49,12 +49,11 @@ def to_model_input(array: np.ndarray, size: int = 224) -> torch.Tensor:
     if array.ndim != 3:
         raise ScanError(f"expected a 3D volume, got shape {tuple(array.shape)}", code="bad_dims")
     # Training: .astype(float) then torch.FloatTensor; float32 input is already that value.
-    if array.dtype != np.float32:
-        array = np.asarray(array, dtype=np.float64)
+    array = np.ascontiguousarray(array, dtype=None if array.dtype == np.float32 else np.float64)
     img = torch.from_numpy(array).float()
     lo, hi = img.min(), img.max()
     if not (torch.isfinite(lo) and torch.isfinite(hi)):
-        raise ScanError("volume has non-finite values", code="no_finite_data")
+        raise ScanError("volume has NaN/Inf or values past float32 (load_volume zeroes NaN/Inf)", code="out_of_range")
     if lo == hi:  # (img - min) / 0 would be NaN everywhere
         raise ScanError(f"constant volume (every voxel is {float(lo)}), nothing to normalise", code="constant_volume")
     img = (img - lo) / (hi - lo)
@@ -71,7 +70,9 @@ def to_model_input(array: np.ndarray, size: int = 224) -> torch.Tensor:
     return out
 
 
-def preprocess_scan(path: str | os.PathLike, spec: PreprocessSpec = PreprocessSpec(), **load_kwargs) -> tuple[torch.Tensor, LoadedVolume]:
+def preprocess_scan(
+    path: str | os.PathLike, spec: PreprocessSpec = PreprocessSpec(), **load_kwargs
+) -> tuple[torch.Tensor, LoadedVolume]:
     """Load a NIfTI file and build its model input: (float32 [1, 1, S, S, S], the LoadedVolume)."""
     spec.check()
     vol = load_volume(path, **load_kwargs)

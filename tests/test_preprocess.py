@@ -1,4 +1,4 @@
-"""NIfTI preprocessing: bit-exact with MedBLIP's SimpleITK training loader on real volumes, and clear errors on bad ones."""
+"""NIfTI preprocessing: bit-exact with MedBLIP's SimpleITK training loader on real volumes; clear errors on bad ones."""
 
 from __future__ import annotations
 
@@ -248,7 +248,8 @@ def test_non_ascii_name_accepted(tmp_path):
 
 def test_nifti2_accepted_with_nifti1_semantics(tmp_path):
     # SimpleITK cannot read NIfTI-2 at all; we read it, and compare with SimpleITK on the same bytes as NIfTI-1.
-    n2 = single_volume(need("example_nifti2"), tmp_path / "n2.nii.gz", shape=(32, 20, 12, 1), header_cls=nib.Nifti2Header)
+    src = need("example_nifti2")
+    n2 = single_volume(src, tmp_path / "n2.nii.gz", shape=(32, 20, 12, 1), header_cls=nib.Nifti2Header)
     with pytest.raises(RuntimeError):
         sitk.ReadImage(str(n2))
     h2 = nib.Nifti2Header(binaryblock=raw_bytes(n2)[:540], check=False)
@@ -443,6 +444,8 @@ def test_permission_denied(tmp_path):
 def test_to_model_input_rejects_unusable_arrays():
     for arr, code in [
         (np.zeros((4, 5, 6), np.float32), "constant_volume"),
+        (np.array([[[0.0, np.nan, 1.0]]], np.float32), "out_of_range"),
+        (np.array([[[0.0, 1e39, 1.0]]], np.float64), "out_of_range"),  # past float32 once converted
         (np.arange(10, dtype=np.float32).reshape(2, 5), "bad_dims"),
         (np.random.default_rng(0).random((1, 300, 300)).astype(np.float32), "bad_dims"),  # an axis would be 0
     ]:

@@ -1,4 +1,4 @@
-"""Real NIfTI volumes that ship inside installed wheels (nilearn, nibabel), located without importing their test code."""
+"""Real NIfTI volumes shipped inside installed wheels (nilearn, nibabel), found without importing their test code."""
 
 from __future__ import annotations
 
@@ -7,7 +7,11 @@ from pathlib import Path
 
 # name -> (package, path inside the package, what it is)
 REAL_VOLUMES = {
-    "mni_t1": ("nilearn", "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz", "T1 brain template, 197x233x189 uint8"),
+    "mni_t1": (
+        "nilearn",
+        "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+        "T1 brain template, 197x233x189 uint8",
+    ),
     "mni_gm": ("nilearn", "datasets/data/mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz", "grey-matter map, uint8"),
     "mni_wm": ("nilearn", "datasets/data/mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz", "white-matter map, uint8"),
     "stat_map": ("nilearn", "datasets/data/image_10426.nii.gz", "statistical map, 53x63x46 float32"),

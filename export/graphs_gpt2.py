@@ -1,0 +1,61 @@
+"""Export-only GPT-2 graphs over the Hugging Face module's weights, with the KV cache as plain tensors.
+
+  prefill: prompt_ids [1,T] int64, visual [B,Q,d] -> last_logits [B,V], k, v [L,B,H,T+Q,dk]
+  step:    ids [B,T] int64, past_k, past_v [L,B,H,P,dk] -> logits [B,T,V], k, v [L,B,H,P+T,dk]
+Positions are 0..n-1 over [prompt ; visual ; generated] (the reference's cumsum(mask) - 1 with no padding).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _Gpt2(nn.Module):
+    def __init__(self, gpt2):
+        super().__init__()
+        self.gpt2 = gpt2
+        self.heads = gpt2.config.n_head
+        self.act = gpt2.transformer.h[0].mlp.act
+
+    def run(self, x, past_k, past_v):
+        """x [B,T,d] (embeddings without positions) -> (hidden [B,T,d], k, v stacked)."""
+        tr = self.gpt2.transformer
+        b, t, d = x.shape
+        past_len = 0 if past_k is None else past_k.shape[3]
+        pos = torch.arange(past_len, past_len + t, device=x.device)
+        x = x + tr.wpe(pos)[None]
+        q_pos = pos[:, None]
+        k_pos = torch.arange(past_len + t, device=x.device)[None, :]
+        mask = torch.where(k_pos > q_pos, torch.finfo(x.dtype).min, 0.0).to(x.dtype)  # [T, P+T] causal
+        ks, vs = [], []
+        for i, blk in enumerate(tr.h):
+            h = blk.ln_1(x)
+            q, k, v = blk.attn.c_attn(h).split(d, dim=2)
+            q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in (q, k, v))
+            if past_k is not None:
+                k, v = torch.cat([past_k[i], k], dim=2), torch.cat([past_v[i], v], dim=2)
+            ks.append(k)
+            vs.append(v)
+            scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1]) + mask
+            w = F.softmax(scores.float(), dim=-1).to(v.dtype)
+            a = torch.matmul(w, v).transpose(1, 2).reshape(b, t, d)
+            x = x + blk.attn.c_proj(a)
+            x = x + blk.mlp.c_proj(self.act(blk.mlp.c_fc(blk.ln_2(x))))
+        return tr.ln_f(x), torch.stack(ks), torch.stack(vs)
+
+
+class Gpt2PrefillGraph(_Gpt2):
+    def forward(self, prompt_ids, visual):
+        emb = self.gpt2.transformer.wte(prompt_ids).expand(visual.shape[0], -1, -1)
+        hidden, k, v = self.run(torch.cat([emb, visual.to(emb.dtype)], dim=1), None, None)
+        return self.gpt2.lm_head(hidden[:, -1]).float(), k, v
+
+
+class Gpt2StepGraph(_Gpt2):
+    def forward(self, ids, past_k, past_v):
+        hidden, k, v = self.run(self.gpt2.transformer.wte(ids), past_k, past_v)
+        return self.gpt2.lm_head(hidden).float(), k, v

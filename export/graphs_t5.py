@@ -1,0 +1,115 @@
+"""Export-only T5 graphs over the Hugging Face module's weights, with the KV cache as plain tensors.
+
+Shipped graphs (L decoder layers, H heads, dk head width, stacked caches):
+  encoder:         prompt_ids [1,T] int64, visual [B,Q,d] -> encoder_out [B,S,d], cross_k, cross_v [L,B,H,S,dk]
+  decoder_prefill: decoder_ids [B,T] int64, cross_k, cross_v -> logits [B,T,V], self_k, self_v [L,B,H,T,dk]
+  decoder_step:    decoder_ids [B,1] int64, past_k, past_v [L,B,H,P,dk], cross_k, cross_v
+                   -> logits [B,1,V], self_k, self_v [L,B,H,P+1,dk]
+The forward of each wrapper is exactly the graph: tensors in, tensors out.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def rms_norm(x: torch.Tensor, ln) -> torch.Tensor:
+    """T5 LayerNorm: no mean, no bias, variance in fp32 (fp16 overflows here)."""
+    var = x.float().pow(2).mean(-1, keepdim=True)
+    return ln.weight * (x.float() * torch.rsqrt(var + ln.variance_epsilon)).to(ln.weight.dtype)
+
+
+def _heads(x: torch.Tensor, h: int) -> torch.Tensor:
+    b, t, _ = x.shape
+    return x.view(b, t, h, -1).transpose(1, 2)  # [B,H,T,dk]
+
+
+def _attend(q, k, v, bias, o) -> torch.Tensor:
+    """T5 attention: no 1/sqrt(dk) scaling, additive bias, softmax in fp32."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) + bias
+    w = F.softmax(scores.float(), dim=-1).to(q.dtype)
+    out = torch.matmul(w, v).transpose(1, 2)
+    return o(out.reshape(out.shape[0], out.shape[1], -1))
+
+
+def _ffn(x: torch.Tensor, ff) -> torch.Tensor:
+    # exact GELU (MedBLIP's dense_act_fn override); wo may be kept fp32 for fp16 models
+    h = ff.act(ff.wi_0(x)) * ff.wi_1(x)
+    return ff.wo(h.to(ff.wo.weight.dtype)).to(x.dtype)
+
+
+class T5EncoderGraph(nn.Module):
+    """[prompt ; visual] through the T5 encoder, plus every decoder layer's cross-attention K/V."""
+
+    def __init__(self, t5):
+        super().__init__()
+        self.t5 = t5
+
+    def forward(self, prompt_ids: torch.Tensor, visual: torch.Tensor):
+        emb = self.t5.shared(prompt_ids).expand(visual.shape[0], -1, -1)  # [B,T,d]
+        x = torch.cat([emb, visual.to(emb.dtype)], dim=1)  # [B,S,d]
+        enc = self.t5.encoder(inputs_embeds=x).last_hidden_state
+        h = self.t5.config.num_heads
+        ks, vs = [], []
+        for blk in self.t5.decoder.block:
+            att = blk.layer[1].EncDecAttention
+            ks.append(_heads(att.k(enc), h))
+            vs.append(_heads(att.v(enc), h))
+        return enc, torch.stack(ks), torch.stack(vs)
+
+
+class _T5Decoder(nn.Module):
+    def __init__(self, t5):
+        super().__init__()
+        self.t5 = t5
+        self.heads = t5.config.num_heads
+        self.scale = t5.config.d_model**-0.5 if t5.config.scale_decoder_outputs else None
+
+    def _position_bias(self, q_len: int, k_len, past_len) -> torch.Tensor:
+        """Causal relative-position bias [1,H,T,P+T] for queries at positions past_len..past_len+T-1."""
+        att = self.t5.decoder.block[0].layer[0].SelfAttention
+        ctx = torch.arange(q_len, device=att.relative_attention_bias.weight.device)[:, None] + past_len
+        mem = torch.arange(k_len, device=att.relative_attention_bias.weight.device)[None, :]
+        rel = mem - ctx
+        bucket = att._relative_position_bucket(rel, bidirectional=False, num_buckets=att.relative_attention_num_buckets,
+                                               max_distance=att.relative_attention_max_distance)
+        bias = att.relative_attention_bias(bucket).permute(2, 0, 1)[None]  # [1,H,T,K]
+        causal = torch.where(rel > 0, torch.finfo(bias.dtype).min, 0.0).to(bias.dtype)
+        return bias + causal
+
+    def run(self, ids, past_k, past_v, cross_k, cross_v):
+        x = self.t5.decoder.embed_tokens(ids)  # [B,T,d]
+        t = ids.shape[1]
+        past_len = 0 if past_k is None else past_k.shape[3]
+        bias = self._position_bias(t, past_len + t, past_len).to(x.dtype)
+        new_k, new_v = [], []
+        for i, blk in enumerate(self.t5.decoder.block):
+            sa, ca, ff = blk.layer[0], blk.layer[1], blk.layer[2]
+            h = rms_norm(x, sa.layer_norm)
+            k, v = _heads(sa.SelfAttention.k(h), self.heads), _heads(sa.SelfAttention.v(h), self.heads)
+            if past_k is not None:
+                k, v = torch.cat([past_k[i], k], dim=2), torch.cat([past_v[i], v], dim=2)
+            new_k.append(k)
+            new_v.append(v)
+            x = x + _attend(_heads(sa.SelfAttention.q(h), self.heads), k, v, bias, sa.SelfAttention.o)
+            h = rms_norm(x, ca.layer_norm)
+            x = x + _attend(_heads(ca.EncDecAttention.q(h), self.heads), cross_k[i], cross_v[i], 0.0,
+                            ca.EncDecAttention.o)
+            x = x + _ffn(rms_norm(x, ff.layer_norm), ff.DenseReluDense)
+        x = rms_norm(x, self.t5.decoder.final_layer_norm)
+        if self.scale is not None:
+            x = x * self.scale
+        logits = self.t5.lm_head(x).float()  # logits in fp32
+        return logits, torch.stack(new_k), torch.stack(new_v)
+
+
+class T5DecoderPrefillGraph(_T5Decoder):
+    def forward(self, decoder_ids, cross_k, cross_v):
+        return self.run(decoder_ids, None, None, cross_k, cross_v)
+
+
+class T5DecoderStepGraph(_T5Decoder):
+    def forward(self, decoder_ids, past_k, past_v, cross_k, cross_v):
+        return self.run(decoder_ids, past_k, past_v, cross_k, cross_v)
