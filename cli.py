@@ -81,32 +81,33 @@ def export_main(checkpoint, llm_dir, preset, out, precision, llm_quant, trt, no_
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
               help="torch backend only: compute precision (default fp32).")
-@click.option("--patient-text", default="", help="Patient text put before the question (age, sex, scores...).")
+@click.option("--patient-text", default="", help="Patient text put before the question (age, sex, scores...); "
+              "for a CSV input, its patient_text column wins.")
 @click.option("--question", default=None, help="Ask a free-form question; the answer is generated greedily "
               "(at most 60 new tokens). Without it: diagnosis by scoring the three answers.")
-@click.option("--include-paths", is_flag=True, help="Report full scan paths (default: file name only).")
+@click.option("--out", "out_path", type=click.Path(path_type=Path), default=None,
+              help="Write rows to results.jsonl or results.csv instead of stdout.")
+@click.option("--resume", is_flag=True, help="With --out: skip scans that already have a complete row there.")
+@click.option("--timeout", "timeout_s", type=float, default=300.0, show_default=True,
+              help="Per-scan limit in seconds for reading + preprocessing; a scan over it gets an error row.")
+@click.option("--workers", type=int, default=2, show_default=True, help="Scans read and preprocessed ahead, in parallel.")
+@click.option("--include-paths", is_flag=True, help="Report full scan paths (default: file name and SHA-256 only).")
 @one_line_errors
-def infer_main(scans, bundle_dir, backend, device, precision, patient_text, question, include_paths):
-    """Diagnose NIfTI scans with a bundle: one JSON object per scan on stdout (JSON Lines).
+def infer_main(scans, bundle_dir, backend, device, precision, patient_text, question, out_path, resume,
+               timeout_s, workers, include_paths):
+    """Diagnose NIfTI scans with a bundle: one JSON object per scan (JSON Lines).
 
+    SCANS are NIfTI files, folders of them, or a CSV with columns scan,patient_text.
     Each row has label (AD, MCI or NC), probabilities, answer, timings_ms per stage,
     warnings and random_weights. A scan that fails gives {"scan", "error"} and the
     others still run; the exit code is 1 if any failed.
     """
-    from .runtime.pipeline import Pipeline
+    from .runtime.cohort import InferOptions, run_infer
 
-    pipe = Pipeline.from_bundle(bundle_dir, backend=backend, device=device, precision=precision)
-    click.echo(f"backend: vision={pipe.chosen['vision']} llm={pipe.chosen['llm']}", err=True)
-    failed = 0
-    for scan in scans:
-        try:
-            row = pipe(scan, patient_text=patient_text, question=question)
-        except MedblipError as e:
-            failed += 1
-            row = {"scan": Path(scan).name, "error": e.as_json()}
-        if include_paths:
-            row["path"] = str(Path(scan).resolve())
-        click.echo(json.dumps(row))
+    failed = run_infer(InferOptions(
+        scans=list(scans), bundle=bundle_dir, backend=backend, device=device, precision=precision,
+        patient_text=patient_text, question=question, out=out_path, resume=resume, timeout_s=timeout_s,
+        workers=workers, include_paths=include_paths))
     sys.exit(1 if failed else 0)
 
 

@@ -19,6 +19,7 @@ class ReferenceEval:
     visual: torch.Tensor  # [n,Q,d_llm] fp32
     cases: list  # (volume index, patient text)
     probabilities: np.ndarray  # [n_cases, 3]
+    loglik: np.ndarray  # [n_cases, 3] sum log p of each answer
     labels: list
     greedy_ids: list  # per case, the greedy answer tokens to the diagnosis question
     tasks: Tasks
@@ -34,16 +35,19 @@ class ReferenceEval:
         rows = [tasks.diagnose(llm, visual[i:i + 1], text) for i, text in cases]
         greedy = [tasks.ask_ids(llm, visual[i:i + 1], text) for i, text in cases[:2]]
         probs = np.array([[r["probabilities"][k] for k in LABELS] for r in rows])
-        return cls(volumes, visual, cases, probs, [r["label"] for r in rows], greedy, tasks)
+        loglik = np.array([[r["log_likelihoods"][k] for k in LABELS] for r in rows])
+        return cls(volumes, visual, cases, probs, loglik, [r["label"] for r in rows], greedy, tasks)
 
     def compare(self, llm, visual: torch.Tensor | None = None) -> dict:
         """Run an LLM backend (optionally on other visual tokens) over the cases -> agreement figures."""
         visual = self.visual if visual is None else visual
         rows = [self.tasks.diagnose(llm, visual[i:i + 1], text) for i, text in self.cases]
         probs = np.array([[r["probabilities"][k] for k in LABELS] for r in rows])
+        loglik = np.array([[r["log_likelihoods"][k] for k in LABELS] for r in rows])
         labels = [r["label"] for r in rows]
         return {"label_agreement": float(np.mean([a == b for a, b in zip(labels, self.labels)])),
                 "max_abs_prob_diff": float(np.abs(probs - self.probabilities).max()),
+                "max_abs_loglik_diff": float(np.abs(loglik - self.loglik).max()),
                 "cases": len(self.cases)}
 
     def greedy_match(self, llm) -> bool:

@@ -1,8 +1,176 @@
-"""Export steps after the PyTorch weights: each makes one artifact and checks it against the reference."""
+"""Export steps after the PyTorch weights: each makes one artifact and checks it against the fp32 reference.
+
+A step's `run(ctx)` writes into the bundle only after its check passed; it
+returns an optional note for the user (e.g. why TensorRT was skipped).
+"""
 
 from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import MedblipError
+from ..runtime.llm_ort import ORT_LLMS
+from .llm_graphs import LLM_GRAPHS
+from .onnx_export import compare, export_onnx, io_spec, ort_session
+from .quantize import QUANTIZERS
+
+VISION_TOL = {"fp32": {"max_abs_err": 1e-3, "cosine": 0.9999}, "fp16": {"max_abs_err": 5e-2, "cosine": 0.999}}
+LLM_FP32_PROB_TOL = 1e-4
+
+
+class VisionGraph(torch.nn.Module):
+    """Export-only: volume [B,1,S,S,S] float32 -> visual_tokens [B,Q,d_llm] float32 (query tokens baked in)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, volume: torch.Tensor) -> torch.Tensor:
+        return self.model.visual_tokens(volume).float()
+
+
+def _copy_graph(files: list[Path], dst_dir: Path) -> list[str]:
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        shutil.copy2(f, dst_dir / f.name)
+    return [f.name for f in files]
+
+
+class VisionOnnxStep:
+    title = "vision graph -> ONNX (3D ViT + ln_vision + Q-Former + projection), checked with ONNX Runtime"
+
+    def run(self, ctx) -> str | None:
+        ref, writer, work = ctx["ref"], ctx["writer"], ctx["work"]
+        max_batch = ctx["opts"].max_batch
+        path = work / "vision.onnx"
+        files = export_onnx(VisionGraph(ctx["model"]), (ref.volumes[:2],), path, ["volume"], ["visual_tokens"],
+                            {"volume": {0: torch.export.Dim("batch", min=1, max=max(max_batch, 2))}})
+        sess = ort_session(path)
+        parity = self._check(sess, ref, "fp32")
+        names = _copy_graph(files, writer.path("vision/x").parent)
+        writer.add("vision_onnx", f"vision/{names[0]}", {"data": f"vision/{names[1]}"} if len(names) > 1 else None,
+                   kind="onnx", precision="fp32", **io_spec(sess), parity=parity)
+        if ctx["opts"].precision == "fp16" or ctx["opts"].trt:
+            self._fp16(ctx, path, writer, ref)
+        return None
+
+    @staticmethod
+    def _check(sess, ref, precision: str) -> dict:
+        """Run the eval volumes in batches of 2 (exercises the dynamic batch axis); fail if out of tolerance."""
+        out = np.concatenate([sess.run(None, {"volume": ref.volumes[i:i + 2].numpy()})[0]
+                              for i in range(0, len(ref.volumes), 2)])
+        parity = {**compare(out, ref.visual.numpy()), "volumes": len(ref.volumes)}
+        tol = VISION_TOL[precision]
+        if parity["max_abs_err"] > tol["max_abs_err"] or parity["cosine"] < tol["cosine"]:
+            raise MedblipError(f"vision ONNX ({precision}) disagrees with PyTorch: {parity}", code="parity_failed")
+        return parity
+
+    def _fp16(self, ctx, src: Path, writer, ref) -> None:
+        """fp16 graph for GPUs (and TensorRT's strongly typed mode): norms and softmax stay fp32."""
+        import onnx
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        model = onnx.load(str(src))
+        keep_fp32 = ["LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt", "Reciprocal", "Erf"]
+        half = convert_float_to_float16(model, keep_io_types=True, op_block_list=keep_fp32)
+        dst = writer.path("vision/vision_fp16.onnx")
+        onnx.save(half, str(dst))
+        try:
+            parity = self._check(ort_session(dst), ref, "fp16")
+        except Exception as e:  # the CPU provider lacks some fp16 kernels; the figure then comes from the GPU
+            parity = {"checked": False, "reason": str(e).splitlines()[0][:200]}
+        writer.add("vision_onnx_fp16", "vision/vision_fp16.onnx", kind="onnx", precision="fp16",
+                   io=io_spec(ort_session(dst)) if parity.get("checked", True) else None, parity=parity)
+
+
+class LlmOnnxStep:
+    def __init__(self, quant: str):
+        self.quant = quant
+        self.title = f"LLM graphs -> ONNX ({'fp32' if quant == 'none' else quant}), greedy tokens checked"
+
+    def run(self, ctx) -> str | None:
+        model, ref, writer, work = ctx["model"], ctx["ref"], ctx["writer"], ctx["work"]
+        variant = model.cfg.variant
+        graphs = LLM_GRAPHS[variant](model.llm, model.d_llm, model.cfg.qformer.num_query)
+        fp32_dir = work / "llm_fp32"
+        fp32_dir.mkdir()
+        files = {g.name: export_onnx(g.module, g.args, fp32_dir / f"{g.name}.onnx", g.inputs, g.outputs, g.dynamic)
+                 for g in graphs}
+        fp32 = self._backend(ctx, {n: f[0] for n, f in files.items()}, "fp32")
+        parity = {"greedy_tokens_identical": ref.greedy_match(fp32), **ref.compare(fp32)}
+        if not parity["greedy_tokens_identical"] or parity["max_abs_prob_diff"] > LLM_FP32_PROB_TOL:
+            raise MedblipError(f"fp32 LLM ONNX disagrees with PyTorch: {parity}", code="parity_failed")
+        if self.quant == "none":
+            shipped, precision, result = files, "fp32", parity
+        else:
+            qdir = work / f"llm_{self.quant}"
+            qdir.mkdir()
+            shipped = {}
+            for name, fs in files.items():
+                dst = qdir / f"{name}.onnx"
+                QUANTIZERS[self.quant](fs[0], dst)
+                shipped[name] = [p for p in (dst, dst.with_name(dst.name + ".data")) if p.exists()]
+            quantized = self._backend(ctx, {n: f[0] for n, f in shipped.items()}, self.quant)
+            result = {**ref.compare(quantized), "greedy_tokens_identical": ref.greedy_match(quantized),
+                      "fp32_onnx": parity}
+            precision = self.quant
+        out_dir = writer.path("llm/x").parent
+        main, extra = None, {}
+        for name, fs in shipped.items():
+            copied = _copy_graph(fs, out_dir)
+            extra[name] = f"llm/{copied[0]}"
+            if len(copied) > 1:
+                extra[name + ".data"] = f"llm/{copied[1]}"
+            main = main or f"llm/{copied[0]}"
+        entry = writer.add("llm_onnx", main, extra, kind="onnx", precision=precision, family=variant,
+                           graphs=[g.name for g in graphs], parity=result)
+        result["bytes_on_disk"] = entry["bytes"]
+        if self.quant != "none" and result["label_agreement"] < 1.0:
+            return f"{self.quant} LLM: label agreement {result['label_agreement']:.2f} on the evaluation set"
+        return None
+
+    @staticmethod
+    def _backend(ctx, paths: dict, precision: str):
+        llm = ctx["model"].llm
+        return ORT_LLMS[ctx["model"].cfg.variant](paths, precision, int(llm.config.eos_token_id),
+                                                  decoder_start_token_id=getattr(llm.config, "decoder_start_token_id",
+                                                                                 0) or 0)
+
+
+class TrtStep:
+    title = "TensorRT FP16 engine of the vision graph"
+
+    def run(self, ctx) -> str | None:
+        from .trt_engine import build_engine, trt_available
+
+        reason = trt_available()
+        if reason:
+            return f"--trt skipped: {reason}; the rest of the bundle is written"
+        opts, writer = ctx["opts"], ctx["writer"]
+        src = writer.path("vision/vision_fp16.onnx")
+        engine = writer.path("trt/vision_fp16.engine")
+        meta = build_engine(src, engine, min_batch=opts.min_batch, opt_batch=opts.opt_batch,
+                            max_batch=opts.max_batch, timing_cache_path=ctx["work"] / "timing.cache")
+        shutil.copy2(ctx["work"] / "timing.cache", writer.path("trt/timing.cache"))
+        writer.add("vision_trt", "trt/vision_fp16.engine", {"timing_cache": "trt/timing.cache"}, kind="tensorrt",
+                   precision="fp16", engine=meta)
+        return None
 
 
 def plan_steps(opts) -> list:
     """The steps `opts` asks for, in order."""
-    return []
+    if not opts.onnx:
+        if opts.trt or opts.llm_quant != "none":
+            raise MedblipError("--no-onnx cannot be combined with --trt or --llm-quant", code="usage")
+        return []
+    if opts.llm_quant == "fp16":
+        raise MedblipError("fp16 LLM graphs are not produced yet; on a GPU use the torch backend with "
+                           "--precision fp16 or bf16", code="not_implemented")
+    steps = [VisionOnnxStep(), LlmOnnxStep(opts.llm_quant)]
+    if opts.trt:
+        steps.append(TrtStep())
+    return steps

@@ -1,20 +1,71 @@
-"""The one place a backend is chosen by name."""
+"""The one place backends are chosen by name: vision and LLM, each the fastest the bundle and machine allow."""
 
 from __future__ import annotations
 
-from ..errors import BackendUnavailable
+from ..errors import BackendUnavailable, MedblipError
 from .bundle import Bundle
 
-BACKENDS = ("torch",)
+BACKENDS = ("auto", "torch", "ort", "trt")
 
 
-def make_backends(bundle: Bundle, backend: str, device: str, precision: str | None):
-    """-> (vision, llm, {"vision": name, "llm": name}); `auto` takes the fastest the bundle and machine have."""
-    if backend == "auto":
-        backend = "torch"
-    if backend == "torch":
-        from .backends_torch import torch_backends
+def _torch(bundle, device, precision, want_vision, want_llm):
+    from .backends_torch import torch_backends
 
-        vision, llm = torch_backends(bundle, precision or "fp32", device)
+    return torch_backends(bundle, precision or "fp32", device)
+
+
+def _ort_vision(bundle: Bundle, device: str, threads=None):
+    from .vision_ort import OrtVision
+
+    fp16 = device.startswith("cuda") and bundle.has("vision_onnx_fp16")
+    art = "vision_onnx_fp16" if fp16 else "vision_onnx"
+    return OrtVision(bundle.path(art), bundle.artifacts[art]["precision"], bundle.manifest["max_batch"], device, threads)
+
+
+def _ort_llm(bundle: Bundle, device: str, threads=None):
+    from .llm_ort import ORT_LLMS
+
+    art = bundle.artifacts["llm_onnx"]
+    llm_cfg = bundle.config.llm
+    paths = {g: bundle.root / art["files"][g] for g in art["graphs"]}
+    return ORT_LLMS[bundle.config.variant](paths, art["precision"], int(llm_cfg["eos_token_id"]), device, threads,
+                                           int(llm_cfg.get("decoder_start_token_id") or 0))
+
+
+def _trt_vision(bundle: Bundle, device: str):
+    from .vision_trt import TrtVision
+
+    return TrtVision(bundle, device)
+
+
+def make_backends(bundle: Bundle, backend: str, device: str, precision: str | None, threads: int | None = None):
+    """-> (vision, llm, {"vision": name, "llm": name})."""
+    if backend not in BACKENDS:
+        raise MedblipError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}", code="usage")
+    if precision is not None and backend not in ("torch", "auto"):
+        raise MedblipError("--precision applies to the torch backend; ONNX/TensorRT precision is fixed at export",
+                           code="usage")
+    if backend == "torch" or (backend == "auto" and precision is not None):
+        vision, llm = _torch(bundle, device, precision, True, True)
         return vision, llm, {"vision": "torch", "llm": "torch"}
-    raise BackendUnavailable(f"unknown backend {backend!r}; choose from auto, {', '.join(BACKENDS)}")
+    has_onnx = bundle.has("vision_onnx") and bundle.has("llm_onnx")
+    if backend in ("ort", "trt") and not has_onnx:
+        raise BackendUnavailable(f"bundle {bundle.root.name} has no ONNX graphs (exported with --no-onnx)")
+    if backend == "auto" and not has_onnx:
+        vision, llm = _torch(bundle, device, precision, True, True)
+        return vision, llm, {"vision": "torch", "llm": "torch", "why": "bundle has no ONNX graphs"}
+    llm = _ort_llm(bundle, device, threads)
+    why = None
+    if backend == "trt" or (backend == "auto" and bundle.has("vision_trt")):
+        try:
+            if not bundle.has("vision_trt"):
+                raise BackendUnavailable(f"bundle {bundle.root.name} has no TensorRT engine (export with --trt)")
+            return _trt_vision(bundle, device), llm, {"vision": "trt", "llm": "ort"}
+        except BackendUnavailable as e:
+            if backend == "trt":
+                raise
+            why = f"TensorRT engine not usable here: {e}"
+    chosen = {"vision": "ort", "llm": "ort"}
+    if why:
+        chosen["why"] = why
+    return _ort_vision(bundle, device, threads), llm, chosen

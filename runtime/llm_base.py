@@ -50,3 +50,12 @@ def pad_candidates(candidates: list[list[int]], pad: int) -> tuple[np.ndarray, n
         ids[i, : len(c)] = c
         mask[i, : len(c)] = True
     return ids, mask
+
+
+def sum_logprobs(prev_logits: np.ndarray, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """prev_logits [n,L,V] (the logits that predict each token), ids/mask [n,L] -> sum log p per row [n] float64."""
+    x = prev_logits.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    logz = np.log(np.exp(x).sum(axis=-1))
+    picked = np.take_along_axis(x, ids[..., None], axis=-1)[..., 0]
+    return ((picked - logz) * mask).sum(axis=1)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .llm_base import LlmBackend, pad_candidates
+from .llm_base import LlmBackend, pad_candidates, sum_logprobs
 
 
 @dataclass
@@ -66,8 +66,7 @@ class TorchT5Llm(_TorchLlm):
         dec_in = np.concatenate([np.full((len(candidates), 1), start), labels[:, :-1]], axis=1)
         enc = state.encoder_out.expand(len(candidates), -1, -1)  # [n, S, d]
         logits = self.llm(encoder_outputs=(enc,), decoder_input_ids=self._ids(dec_in)).logits  # [n, L, V]
-        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, self._ids(labels)[..., None])[..., 0]
-        return (logp.cpu().double().numpy() * mask).sum(axis=1)
+        return sum_logprobs(logits.float().cpu().numpy(), labels, mask)
 
 
 class TorchGpt2Llm(_TorchLlm):
@@ -98,8 +97,7 @@ class TorchGpt2Llm(_TorchLlm):
         logits = self.llm(input_ids=self._ids(ids), position_ids=pos, past_key_values=cache).logits  # [n, L, V]
         # token j is predicted by the logits before it: the prefix's last for j = 0
         prev = torch.cat([state.next_logits.to(logits.dtype)[None, None].expand(n, 1, -1), logits[:, :-1]], dim=1)
-        logp = torch.log_softmax(prev.float(), dim=-1).gather(-1, self._ids(ids)[..., None])[..., 0]
-        return (logp.cpu().double().numpy() * mask).sum(axis=1)
+        return sum_logprobs(prev.float().cpu().numpy(), ids, mask)
 
 
 TORCH_LLMS = {"t5": TorchT5Llm, "gpt2": TorchGpt2Llm}

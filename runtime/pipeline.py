@@ -47,9 +47,10 @@ class Pipeline:
 
     @classmethod
     def from_bundle(cls, path, backend: str = "auto", device: str = "cpu", precision: str | None = None,
-                    verify: bool = True) -> "Pipeline":
+                    verify: bool = True, threads: int | None = None) -> "Pipeline":
+        """Open + verify a bundle and pick backends (`auto`: TensorRT > ONNX Runtime > PyTorch, as available)."""
         bundle = Bundle.open(path, verify=verify)
-        vision, llm, chosen = make_backends(bundle, backend, device, precision)
+        vision, llm, chosen = make_backends(bundle, backend, device, precision, threads)
         return cls(bundle, vision, llm, chosen)
 
     # -- stages ---------------------------------------------------------------

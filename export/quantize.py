@@ -1,0 +1,38 @@
+"""LLM weight quantization of exported ONNX graphs (offline; the runtime only loads the result).
+
+int8: ONNX Runtime dynamic quantization, per-channel INT8 weights, activations quantized on the fly (CPU).
+int4: weight-only blockwise INT4 (MatMulNBits, block 32, symmetric), for the CPU and CUDA providers.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+INT4_BLOCK = 32
+
+
+def _external(src: Path) -> bool:
+    return src.with_name(src.name + ".data").exists()
+
+
+def quantize_int8(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs advice at WARNING level on every call
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                     op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=_external(src),
+                     extra_options={"MatMulConstBOnly": True})
+
+
+def quantize_int4(src: Path, dst: Path) -> None:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = onnx.load(str(src), load_external_data=True)
+    q = MatMulNBitsQuantizer(model, block_size=INT4_BLOCK, is_symmetric=True)
+    q.process()
+    q.model.save_model_to_file(str(dst), use_external_data_format=_external(src))
+
+
+QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4}

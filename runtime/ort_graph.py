@@ -1,0 +1,57 @@
+"""One ONNX Runtime session with IO binding: on CUDA, outputs (the KV cache) stay on the device between calls."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BackendUnavailable
+
+
+def ort_providers(device: str) -> tuple[list[str], str]:
+    """-> (execution providers, OrtValue device name) for 'cpu' or 'cuda[:N]'; one-line error if unavailable."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise BackendUnavailable("onnxruntime is not installed (pip install onnxruntime)")
+    if device.startswith("cuda"):
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise BackendUnavailable("onnxruntime has no CUDA execution provider here "
+                                     "(pip install medblip-edge[gpu] for onnxruntime-gpu, and a CUDA GPU)")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"], "cuda"
+    return ["CPUExecutionProvider"], "cpu"
+
+
+class OrtGraph:
+    """`graph(name=array_or_ortvalue, ...)` -> list of OrtValues in output order."""
+
+    def __init__(self, path: Path, device: str = "cpu", threads: int | None = None):
+        import onnxruntime as ort
+
+        providers, self.device = ort_providers(device)
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        if threads:
+            so.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), so, providers=providers)
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, **feeds):
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            else:
+                binding.bind_ortvalue_input(name, value)
+        for name in self.outputs:
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()
+
+
+def host(value) -> np.ndarray:
+    """OrtValue (any device) or array -> numpy on the host."""
+    return value if isinstance(value, np.ndarray) else value.numpy()
