@@ -114,7 +114,23 @@ def infer_main(scans, bundle_dir, backend, device, precision, patient_text, ques
 # -- medblip-bench --------------------------------------------------------------
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), help="Bundle to benchmark.")
+@click.option("--preset", help="Or: export this preset first (INT8 and INT4 LLMs) and benchmark it.")
+@click.option("--backends", default="torch,ort", show_default=True, help="Comma list of torch, ort, trt.")
+@click.option("--batch", "batches", default="1,2,4", show_default=True, help="Vision batch sizes (comma list).")
+@click.option("--iters", type=int, default=5, show_default=True, help="Timed iterations per row.")
+@click.option("--warmup", type=int, default=1, show_default=True, help="Untimed iterations first.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--quick", is_flag=True, help="Few iterations, small batches: finishes in under 2 minutes for tiny.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder for results.json, report.md and the PNG plots.")
 @one_line_errors
-def bench_main():
-    """Benchmark a bundle or preset per stage, side by side with the PyTorch reference."""
-    raise MedblipError("medblip-bench is not built yet", code="not_implemented")
+def bench_main(bundle_dir, preset, backends, batches, iters, warmup, device, quick, out_dir):
+    """Benchmark per stage (load, preprocess, vision, LLM prefill, decode step, end to end) against the
+    plain PyTorch reference and against this machine's measured limits.
+    """
+    from .benchmarks.run import BenchOptions, run_bench
+
+    run_bench(BenchOptions(bundle=bundle_dir, preset=preset, backends=[b for b in backends.split(",") if b],
+                           batches=[int(b) for b in batches.split(",") if b], iters=iters, warmup=warmup,
+                           device=device, quick=quick, out=out_dir))

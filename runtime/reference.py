@@ -1,0 +1,61 @@
+"""The plain PyTorch pipeline as the training code runs it: fp32 eager, `generate`, one full pass per answer.
+
+This is the baseline every benchmark row is a ratio to, and the oracle for
+parity tests. It is deliberately not optimised.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..model.prompts import ANSWERS, DIAGNOSIS_QUESTION, LABELS, build_prompt
+
+
+class ReferencePipeline:
+    """MedBlip (fp32) + tokenizer -> diagnose(volume) the way the published code would."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer, self.family = model, tokenizer, model.family
+
+    def _embeds(self, visual: torch.Tensor, patient_text: str, question: str) -> torch.Tensor:
+        ids = torch.tensor([self.family.prompt_ids(self.tokenizer, build_prompt(patient_text, question))])
+        return torch.cat([self.model.embed_prompt(ids), visual], dim=1)  # [1, T+Q, d]: prompt first
+
+    @torch.no_grad()
+    def generate(self, visual: torch.Tensor, patient_text: str = "", question: str = DIAGNOSIS_QUESTION):
+        """-> (answer token ids without EOS, first-step logits [V]) from transformers' greedy `generate`."""
+        emb = self._embeds(visual, patient_text, question)
+        out = self.model.llm.generate(inputs_embeds=emb, attention_mask=torch.ones(emb.shape[:2], dtype=torch.long),
+                                      do_sample=False, num_beams=1, max_new_tokens=self.family.max_new_tokens,
+                                      output_logits=True, return_dict_in_generate=True)
+        ids = out.sequences[0].tolist()
+        if self.family.is_encoder_decoder:
+            ids = ids[1:]  # drop the decoder start token
+        eos = self.model.llm.config.eos_token_id
+        ids = ids[: ids.index(eos)] if eos in ids else ids
+        return ids, out.logits[0][0].float()
+
+    @torch.no_grad()
+    def answer_loglik(self, visual: torch.Tensor, patient_text: str, answer: str) -> float:
+        """Sum log p(answer | scan, prompt): one full forward pass for this answer alone."""
+        emb = self._embeds(visual, patient_text, DIAGNOSIS_QUESTION)
+        target = torch.tensor([self.family.answer_ids(self.tokenizer, answer)])
+        if self.family.is_encoder_decoder:
+            logits = self.model.llm(inputs_embeds=emb, labels=target).logits[0]  # [L, V]
+        else:
+            full = torch.cat([emb, self.model.embed_prompt(target)], dim=1)
+            logits = self.model.llm(inputs_embeds=full).logits[0, emb.shape[1] - 1: -1]  # predicts each answer token
+        return float(torch.log_softmax(logits.float(), -1).gather(-1, target[0][:, None]).sum())
+
+    @torch.no_grad()
+    def diagnose(self, volume: torch.Tensor, patient_text: str = "") -> dict:
+        """volume [1,1,S,S,S] -> generated answer + per-answer log-likelihoods and probabilities."""
+        visual = self.model.visual_tokens(volume)
+        ids, _ = self.generate(visual, patient_text)
+        ll = np.array([self.answer_loglik(visual, patient_text, ANSWERS[k]) for k in LABELS])
+        p = np.exp(ll - ll.max())
+        p /= p.sum()
+        return {"label": LABELS[int(np.argmax(ll))], "probabilities": dict(zip(LABELS, map(float, p))),
+                "log_likelihoods": dict(zip(LABELS, map(float, ll))),
+                "generated": self.tokenizer.decode(ids, skip_special_tokens=True).strip()}

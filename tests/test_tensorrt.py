@@ -1,0 +1,124 @@
+"""TensorRT vision engine: build from a tiny vision ONNX graph, run it, compare with PyTorch fp32.
+
+Tests marked `tensorrt` need TensorRT and a CUDA GPU and skip with the reason otherwise; the absence test runs anywhere.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+from medblip_edge.errors import BackendUnavailable
+from medblip_edge.export.trt_engine import build_engine, engine_key, trt_available
+from medblip_edge.runtime.vision_trt import TrtVision
+
+REASON = trt_available()
+needs_trt = pytest.mark.skipif(REASON is not None, reason=f"TensorRT: {REASON}")
+S = 224  # the graph's static volume size
+
+
+class _VisionGraph(torch.nn.Module):
+    """Export wrapper: volume [B,1,S,S,S] float32 -> visual tokens [B,Q,d_llm] float32."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, volume):
+        return self.model.visual_tokens(volume)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """(model, engine path, artifact metadata, timing cache path) for a tiny fp32 engine, profile 1/2/4."""
+    from medblip_edge.model.config import preset
+    from medblip_edge.model.random_init import random_model
+
+    cfg = preset("tiny")
+    model = random_model(replace(cfg, llm={**cfg.llm, "vocab_size": 64}))  # vision path ignores the vocab
+    d = tmp_path_factory.mktemp("trt")
+    batch = torch.export.Dim("batch", min=1, max=8)
+    # Example batch 2, not 1: torch.export would specialise a size-1 dim to a constant.
+    torch.onnx.export(_VisionGraph(model).eval(), (torch.rand(2, 1, S, S, S),), str(d / "vision.onnx"),
+                      dynamo=True, input_names=["volume"], output_names=["visual_tokens"],
+                      dynamic_shapes={"volume": {0: batch}}, external_data=True)
+    meta = build_engine(d / "vision.onnx", d / "vision.engine", min_batch=1, opt_batch=2, max_batch=4,
+                        timing_cache_path=d / "timing.cache", workspace_gb=2)
+    return model, d / "vision.engine", {"precision": "fp32", **meta}, d / "timing.cache"
+
+
+def test_unavailable_reason_is_one_line():
+    assert REASON is None or (isinstance(REASON, str) and REASON and "\n" not in REASON)
+
+
+def test_construction_without_tensorrt_is_backend_unavailable(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` now raises ImportError, as if absent
+    meta = {"precision": "fp16", "profile": {"min": 1, "opt": 1, "max": 8}}
+    with pytest.raises(BackendUnavailable, match="tensorrt is not installed") as e:
+        TrtVision(tmp_path / "vision.engine", meta)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.tensorrt
+@needs_trt
+@pytest.mark.parametrize("b", [1, 3])
+def test_engine_matches_pytorch_fp32(built, b):
+    model, engine, meta, _ = built
+    vision = TrtVision(engine, meta)
+    x = torch.rand(b, 1, S, S, S, generator=torch.Generator().manual_seed(b))
+    with torch.inference_mode():
+        ref = model.visual_tokens(x)  # [b, Q, d_llm] fp32, CPU
+    got = vision(x)
+    assert got.shape == ref.shape and got.dtype == torch.float32 and got.device.type == "cpu"
+    err = (got - ref).abs().max().item()
+    cos = torch.nn.functional.cosine_similarity(got.flatten(1), ref.flatten(1), dim=1).min().item()
+    assert cos > 0.999, f"cosine {cos:.6f}, max abs err {err:.3g}"
+    assert err < 1e-3 * max(1.0, ref.abs().max().item()), f"max abs err {err:.3g}"
+
+
+@pytest.mark.tensorrt
+@needs_trt
+def test_run_chunks_beyond_max_batch(built):
+    model, engine, meta, _ = built
+    x = torch.rand(5, 1, S, S, S, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        ref = model.visual_tokens(x)
+    got = TrtVision(engine, meta).run(x)  # 4 + 1
+    assert torch.nn.functional.cosine_similarity(got.flatten(1), ref.flatten(1), dim=1).min() > 0.999
+
+
+@pytest.mark.tensorrt
+@needs_trt
+def test_metadata_records_this_machine(built):
+    _, _, meta, _ = built
+    assert {k: meta[k] for k in engine_key()} == engine_key()
+    assert meta["profile"] == {"min": 1, "opt": 2, "max": 4} and meta["strongly_typed"] is True
+    assert meta["compute_capability"].count(".") == 1 and meta["build_seconds"] > 0
+
+
+@pytest.mark.tensorrt
+@needs_trt
+def test_mismatched_engine_key_is_backend_unavailable(built):
+    _, engine, meta, _ = built
+    other = {**meta, "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "tensorrt": "10.3.0"}
+    if {k: other[k] for k in engine_key()} == engine_key():
+        other["tensorrt"] = "0.0.0"
+    with pytest.raises(BackendUnavailable, match="engine built for NVIDIA H100 80GB HBM3") as e:
+        TrtVision(engine, other)
+    assert "\n" not in str(e.value) and engine_key()["gpu"] in str(e.value)
+
+
+@pytest.mark.tensorrt
+@needs_trt
+def test_timing_cache_is_written_and_reused(built, tmp_path):
+    _, _, meta, cache = built
+    assert meta["timing_cache"] == "new" and cache.stat().st_size > 0
+    onnx = cache.parent / "vision.onnx"
+    again = build_engine(onnx, tmp_path / "again.engine", min_batch=1, opt_batch=2, max_batch=4,
+                         timing_cache_path=cache, workspace_gb=2)
+    assert again["timing_cache"] == "reused" and (tmp_path / "again.engine").stat().st_size > 0
+    assert cache.stat().st_size > 0
+
