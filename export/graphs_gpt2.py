@@ -20,6 +20,9 @@ class _Gpt2(nn.Module):
         self.gpt2 = gpt2
         self.heads = gpt2.config.n_head
         self.act = gpt2.transformer.h[0].mlp.act
+        # The LM head is tied to the token embedding; a graph-local copy keeps the two initializers apart,
+        # so weight quantization of the head's MatMul cannot rewrite the embedding Gather's table.
+        self.head = nn.Parameter(gpt2.lm_head.weight.detach().clone(), requires_grad=False)
 
     def run(self, x, past_k, past_v):
         """x [B,T,d] (embeddings without positions) -> (hidden [B,T,d], k, v stacked)."""
@@ -52,10 +55,10 @@ class Gpt2PrefillGraph(_Gpt2):
     def forward(self, prompt_ids, visual):
         emb = self.gpt2.transformer.wte(prompt_ids).expand(visual.shape[0], -1, -1)
         hidden, k, v = self.run(torch.cat([emb, visual.to(emb.dtype)], dim=1), None, None)
-        return self.gpt2.lm_head(hidden[:, -1]).float(), k, v
+        return F.linear(hidden[:, -1], self.head).float(), k, v
 
 
 class Gpt2StepGraph(_Gpt2):
     def forward(self, ids, past_k, past_v):
         hidden, k, v = self.run(self.gpt2.transformer.wte(ids), past_k, past_v)
-        return self.gpt2.lm_head(hidden).float(), k, v
+        return F.linear(hidden, self.head).float(), k, v

@@ -66,6 +66,8 @@ class _T5Decoder(nn.Module):
         self.t5 = t5
         self.heads = t5.config.num_heads
         self.scale = t5.config.d_model**-0.5 if t5.config.scale_decoder_outputs else None
+        # graph-local head weight: a tied head must not share its initializer with the embedding Gather
+        self.head = nn.Parameter(t5.lm_head.weight.detach().clone(), requires_grad=False)
 
     def _position_bias(self, q_len: int, k_len, past_len) -> torch.Tensor:
         """Causal relative-position bias [1,H,T,P+T] for queries at positions past_len..past_len+T-1."""
@@ -101,7 +103,7 @@ class _T5Decoder(nn.Module):
         x = rms_norm(x, self.t5.decoder.final_layer_norm)
         if self.scale is not None:
             x = x * self.scale
-        logits = self.t5.lm_head(x).float()  # logits in fp32
+        logits = F.linear(x, self.head).float()  # logits in fp32
         return logits, torch.stack(new_k), torch.stack(new_v)
 
 

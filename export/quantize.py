@@ -16,10 +16,31 @@ def _external(src: Path) -> bool:
     return src.with_name(src.name + ".data").exists()
 
 
+def _without_value_info(src: Path, dst: Path) -> Path:
+    """Copy of `src` without intermediate shape annotations: the quantizer re-infers shapes and trips over
+    stale ones the exporter left (seen on GPT-2's tied embedding / LM head)."""
+    import onnx
+
+    model = onnx.load(str(src), load_external_data=True)
+    del model.graph.value_info[:]
+    external = _external(src)
+    onnx.save(model, str(dst), save_as_external_data=external, location=dst.name + ".data" if external else None)
+    return dst
+
+
 def quantize_int8(src: Path, dst: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs advice at WARNING level on every call
+    clean = _without_value_info(src, dst.with_name(dst.stem + ".clean.onnx"))
+    try:
+        _quantize_dynamic(clean, dst, quantize_dynamic, QuantType)
+    finally:
+        for p in (clean, clean.with_name(clean.name + ".data")):
+            p.unlink(missing_ok=True)
+
+
+def _quantize_dynamic(src: Path, dst: Path, quantize_dynamic, QuantType) -> None:
     quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
                      op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=_external(src),
                      extra_options={"MatMulConstBOnly": True})

@@ -157,7 +157,7 @@ class TrtStep:
                             max_batch=opts.max_batch, timing_cache_path=ctx["work"] / "timing.cache")
         shutil.copy2(ctx["work"] / "timing.cache", writer.path("trt/timing.cache"))
         writer.add("vision_trt", "trt/vision_fp16.engine", {"timing_cache": "trt/timing.cache"}, kind="tensorrt",
-                   precision="fp16", engine=meta)
+                   precision="fp16", **meta)
         return None
 
 

@@ -75,8 +75,13 @@ class LoadedVolume:
 
 
 def _show(path) -> str:
-    """The path for a one-line message: control characters escaped, the rest as is."""
-    s = os.fsdecode(path)
+    """The file name for a one-line message: control characters escaped, the rest as is.
+
+    Only the name, never the directories: folders often carry patient names or IDs,
+    and messages end up in output rows and logs (see the privacy rule in the README).
+    """
+    s = os.fsdecode(path).rstrip("/" + os.sep) or os.fsdecode(path)
+    s = os.path.basename(s) or s
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
 
 

@@ -35,7 +35,7 @@ def _ort_llm(bundle: Bundle, device: str, threads=None):
 def _trt_vision(bundle: Bundle, device: str):
     from .vision_trt import TrtVision
 
-    return TrtVision(bundle, device)
+    return TrtVision.from_bundle(bundle)
 
 
 def make_backends(bundle: Bundle, backend: str, device: str, precision: str | None, threads: int | None = None):

@@ -16,7 +16,13 @@ from medblip_edge.export.trt_engine import build_engine, engine_key, trt_availab
 from medblip_edge.runtime.vision_trt import TrtVision
 
 REASON = trt_available()
-needs_trt = pytest.mark.skipif(REASON is not None, reason=f"TensorRT: {REASON}")
+
+
+def needs_trt(test):
+    """Mark `tensorrt` and skip, with the reason, where TensorRT or a CUDA GPU is missing."""
+    return pytest.mark.tensorrt(pytest.mark.skipif(REASON is not None, reason=f"TensorRT: {REASON}")(test))
+
+
 S = 224  # the graph's static volume size
 
 
@@ -62,7 +68,6 @@ def test_construction_without_tensorrt_is_backend_unavailable(monkeypatch, tmp_p
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.tensorrt
 @needs_trt
 @pytest.mark.parametrize("b", [1, 3])
 def test_engine_matches_pytorch_fp32(built, b):
@@ -79,7 +84,6 @@ def test_engine_matches_pytorch_fp32(built, b):
     assert err < 1e-3 * max(1.0, ref.abs().max().item()), f"max abs err {err:.3g}"
 
 
-@pytest.mark.tensorrt
 @needs_trt
 def test_run_chunks_beyond_max_batch(built):
     model, engine, meta, _ = built
@@ -90,7 +94,6 @@ def test_run_chunks_beyond_max_batch(built):
     assert torch.nn.functional.cosine_similarity(got.flatten(1), ref.flatten(1), dim=1).min() > 0.999
 
 
-@pytest.mark.tensorrt
 @needs_trt
 def test_metadata_records_this_machine(built):
     _, _, meta, _ = built
@@ -99,7 +102,6 @@ def test_metadata_records_this_machine(built):
     assert meta["compute_capability"].count(".") == 1 and meta["build_seconds"] > 0
 
 
-@pytest.mark.tensorrt
 @needs_trt
 def test_mismatched_engine_key_is_backend_unavailable(built):
     _, engine, meta, _ = built
@@ -111,7 +113,6 @@ def test_mismatched_engine_key_is_backend_unavailable(built):
     assert "\n" not in str(e.value) and engine_key()["gpu"] in str(e.value)
 
 
-@pytest.mark.tensorrt
 @needs_trt
 def test_timing_cache_is_written_and_reused(built, tmp_path):
     _, _, meta, cache = built

@@ -1,0 +1,133 @@
+"""SCANS arguments -> the ordered list of scans to run: files as given, folders of .nii/.nii.gz, CSV lists.
+
+- A path ending in .csv (any case) that is a file: a list with a header row naming a
+  `scan` column and optionally a `patient_text` column (other columns are ignored).
+  Relative scan paths are resolved against the CSV's folder. When the CSV has a
+  `patient_text` column its value is the scan's patient text, an empty cell included.
+- A folder: its entries named *.nii / *.nii.gz (any case) that are not folders,
+  sorted by name; not recursive. A folder whose own name looks like a scan
+  (`x.nii.gz/`) is not expanded: it is a scan, and fails as `not_a_file`.
+- Anything else is a scan path, given as is: a missing file becomes an error row
+  (`not_found`), not a failure of the whole run.
+
+Problems with the list itself (a CSV that cannot be read or has no `scan` column, a
+folder with no scans, no scans at all) raise MedblipError: the run does not start.
+Messages name a CSV or folder by its position among the arguments, not its path
+(directories may carry patient names), unless include_paths is set.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import MedblipError
+
+SCAN_SUFFIXES = (".nii", ".nii.gz")
+
+
+@dataclass(frozen=True)
+class ScanItem:
+    """One scan to run: its path and its own patient text (None: use the run's --patient-text)."""
+
+    path: Path
+    patient_text: str | None = None
+
+    @property
+    def name(self) -> str:
+        return scan_name(self.path)
+
+
+def scan_name(path) -> str:
+    """The file name reported for a scan (trailing slashes ignored)."""
+    return Path(os.fsdecode(path)).name or os.fsdecode(path)
+
+
+def looks_like_scan(name: str) -> bool:
+    return name.lower().endswith(SCAN_SUFFIXES)
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # e.g. permission denied on a parent: not a folder we can expand
+        return False
+
+
+def _describe(kind: str, arg: str, index: int, include_paths: bool) -> str:
+    return f"{kind} {arg!r}" if include_paths else f"{kind} (argument {index + 1})"
+
+
+def _folder(path: Path, index: int, include_paths: bool) -> list[ScanItem]:
+    try:
+        with os.scandir(path) as it:
+            names = sorted(e.name for e in it if looks_like_scan(e.name) and not e.is_dir())
+    except OSError as e:
+        raise MedblipError(f"cannot list {_describe('folder', str(path), index, include_paths)}: "
+                           f"{e.strerror or type(e).__name__}", code="bad_input") from None
+    if not names:
+        raise MedblipError(f"{_describe('folder', str(path), index, include_paths)} has no .nii or .nii.gz files",
+                           code="no_scans")
+    return [ScanItem(path / n) for n in names]
+
+
+def _csv(path: Path, index: int, include_paths: bool) -> list[ScanItem]:
+    what = _describe("CSV", str(path), index, include_paths)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.reader(f))
+    except UnicodeDecodeError:
+        raise MedblipError(f"{what} is not UTF-8 text", code="bad_csv") from None
+    except csv.Error as e:
+        raise MedblipError(f"{what} is not valid CSV: {e}", code="bad_csv") from None
+    except FileNotFoundError:
+        raise MedblipError(f"{what} not found", code="bad_csv") from None
+    except OSError as e:
+        raise MedblipError(f"cannot read {what}: {e.strerror or type(e).__name__}", code="bad_csv") from None
+    if not rows:
+        raise MedblipError(f"{what} is empty (a header row scan,patient_text is needed)", code="bad_csv")
+    header = [h.strip().lower() for h in rows[0]]
+    if "scan" not in header:
+        raise MedblipError(f"{what} has no 'scan' column in its header row (expected scan,patient_text)",
+                           code="bad_csv")
+    if len(set(header)) != len(header):
+        raise MedblipError(f"{what} has repeated column names in its header row", code="bad_csv")
+    i_scan = header.index("scan")
+    i_text = header.index("patient_text") if "patient_text" in header else None
+    items = []
+    for line_no, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue  # blank line
+        if len(row) != len(header):
+            raise MedblipError(f"{what} row {line_no} has {len(row)} cells, the header has {len(header)}",
+                               code="bad_csv")
+        scan = row[i_scan].strip()
+        if not scan:
+            raise MedblipError(f"{what} row {line_no} has an empty scan cell", code="bad_csv")
+        scan_path = Path(scan)
+        if not scan_path.is_absolute():
+            scan_path = path.parent / scan_path
+        items.append(ScanItem(scan_path, row[i_text] if i_text is not None else None))
+    if not items:
+        raise MedblipError(f"{what} lists no scans", code="no_scans")
+    return items
+
+
+def expand_scans(args, include_paths: bool = False) -> list[ScanItem]:
+    """SCANS arguments -> ScanItems in order (folders sorted, CSVs in row order)."""
+    items: list[ScanItem] = []
+    for index, arg in enumerate(args):
+        path = Path(os.fsdecode(arg))
+        if looks_like_scan(path.name):
+            items.append(ScanItem(path))  # even if it is a folder: that scan fails as not_a_file
+        elif path.suffix.lower() == ".csv" and not _is_dir(path):
+            items.extend(_csv(path, index, include_paths))  # a missing CSV is an error too
+        elif _is_dir(path):
+            items.extend(_folder(path, index, include_paths))
+        else:
+            items.append(ScanItem(path))  # a file with another name, or missing: its row says why
+    if not items:
+        raise MedblipError("no scans given", code="no_scans")
+    return items

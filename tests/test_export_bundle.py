@@ -1,0 +1,186 @@
+"""medblip-export: every artifact loads in ONNX Runtime and matches the manifest's parity figures when re-checked."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bundles import tiny_onnx_bundle
+from medblip_edge.errors import BundleError, MedblipError
+from medblip_edge.export.onnx_export import compare, ort_session
+from medblip_edge.export.reference_eval import ReferenceEval
+from medblip_edge.export.run import ExportOptions, export_bundle
+from medblip_edge.model.weights import load_weights
+from medblip_edge.runtime.bundle import Bundle, sha256_file
+from medblip_edge.runtime.factory import make_backends
+
+CASES = [("tiny", "none"), ("tiny", "int4"), ("tiny-biomedlm", "int8")]
+
+
+@pytest.fixture(scope="session")
+def bundle_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("bundles")
+
+
+@pytest.fixture(scope="session", params=CASES, ids=[f"{p}-{q}" for p, q in CASES])
+def bundle(request, bundle_root):
+    return Bundle.open(tiny_onnx_bundle(bundle_root, *request.param))
+
+
+@pytest.fixture(scope="session")
+def reference(bundle):
+    """A fresh fp32 PyTorch reference, recomputed from the bundle's own weights."""
+    model = load_weights(bundle.config, bundle.path("torch"))
+    return ReferenceEval.run(model, bundle.tokenizer(), len(bundle.manifest["evaluation"]["cases"]))
+
+
+def test_manifest_lists_every_file_with_its_hash(bundle):
+    m = bundle.manifest
+    assert m["schema_version"] == 1 and m["random_weights"] is True
+    assert {"torch", "tokenizer", "vision_onnx", "llm_onnx"} <= set(m["artifacts"])
+    for art in m["artifacts"].values():
+        for rel, digest in art["sha256"].items():
+            assert sha256_file(bundle.root / rel) == digest
+    assert m["preprocess"]["size"] == 224 and m["prompt"]["answers"]["AD"] == "Dementia"
+    assert m["versions"]["onnxruntime"] and m["versions"]["torch"]
+
+
+def test_vision_graph_io_and_fresh_parity(bundle, reference):
+    art = bundle.artifacts["vision_onnx"]
+    vol = art["inputs"]["volume"]
+    assert vol["dtype"] == "tensor(float)" and vol["shape"][1:] == [1, 224, 224, 224]
+    assert isinstance(vol["shape"][0], str), "batch axis must be dynamic"
+    sess = ort_session(bundle.path("vision_onnx"))
+    fresh = compare(np.concatenate([sess.run(None, {"volume": reference.volumes[i:i + 1].numpy()})[0]
+                                    for i in range(len(reference.volumes))]), reference.visual.numpy())
+    assert fresh["max_abs_err"] < 1e-3 and fresh["cosine"] > 0.9999
+    assert fresh["max_abs_err"] == pytest.approx(art["parity"]["max_abs_err"], abs=1e-5)
+
+
+def test_llm_graphs_match_manifest(bundle, reference):
+    art = bundle.artifacts["llm_onnx"]
+    _, llm, chosen = make_backends(bundle, "ort", "cpu", None)
+    assert chosen["llm"] == "ort" and llm.precision == art["precision"]
+    fresh = reference.compare(llm)
+    assert fresh["label_agreement"] == art["parity"]["label_agreement"]
+    assert fresh["max_abs_prob_diff"] == pytest.approx(art["parity"]["max_abs_prob_diff"], abs=1e-6)
+    if art["precision"] == "fp32":
+        assert reference.greedy_match(llm), "fp32 ONNX greedy tokens must equal PyTorch's"
+        assert fresh["max_abs_prob_diff"] < 1e-4 and fresh["max_abs_loglik_diff"] < 1e-3
+    else:
+        fp32 = art["parity"]["fp32_onnx"]
+        assert fp32["greedy_tokens_identical"] and fp32["max_abs_prob_diff"] < 1e-4
+        assert art["parity"]["bytes_on_disk"] == art["bytes"]
+
+
+def test_quantized_llm_is_smaller(bundle_root):
+    sizes = {q: Bundle.open(tiny_onnx_bundle(bundle_root, "tiny", q)).artifacts["llm_onnx"]["bytes"]
+             for q in ("none", "int4")}
+    assert sizes["int4"] < sizes["none"] / 2
+
+
+def test_cli_exports_int8_bundle_and_prints_summary(tmp_path):
+    out = tmp_path / "b"
+    r = subprocess.run([sys.executable, "-m", "medblip_edge.cli_export", "--preset", "tiny", "--out", str(out),
+                        "--llm-quant", "int8", "--trt"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads(r.stdout)
+    assert summary["random_weights"] is True and "llm_onnx" in summary["artifacts"]
+    assert any("--trt skipped" in n for n in summary["notes"]) or "vision_trt" in summary["artifacts"]
+    assert "parity vs PyTorch fp32" in r.stderr and "[5/" in r.stderr
+    assert "Traceback" not in r.stderr
+    m = Bundle.open(out).manifest
+    assert m["artifacts"]["llm_onnx"]["precision"] == "int8"
+    assert m["artifacts"]["llm_onnx"]["parity"]["label_agreement"] >= 0.75
+
+
+def _tamper(src: Path, dst: Path):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("how,code", [("modify", "hash_mismatch"), ("delete", "missing_file"),
+                                      ("extra", "extra_file"), ("schema", "unknown_schema")])
+def test_tampered_bundle_is_refused_naming_the_file(bundle_root, tmp_path, how, code):
+    b = _tamper(tiny_onnx_bundle(bundle_root, "tiny", "none"), tmp_path / "b")
+    target = b / "llm" / "t5_decoder_step.onnx"
+    if how == "modify":
+        with open(target, "r+b") as f:
+            f.seek(100)
+            f.write(b"\x00\x01\x02")
+    elif how == "delete":
+        target.unlink()
+    elif how == "extra":
+        (b / "llm" / "evil.onnx").write_bytes(b"x")
+    else:
+        m = json.loads((b / "manifest.json").read_text())
+        m["schema_version"] = 99
+        (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError) as e:
+        Bundle.open(b)
+    assert e.value.code == code
+    if how != "schema":
+        assert ("evil.onnx" if how == "extra" else "t5_decoder_step.onnx") in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_failed_export_keeps_the_old_bundle(bundle_root, tmp_path, monkeypatch):
+    import shutil
+
+    out = tmp_path / "b"
+    shutil.copytree(tiny_onnx_bundle(bundle_root, "tiny", "none"), out)
+    before = sha256_file(out / "manifest.json")
+    from medblip_edge.export import steps
+
+    def boom(self, ctx):
+        raise MedblipError("simulated failure", code="boom")
+
+    monkeypatch.setattr(steps.LlmOnnxStep, "run", boom)
+    with pytest.raises(MedblipError):
+        export_bundle(ExportOptions(out=out, preset="tiny"), quiet=True)
+    assert sha256_file(out / "manifest.json") == before
+    Bundle.open(out)  # still whole and verified
+    assert [p.name for p in tmp_path.iterdir()] == ["b"], "no partial folder left behind"
+
+
+def test_killed_export_leaves_no_half_written_bundle(tmp_path):
+    out = tmp_path / "b"
+    proc = subprocess.Popen([sys.executable, "-m", "medblip_edge.cli_export", "--preset", "tiny", "--out",
+                             str(out), "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(p.name.startswith(".b.partial") for p in tmp_path.iterdir()):
+        time.sleep(0.2)
+    time.sleep(2.0)  # well inside the export
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists(), "a killed export must not leave a bundle at --out"
+
+
+def test_usage_errors_are_one_line():
+    with pytest.raises(MedblipError) as e:
+        export_bundle(ExportOptions(out=Path("x"), preset=None), quiet=True)
+    assert e.value.code == "usage"
+    with pytest.raises(MedblipError) as e:
+        export_bundle(ExportOptions(out=Path("x"), preset="nope"), quiet=True)
+    assert "tiny" in str(e.value)
+
+
+def test_paper_preset_sizes_match_the_paper():
+    from medblip_edge.model.config import PRESETS
+
+    t5 = PRESETS["paper-t5"]
+    assert (t5.vision.width, t5.vision.depth, t5.vision.mlp_dim, t5.vision.heads) == (1408, 39, 6144, 16)
+    assert (t5.qformer.hidden, t5.qformer.layers, t5.qformer.num_query, t5.qformer.heads) == (768, 12, 32, 12)
+    assert t5.llm["d_model"] == 2048 and PRESETS["paper-biomedlm"].llm["n_embd"] == 2560
+    assert torch.tensor(0).dtype == torch.int64
