@@ -21,12 +21,12 @@ def rms_norm(x: torch.Tensor, ln) -> torch.Tensor:
     return ln.weight * (x.float() * torch.rsqrt(var + ln.variance_epsilon)).to(ln.weight.dtype)
 
 
-def _heads(x: torch.Tensor, h: int) -> torch.Tensor:
+def split_heads(x: torch.Tensor, h: int) -> torch.Tensor:
     b, t, _ = x.shape
     return x.view(b, t, h, -1).transpose(1, 2)  # [B,H,T,dk]
 
 
-def _attend(q, k, v, bias, o) -> torch.Tensor:
+def attend(q, k, v, bias, o) -> torch.Tensor:
     """T5 attention: no 1/sqrt(dk) scaling, additive bias, softmax in fp32."""
     scores = torch.matmul(q, k.transpose(-1, -2)) + bias
     w = F.softmax(scores.float(), dim=-1).to(q.dtype)
@@ -34,7 +34,7 @@ def _attend(q, k, v, bias, o) -> torch.Tensor:
     return o(out.reshape(out.shape[0], out.shape[1], -1))
 
 
-def _ffn(x: torch.Tensor, ff) -> torch.Tensor:
+def gated_ffn(x: torch.Tensor, ff) -> torch.Tensor:
     # exact GELU (MedBLIP's dense_act_fn override); wo may be kept fp32 for fp16 models
     h = ff.act(ff.wi_0(x)) * ff.wi_1(x)
     return ff.wo(h.to(ff.wo.weight.dtype)).to(x.dtype)
@@ -55,8 +55,8 @@ class T5EncoderGraph(nn.Module):
         ks, vs = [], []
         for blk in self.t5.decoder.block:
             att = blk.layer[1].EncDecAttention
-            ks.append(_heads(att.k(enc), h))
-            vs.append(_heads(att.v(enc), h))
+            ks.append(split_heads(att.k(enc), h))
+            vs.append(split_heads(att.v(enc), h))
         return enc, torch.stack(ks), torch.stack(vs)
 
 
@@ -90,16 +90,16 @@ class _T5Decoder(nn.Module):
         for i, blk in enumerate(self.t5.decoder.block):
             sa, ca, ff = blk.layer[0], blk.layer[1], blk.layer[2]
             h = rms_norm(x, sa.layer_norm)
-            k, v = _heads(sa.SelfAttention.k(h), self.heads), _heads(sa.SelfAttention.v(h), self.heads)
+            k, v = split_heads(sa.SelfAttention.k(h), self.heads), split_heads(sa.SelfAttention.v(h), self.heads)
             if past_k is not None:
                 k, v = torch.cat([past_k[i], k], dim=2), torch.cat([past_v[i], v], dim=2)
             new_k.append(k)
             new_v.append(v)
-            x = x + _attend(_heads(sa.SelfAttention.q(h), self.heads), k, v, bias, sa.SelfAttention.o)
+            x = x + attend(split_heads(sa.SelfAttention.q(h), self.heads), k, v, bias, sa.SelfAttention.o)
             h = rms_norm(x, ca.layer_norm)
-            x = x + _attend(_heads(ca.EncDecAttention.q(h), self.heads), cross_k[i], cross_v[i], 0.0,
+            x = x + attend(split_heads(ca.EncDecAttention.q(h), self.heads), cross_k[i], cross_v[i], 0.0,
                             ca.EncDecAttention.o)
-            x = x + _ffn(rms_norm(x, ff.layer_norm), ff.DenseReluDense)
+            x = x + gated_ffn(rms_norm(x, ff.layer_norm), ff.DenseReluDense)
         x = rms_norm(x, self.t5.decoder.final_layer_norm)
         if self.scale is not None:
             x = x * self.scale

@@ -56,6 +56,9 @@ def to_model_input(array: np.ndarray, size: int = 224) -> torch.Tensor:
         raise ScanError("volume has NaN/Inf or values past float32 (load_volume zeroes NaN/Inf)", code="out_of_range")
     if lo == hi:  # (img - min) / 0 would be NaN everywhere
         raise ScanError(f"constant volume (every voxel is {float(lo)}), nothing to normalise", code="constant_volume")
+    if not torch.isfinite(hi - lo):  # (img - min) / (max - min) would be Inf/NaN in float32
+        raise ScanError(f"value range {float(lo):g} .. {float(hi):g} exceeds float32, cannot normalise",
+                        code="out_of_range")
     img = (img - lo) / (hi - lo)
 
     m = max(img.shape)

@@ -6,10 +6,12 @@ import torch
 
 from ..model.weights import load_weights
 from .bundle import Bundle
+from .llm_static_t5 import CudaGraphT5Llm
 from .llm_torch import TORCH_LLMS
 from .vision_base import VisionBackend
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+CUDA_GRAPH_LLMS = {"t5": CudaGraphT5Llm}
 
 
 class TorchVision(VisionBackend):
@@ -31,9 +33,15 @@ def load_torch_model(bundle: Bundle, precision: str = "fp32", device: str = "cpu
     return load_weights(bundle.config, bundle.path("torch"), DTYPES[precision], device)
 
 
+def torch_llm(model, precision: str, device: str):
+    """The LLM backend for a torch model: on CUDA, T5 decodes with a static cache replayed as a CUDA graph."""
+    if str(device).startswith("cuda") and model.cfg.variant in CUDA_GRAPH_LLMS:
+        return CUDA_GRAPH_LLMS[model.cfg.variant](model.llm, precision)
+    return TORCH_LLMS[model.cfg.variant](model.llm, precision)
+
+
 def torch_backends(bundle: Bundle, precision: str = "fp32", device: str = "cpu"):
     """(vision, llm) sharing one module."""
     model = load_torch_model(bundle, precision, device)
     vision = TorchVision(model, precision, bundle.manifest.get("max_batch", 8))
-    llm = TORCH_LLMS[bundle.config.variant](model.llm, precision)
-    return vision, llm
+    return vision, torch_llm(model, precision, device)

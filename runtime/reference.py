@@ -19,14 +19,16 @@ class ReferencePipeline:
         self.model, self.tokenizer, self.family = model, tokenizer, model.family
 
     def _embeds(self, visual: torch.Tensor, patient_text: str, question: str) -> torch.Tensor:
-        ids = torch.tensor([self.family.prompt_ids(self.tokenizer, build_prompt(patient_text, question))])
+        ids = torch.tensor([self.family.prompt_ids(self.tokenizer, build_prompt(patient_text, question))],
+                           device=visual.device)
         return torch.cat([self.model.embed_prompt(ids), visual], dim=1)  # [1, T+Q, d]: prompt first
 
     @torch.no_grad()
     def generate(self, visual: torch.Tensor, patient_text: str = "", question: str = DIAGNOSIS_QUESTION):
         """-> (answer token ids without EOS, first-step logits [V]) from transformers' greedy `generate`."""
         emb = self._embeds(visual, patient_text, question)
-        out = self.model.llm.generate(inputs_embeds=emb, attention_mask=torch.ones(emb.shape[:2], dtype=torch.long),
+        mask = torch.ones(emb.shape[:2], dtype=torch.long, device=emb.device)
+        out = self.model.llm.generate(inputs_embeds=emb, attention_mask=mask,
                                       do_sample=False, num_beams=1, max_new_tokens=self.family.max_new_tokens,
                                       output_logits=True, return_dict_in_generate=True)
         ids = out.sequences[0].tolist()
@@ -40,7 +42,7 @@ class ReferencePipeline:
     def answer_loglik(self, visual: torch.Tensor, patient_text: str, answer: str) -> float:
         """Sum log p(answer | scan, prompt): one full forward pass for this answer alone."""
         emb = self._embeds(visual, patient_text, DIAGNOSIS_QUESTION)
-        target = torch.tensor([self.family.answer_ids(self.tokenizer, answer)])
+        target = torch.tensor([self.family.answer_ids(self.tokenizer, answer)], device=visual.device)
         if self.family.is_encoder_decoder:
             logits = self.model.llm(inputs_embeds=emb, labels=target).logits[0]  # [L, V]
         else:

@@ -74,49 +74,41 @@ def test_header_fields_really_are_in_the_file(private):
 
 
 def test_nothing_private_in_outputs_and_logs(private, tiny_bundle, infer_cmd, tmp_path):
-    out = tmp_path / "results.csv"
-    args = ["--bundle", str(tiny_bundle), "--patient-text", PATIENT_TEXT, "--question", "What do you see?"]
+    copy = tmp_path / "scan01.nii.gz"  # the same file elsewhere: the same row, minus timings
+    shutil.copy(private / "scan01.nii.gz", copy)
     scans = [str(private), str(private / "folder.nii.gz"), str(private / "missing.nii"),
-             str(private / "cohort.csv")]
-    proc = run(infer_cmd, *args, *scans)
+             str(private / "cohort.csv"), str(copy)]
+    proc = run(infer_cmd, "--bundle", str(tiny_bundle), "--patient-text", PATIENT_TEXT, *scans)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [r["scan"] for r in rows] == ["scan01.nii.gz", "scan02.nii.gz", "folder.nii.gz", "missing.nii",
-                                         "scan01.nii.gz", "scan03.nii"]
+                                         "scan01.nii.gz", "scan03.nii", "scan01.nii.gz"]
     assert [r.get("error", {}).get("code") for r in rows] == [None, "corrupt_gzip", "not_a_file", "not_found",
-                                                              None, "not_found"]
+                                                              None, "not_found", None]
     assert all("path" not in r for r in rows)
+    assert rows[1]["scan_sha256"] is not None and rows[0]["scan_sha256"] == rows[-1]["scan_sha256"]
+    a, b = ({k: v for k, v in r.items() if k not in ("timings_ms", "probabilities", "log_likelihoods")}
+            for r in (rows[0], rows[-1]))
+    assert a == b  # rows depend on the file's contents, not on where it is (floats: batches differ)
+    assert rows[0]["probabilities"] == pytest.approx(rows[-1]["probabilities"], rel=1e-4, abs=1e-6)
     assert_private(proc.stdout + proc.stderr, private)
 
-    proc = run(infer_cmd, *args, "--out", str(out), *scans)  # the CSV output, and its logs
-    assert proc.returncode == 1 and proc.stdout == ""
-    assert_private(out.read_text() + proc.stderr, private)
+
+def test_include_paths_adds_the_path_only(private, tiny_bundle, infer_cmd, tmp_path):
+    out = tmp_path / "results.csv"
+    scans = [private / "scan01.nii.gz", private / "scan02.nii.gz", private / "cohort.csv"]
+    proc = run(infer_cmd, "--bundle", str(tiny_bundle), "--include-paths", "--patient-text", PATIENT_TEXT,
+               "--question", "What do you see?", "--out", str(out), *map(str, scans))
+    assert proc.returncode == 1 and proc.stdout == "" and "Traceback" not in proc.stderr, proc.stderr
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["path"] for r in rows] == [str(scans[0]), str(scans[1]), str(scans[0]), str(private / "scan03.nii")]
+    assert [r["error_code"] for r in rows] == ["", "corrupt_gzip", "", "not_found"]
+    # the path, and nothing else: no header fields, no patient text, in the file or the log
+    assert_private(out.read_text().replace(str(private), "<dir>") + proc.stderr, private)
 
 
 def test_run_level_error_is_private(private, tiny_bundle, infer_cmd):
     proc = run(infer_cmd, "--bundle", str(tiny_bundle), str(private / "bad.csv"))
     assert proc.returncode == 2 and "error [bad_csv]" in proc.stderr and "Traceback" not in proc.stderr
     assert_private(proc.stdout + proc.stderr, private)
-
-
-def test_include_paths_adds_the_path(private, tiny_bundle, infer_cmd):
-    proc = run(infer_cmd, "--bundle", str(tiny_bundle), "--include-paths", "--patient-text", PATIENT_TEXT,
-               str(private / "scan01.nii.gz"), str(private / "scan02.nii.gz"))
-    assert proc.returncode == 1, proc.stderr
-    rows = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert [r["path"] for r in rows] == [str(private / "scan01.nii.gz"), str(private / "scan02.nii.gz")]
-    # only the path: still no header fields or patient text
-    rest = proc.stdout.replace(str(private), "<dir>") + proc.stderr
-    assert_private(rest, private)
-
-
-def test_copy_of_the_folder_gives_same_rows_minus_paths(private, tiny_bundle, infer_cmd, tmp_path):
-    """Rows depend on the file contents, never on where the file is."""
-    shutil.copy(private / "scan01.nii.gz", tmp_path / "scan01.nii.gz")
-    rows = []
-    for p in (private / "scan01.nii.gz", tmp_path / "scan01.nii.gz"):
-        proc = run(infer_cmd, "--bundle", str(tiny_bundle), str(p))
-        row = json.loads(proc.stdout)
-        row.pop("timings_ms")
-        rows.append(row)
-    assert rows[0] == rows[1]

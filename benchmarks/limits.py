@@ -1,0 +1,121 @@
+"""This machine's ceilings, measured in the same run: matmul FLOP/s per precision and memory bandwidth."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .timing import sync
+
+
+def _best_s(fn: Callable[[], object], device: str, reps: int, warmup: int = 1) -> float:
+    """Fastest of `reps` timed calls (the ceiling is the best the hardware did, not the typical)."""
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _torch_mm(n: int, dtype: torch.dtype, device: str, reps: int) -> dict:
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    s = _best_s(lambda: torch.mm(a, b), device, reps)
+    return {"how": f"torch.mm {n}x{n} {str(dtype).replace('torch.', '')}", "flops_per_s": 2 * n**3 / s}
+
+
+def _torch_int_mm(n: int, device: str, reps: int) -> dict:
+    a = torch.randint(-128, 127, (n, n), dtype=torch.int8, device=device)
+    b = torch.randint(-128, 127, (n, n), dtype=torch.int8, device=device)
+    s = _best_s(lambda: torch._int_mm(a, b), device, reps)
+    return {"how": f"torch._int_mm {n}x{n} int8->int32", "flops_per_s": 2 * n**3 / s}
+
+
+def _ort_matmul_integer(n: int, reps: int) -> dict:
+    """uint8 activations x int8 constant weights: the op ONNX Runtime's dynamic INT8 quantization emits."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.integers(-128, 127, (n, n), dtype=np.int8), "B")
+    graph = helper.make_graph([helper.make_node("MatMulInteger", ["A", "B"], ["Y"])], "mmi",
+                              [helper.make_tensor_value_info("A", TensorProto.UINT8, [n, n])],
+                              [helper.make_tensor_value_info("Y", TensorProto.INT32, [n, n])], [w])
+    # an IR version every ORT since 1.15 reads (the onnx package may default to a newer one than ORT knows)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    a = rng.integers(0, 255, (n, n), dtype=np.uint8)
+    s = _best_s(lambda: sess.run(None, {"A": a}), "cpu", reps)
+    return {"how": f"onnxruntime MatMulInteger {n}x{n} u8 x s8->int32", "flops_per_s": 2 * n**3 / s}
+
+
+def _try(fn, *args) -> dict:
+    try:
+        return fn(*args)
+    except Exception as e:  # a precision this build or CPU lacks is a fact to report, not a failure
+        return {"how": getattr(fn, "__name__", "?"), "error": str(e).splitlines()[0][:200]}
+
+
+def matmul_ceilings(device: str, quick: bool) -> dict:
+    """{precision: {how, flops_per_s | error}} plus `fastest`: the precision that ran fastest."""
+    n, reps = 2048, (3 if quick else 5)
+    out = {"fp32": _try(_torch_mm, n, torch.float32, device, reps),
+           "bf16": _try(_torch_mm, n, torch.bfloat16, device, reps)}
+    if device.startswith("cuda"):
+        out["fp16"] = _try(_torch_mm, n * 2, torch.float16, device, reps)
+        out["bf16"] = _try(_torch_mm, n * 2, torch.bfloat16, device, reps)
+        out["int8"] = _try(_torch_int_mm, n * 2, device, reps)
+    else:
+        torch_i8 = _try(_torch_int_mm, n, device, reps)
+        ort_i8 = _try(_ort_matmul_integer, n, reps)
+        out["int8_torch"], out["int8_ort"] = torch_i8, ort_i8
+        # the INT8 ceiling that matters for the ORT rows is the op they run (MatMulInteger)
+        out["int8"] = ort_i8 if "flops_per_s" in ort_i8 else torch_i8
+    ran = {k: v["flops_per_s"] for k, v in out.items() if "flops_per_s" in v}
+    out["fastest"] = max(ran, key=ran.get) if ran else None
+    return out
+
+
+def bandwidth(device: str, quick: bool) -> dict:
+    """Bytes/s of a large copy (read + write counted) and a large sum (read); `bytes_per_s` is the larger."""
+    mib = 256 if quick else 512
+    src = torch.ones(mib * 2**20 // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    reps = 3 if quick else 5
+    copy_s = _best_s(lambda: dst.copy_(src), device, reps)
+    sum_s = _best_s(lambda: src.sum(), device, reps)
+    copy_bps, read_bps = 2 * src.nbytes / copy_s, src.nbytes / sum_s
+    del src, dst
+    return {"how": f"torch copy_ and sum of {mib} MiB float32 on {device}, best of {reps}",
+            "copy_bytes_per_s": copy_bps, "read_bytes_per_s": read_bps, "bytes_per_s": max(copy_bps, read_bps)}
+
+
+def measure_limits(device: str, quick: bool = False) -> dict:
+    """{matmul: {...}, memory: {...}, threads} for the floors; a few seconds on CPU."""
+    return {"matmul": matmul_ceilings(device, quick), "memory": bandwidth(device, quick),
+            "torch_threads": torch.get_num_threads()}
+
+
+def compute_peak(limits: dict, precision: str) -> tuple[float, str]:
+    """FLOP/s ceiling a stage running in `precision` can reach, and which measurement it is.
+
+    int4 weight-only (MatMulNBits at its default accuracy level) dequantizes to fp32 and
+    multiplies in fp32, so its compute ceiling is the fp32 one; fp16 on a CPU likewise.
+    """
+    mm = limits["matmul"]
+    key = {"int4": "fp32", "fp16": "fp16" if "fp16" in mm else "fp32"}.get(precision, precision)
+    entry = mm.get(key, {})
+    if "flops_per_s" not in entry:
+        key, entry = "fp32", mm["fp32"]
+    return entry["flops_per_s"], key

@@ -1,0 +1,73 @@
+"""What the numbers were measured on: CPU, cores, RAM, GPU, library versions, date."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+# CPU features that decide which fast matmul paths exist (AMX/VNNI for int8 and bf16).
+_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16",
+          "amx_int8", "asimd", "sve", "bf16", "i8mm")
+
+
+def _cpuinfo() -> dict:
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model, flags = platform.processor() or platform.machine(), set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in ("model name", "Model", "cpu model") and value.strip():
+            model = value.strip()
+        elif key in ("flags", "Features"):
+            flags.update(value.split())
+    return {"model": model, "flags": [f for f in _FLAGS if f in flags]}
+
+
+def _gpu() -> dict | None:
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    driver = None
+    try:
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=10).stdout.strip().splitlines()[0]
+    except Exception:  # no nvidia-smi on the PATH: the driver stays unknown, the rest is still true
+        pass
+    return {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1), "driver": driver,
+            "cuda": torch.version.cuda, "capability": f"{props.major}.{props.minor}"}
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("transformers", "onnx", "onnxruntime", "tensorrt", "nibabel", "numpy", "matplotlib", "psutil"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # optional packages: absent is worth recording
+            out[mod] = None
+    return out
+
+
+def machine_info() -> dict:
+    """One dict: cpu {model, flags}, cores, ram_gib, gpu (or None), versions, threads, date (UTC, ISO)."""
+    import psutil
+
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = os.cpu_count()
+    return {
+        "cpu": _cpuinfo(),
+        "cores": {"logical": psutil.cpu_count(logical=True), "physical": psutil.cpu_count(logical=False),
+                  "usable": affinity},
+        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "gpu": _gpu(),
+        "os": f"{platform.system()} {platform.release()}",
+        "torch_threads": torch.get_num_threads(),
+        "versions": versions(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }

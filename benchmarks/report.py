@@ -1,0 +1,216 @@
+"""results.json -> report.md (tables readable at a glance) and PNG plots (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+STAGES = ("load", "preprocess", "vision", "prefill", "score", "decode_step", "classify", "end_to_end")
+FLOOR_STAGES = ("vision", "prefill", "decode_step", "score", "classify")
+
+
+def fmt_ms(ms) -> str:
+    """12.3 ms / 4.10 s / 0.123 ms; '-' when not measured."""
+    if ms is None:
+        return "-"
+    if ms >= 1000:
+        return f"{ms / 1000:.2f} s"
+    return f"{ms:.3g} ms" if ms < 10 else f"{ms:.1f} ms"
+
+
+def _rate(x: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if x >= scale:
+            return f"{x / scale:.3g} {unit}"
+    return f"{x:.3g} "
+
+
+def _p(row: dict, stage: str, key: str = "p50"):
+    return (row["stages_ms"].get(stage) or {}).get(key)
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"] + \
+        ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _label(row: dict) -> str:
+    prec = row["precision"]
+    extra = f" (vision {prec['vision']})" if prec["vision"] != prec["llm"] else ""
+    return f"**{row['name']}**{extra}" if row["is_reference"] else f"{row['name']}{extra}"
+
+
+def _summary(rows: list[dict]) -> list[str]:
+    out = []
+    for r in rows:
+        a, best = r["agreement"], max(r["throughput"], key=lambda t: t["scans_per_s"]) if r["throughput"] else None
+        vs = "1.00x (baseline)" if r["is_reference"] else f"{r['speedup_vs_reference']:.2f}x faster" \
+            if r["speedup_vs_reference"] >= 1 else f"{r['ratio_to_reference']:.2f}x slower"
+        out.append([_label(r), fmt_ms(_p(r, "end_to_end")), fmt_ms(_p(r, "end_to_end", "p90")), vs,
+                    fmt_ms(_p(r, "ttft")), fmt_ms(_p(r, "decode_step")),
+                    f"{best['scans_per_s']:.3g} (B={best['batch']})" if best else "-",
+                    f"{r['memory']['rss_peak_mib']:.0f} MiB" + (f", GPU {r['memory']['gpu_peak_mib']:.0f} MiB"
+                                                                if "gpu_peak_mib" in r["memory"] else ""),
+                    f"{a['label_agreement']:.2f}", f"{a['max_abs_prob_diff']:.2g}", f"{a['max_abs_loglik_diff']:.2g}"])
+    return _table(["row", "end-to-end p50", "p90", "vs reference", "first token p50", "decode / token",
+                   "scans/s", "peak RSS", "labels agree", "max Δprob", "max Δloglik"], out)
+
+
+def _stages(rows: list[dict]) -> list[str]:
+    body = []
+    for r in rows:
+        cells = []
+        for st in STAGES:
+            s = r["stages_ms"].get(st)
+            cells.append("-" if not s or s["p50"] is None else
+                         f"{fmt_ms(s['p50'])} / {fmt_ms(s['p90'])} / {fmt_ms(s['p99'])}")
+        body.append([_label(r)] + cells)
+    return _table(["row (p50 / p90 / p99)"] + list(STAGES), body)
+
+
+def _throughput(rows: list[dict]) -> list[str]:
+    batches = sorted({t["batch"] for r in rows for t in r["throughput"]})
+    body = []
+    for r in rows:
+        by = {t["batch"]: t for t in r["throughput"]}
+        body.append([_label(r)] + [f"{by[b]['scans_per_s']:.3g} ({by[b]['vision_scans_per_s']:.3g})" if b in by
+                                   else "-" for b in batches])
+    return _table(["row: scans/s (vision alone)"] + [f"B={b}" for b in batches], body)
+
+
+def _floors(rows: list[dict]) -> list[str]:
+    body = []
+    for r in rows:
+        cells = []
+        for st in FLOOR_STAGES:
+            f = r["floors"].get(st, {})
+            cells.append("-" if f.get("measured_ms") is None else
+                         f"{fmt_ms(f['measured_ms'])}, floor {fmt_ms(f['floor_ms'])}, {f['ratio']:.2f}x")
+        body.append([_label(r)] + cells)
+    return _table(["row: measured p50, floor, measured/floor"] + list(FLOOR_STAGES), body)
+
+
+def _work(costs: dict, rows: list[dict]) -> list[str]:
+    ref = rows[0]["floors"]
+    body = []
+    for st in ("vision", "prefill", "decode_step", "score"):
+        c, f = costs[st], ref[st]
+        body.append([st, f"{c['flops'] / 1e9:.3g}", f"{c['weights'] / 1e6:.3g}", f"{c['extra_bytes'] / 2**20:.3g}",
+                     fmt_ms(f["compute_floor_ms"]), fmt_ms(f["memory_floor_ms"]), f["bound"]])
+    return _table(["stage", "GFLOP", "weights (M)", "inputs + KV (MiB)", "compute floor fp32",
+                   "memory floor fp32", "bound (fp32)"], body)
+
+
+def _limits(limits: dict) -> list[str]:
+    out = []
+    for k, v in limits["matmul"].items():
+        if k == "fastest":
+            continue
+        out.append(f"- matmul {k}: " + (f"{_rate(v['flops_per_s'])}FLOP/s ({v['how']})" if "flops_per_s" in v
+                                        else f"did not run ({v.get('error', '?')})"))
+    out.append(f"- fastest precision that ran: **{limits['matmul']['fastest']}**")
+    m = limits["memory"]
+    out.append(f"- memory bandwidth: {_rate(m['bytes_per_s'])}B/s used for floors (copy {_rate(m['copy_bytes_per_s'])}"
+               f"B/s counting read + write, sum {_rate(m['read_bytes_per_s'])}B/s; {m['how']})")
+    return out
+
+
+def markdown(res: dict) -> str:
+    """The report as one markdown string."""
+    m, rows = res["machine"], res["rows"]
+    gpu = m["gpu"]
+    src = res["options"].get("preset") or Path(res["options"]["bundle"]).name
+    lines = [f"# medblip-bench: {src} on {m['cpu']['model']}", "",
+             f"{m['date']} · {m['cores']['usable']} usable cores ({m['cores']['physical']} physical), "
+             f"{m['ram_gib']} GiB RAM · torch threads {m['torch_threads']} · GPU: "
+             f"{gpu['name'] + ' (driver ' + str(gpu['driver']) + ')' if gpu else 'none'} · device {res['plan']['device']}",
+             f"torch {m['versions']['torch']}, onnxruntime {m['versions']['onnxruntime']}, transformers "
+             f"{m['versions']['transformers']} · CPU flags: {', '.join(m['cpu']['flags']) or '-'} · "
+             f"load average at start {m['load_average_start']}, end {m['load_average_end']}", "",
+             f"Scan: {res['scan']['name']} ({res['scan']['source']}). {res['plan']['iters']} timed iterations after "
+             f"{res['plan']['warmup']} warm-up per row; {res['plan']['decode_steps']} decode steps per iteration. "
+             f"Export {res['export_s']:.0f} s, measuring {res['measure_s']:.0f} s, total {res['total_s']:.0f} s.", ""]
+    if any(b["random_weights"] for b in res["bundles"]):
+        lines += ["Weights are random (a preset): speeds are real, diagnoses are not.", ""]
+    lines += ["## Speed and quality", "",
+              "Quality: label agreement and largest differences of the probabilities and log-likelihoods of the "
+              f"three answers against the fp32 torch backend on the {rows[0]['agreement']['cases']} evaluation cases "
+              "(the export's fixed volumes + patient texts).", ""]
+    lines += _summary(rows) + ["", "## Per stage", ""] + _stages(rows)
+    lines += ["", "## Throughput vs vision batch", ""] + _throughput(rows)
+    lines += ["", "## Floors", "", "Measured ceilings of this machine, in the same run:", ""] + _limits(res["limits"])
+    lines += ["", "Floor = max(FLOPs / matmul ceiling at the stage's precision, bytes / bandwidth): weights read once "
+              "at their stored precision (fp32 4 B, bf16 2 B, int8 1 B, int4 0.5 B + an fp32 scale per 32), inputs "
+              "and KV cache fp32; activations assumed cached, so a floor is a lower bound. int4 computes in fp32 "
+              "(weight-only). The reference's stages are held to the same floors as the work they do.", ""]
+    lines += _floors(rows) + ["", "Counted work per stage (from the manifest's model sizes):", ""]
+    lines += _work(res["costs"], rows)
+    lines += ["", "## What each timing includes", ""] + [f"- **{k}**: {v}" for k, v in res["timing_notes"].items()]
+    if res["skipped"]:
+        lines += ["", "## Skipped", ""] + [f"- {s['name']}: {s['reason']}" for s in res["skipped"]]
+    b = res["baseline_vs_manifest"]
+    lines += ["", f"The torch fp32 baseline agrees with the labels the export recorded: {b['label_agreement']:.2f} "
+              f"(max Δprob {b['max_abs_prob_diff']:.2g}).", ""]
+    return "\n".join(lines)
+
+
+def plots(res: dict, out: Path) -> list[str]:
+    """Three PNGs: latency per stage per row, throughput vs batch, measured/floor per stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows, files = res["rows"], []
+    width = 0.8 / max(len(rows), 1)
+
+    def bars(ax, stages, value):
+        x = np.arange(len(stages))
+        for i, r in enumerate(rows):
+            ax.bar(x + i * width, [value(r, s) or 0 for s in stages], width, label=r["name"])
+        ax.set_xticks(x + width * (len(rows) - 1) / 2, stages, rotation=20)
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+
+    fig, ax = plt.subplots(figsize=(11, 5))
+    bars(ax, STAGES, lambda r, s: _p(r, s))
+    ax.set_ylabel("p50 latency (ms, log)")
+    ax.set_title("Latency per stage")
+    fig.tight_layout()
+    fig.savefig(out / "latency_per_stage.png", dpi=110)
+    files.append("latency_per_stage.png")
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for r in rows:
+        t = sorted(r["throughput"], key=lambda t: t["batch"])
+        ax.plot([x["batch"] for x in t], [x["scans_per_s"] for x in t], marker="o", label=r["name"])
+    ax.set_xlabel("vision batch")
+    ax.set_ylabel("scans/s (vision + classify)")
+    ax.set_yscale("log")
+    ax.set_title("Throughput vs batch")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "throughput_vs_batch.png", dpi=110)
+    files.append("throughput_vs_batch.png")
+
+    fig, ax = plt.subplots(figsize=(10, 5))
+    bars(ax, FLOOR_STAGES, lambda r, s: r["floors"].get(s, {}).get("ratio"))
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_ylabel("measured / floor (log; 1 = at the hardware limit)")
+    ax.set_title("Distance from this machine's floor")
+    fig.tight_layout()
+    fig.savefig(out / "ratio_to_floor.png", dpi=110)
+    files.append("ratio_to_floor.png")
+    plt.close("all")
+    return files
+
+
+def write_outputs(res: dict, out: Path) -> list[str]:
+    """report.md + plots into `out` (results.json is written by the caller); -> file names."""
+    files = ["results.json", "report.md"]
+    try:
+        files += plots(res, out)
+    except ImportError:  # matplotlib is optional (medblip-edge[bench]); the tables still say everything
+        res.setdefault("notes", []).append("matplotlib not installed: no plots")
+    (out / "report.md").write_text(markdown(res))
+    return files

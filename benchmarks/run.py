@@ -1,0 +1,225 @@
+"""`medblip-bench`: every backend x precision x batch against the plain PyTorch reference and this machine's limits.
+
+Order: machine and its measured ceilings; the reference row (fp32 eager, transformers
+generate, one pass per answer); one row per backend/precision, each timed on the real MNI
+scan and then run on the evaluation volumes for quality; floors per stage; results.json,
+report.md and the plots into `out`.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import MedblipError
+from ..model.llm import family
+from ..model.prompts import ANSWERS, LABELS, build_prompt
+from ..runtime.bundle import Bundle, sha256_file
+from .bundles import export_preset, mni_scan
+from .costs import row_floors, stage_costs
+from .limits import measure_limits
+from .machine import machine_info
+from .measure import STAGE_NOTES, Plan, measure_pipeline, measure_reference
+from .quality import agreement, eval_cases, manifest_agreement, pipeline_results, reference_results
+
+BACKENDS = ("torch", "ort", "trt")
+QUICK = {"iters": 3, "warmup": 1, "max_batch": 2, "decode_steps": 8}
+DECODE_STEPS = 16
+
+
+@dataclass
+class BenchOptions:
+    bundle: Path | None = None
+    preset: str | None = None
+    backends: list[str] = field(default_factory=lambda: ["torch", "ort"])
+    batches: list[int] = field(default_factory=lambda: [1, 2, 4])
+    iters: int = 5
+    warmup: int = 1
+    device: str = "cpu"
+    quick: bool = False
+    out: Path = Path("bench")
+
+
+def _say(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def _check(opts: BenchOptions) -> None:
+    if (opts.bundle is None) == (opts.preset is None):
+        raise MedblipError("give either --bundle DIR or --preset NAME", code="usage")
+    bad = [b for b in opts.backends if b not in BACKENDS]
+    if bad or not opts.backends:
+        raise MedblipError(f"unknown backend {bad[0] if bad else '(none)'}; choose from {', '.join(BACKENDS)}",
+                           code="usage")
+    if not opts.batches or min(opts.batches) < 1 or opts.iters < 1 or opts.warmup < 0:
+        raise MedblipError("--batch needs sizes >= 1, --iters >= 1, --warmup >= 0", code="usage")
+    if opts.device.startswith("cuda") and not torch.cuda.is_available():
+        raise MedblipError("--device cuda but torch sees no CUDA GPU", code="backend_unavailable")
+
+
+def _plan(opts: BenchOptions) -> Plan:
+    if opts.quick:
+        batches = sorted({b for b in opts.batches if b <= QUICK["max_batch"]} or {1})
+        return Plan(min(opts.iters, QUICK["iters"]), min(opts.warmup, QUICK["warmup"]), QUICK["decode_steps"],
+                    batches, opts.device)
+    return Plan(opts.iters, opts.warmup, DECODE_STEPS, sorted(set(opts.batches)), opts.device)
+
+
+def _row_specs(opts: BenchOptions, bundles: list[Bundle]) -> tuple[list[dict], list[dict]]:
+    """(rows to run, rows skipped with the reason): torch per precision on the first bundle, ort/trt per bundle."""
+    rows, skipped = [], []
+    cuda = opts.device.startswith("cuda")
+    for backend in opts.backends:
+        if backend == "torch":
+            # bf16 on a CPU is a real option only with AMX/AVX512-BF16; it is still measured, not assumed
+            precisions = ["fp32", "fp16", "bf16"] if cuda else (["fp32"] if opts.quick else ["fp32", "bf16"])
+            rows += [{"name": f"torch {p}", "backend": "torch", "precision": p, "bundle": bundles[0]} for p in precisions]
+        for b in bundles if backend != "torch" else []:
+            llm_p = b.artifacts.get("llm_onnx", {}).get("precision", "none")
+            name = f"{backend} {llm_p}"
+            if not (b.has("vision_onnx") and b.has("llm_onnx")):
+                skipped.append({"name": name, "reason": f"bundle {b.root.name} has no ONNX graphs"})
+            elif backend == "trt" and not (cuda and b.has("vision_trt")):
+                skipped.append({"name": name, "reason": "needs --device cuda and a bundle exported with --trt"})
+            else:
+                rows.append({"name": name, "backend": backend, "precision": None, "bundle": b})
+    if "torch" not in opts.backends:  # the quality baseline is the fp32 torch backend, whatever is benchmarked
+        rows.insert(0, {"name": "torch fp32", "backend": "torch", "precision": "fp32", "bundle": bundles[0],
+                        "quality_only": True})
+    return rows, skipped
+
+
+def _open_reference(bundle: Bundle, device: str):
+    from ..model.weights import load_weights
+    from ..runtime.reference import ReferencePipeline
+
+    return lambda: ReferencePipeline(load_weights(bundle.config, bundle.path("torch"), torch.float32, device),
+                                     bundle.tokenizer())
+
+
+def _open_pipeline(spec: dict, device: str):
+    from ..runtime.pipeline import Pipeline
+
+    return lambda: Pipeline.from_bundle(spec["bundle"].root, spec["backend"], device, spec["precision"])
+
+
+def _measured_p50(stages: dict) -> dict:
+    return {k: v["p50"] for k, v in stages.items() if isinstance(v, dict) and "p50" in v}
+
+
+def _bundle_info(b: Bundle) -> dict:
+    m = b.manifest
+    return {"name": b.root.name, "variant": m["model"]["variant"], "parameters": m["model"]["parameters"],
+            "random_weights": b.random_weights, "max_batch": m.get("max_batch"),
+            "artifacts": {k: {"precision": v.get("precision"), "bytes": v.get("bytes")} for k, v in b.artifacts.items()},
+            "export_parity": {k: v.get("parity") for k, v in b.artifacts.items() if v.get("parity")}}
+
+
+def _collect(opts: BenchOptions, bundles: list[Bundle], scan: Path, plan: Plan) -> dict:
+    """Measure everything; returns the results.json dict (without the output paths)."""
+    t_start = time.perf_counter()
+    machine = machine_info()
+    machine["load_average_start"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    _say("measuring this machine's ceilings (matmul per precision, memory bandwidth)")
+    limits = measure_limits(opts.device, opts.quick)
+    first = bundles[0]
+    volumes, cases = eval_cases(first.manifest)
+    size = first.manifest["preprocess"]["size"]
+
+    _say("reference: fp32 eager, transformers generate, one full pass per answer")
+    ref_row, ref = measure_reference(_open_reference(first, opts.device), scan, size, plan)
+    ref_quality = reference_results(ref, volumes.to(opts.device), cases)
+    del ref
+    gc.collect()
+    rows = [{"name": "reference", "backend": {"vision": "torch", "llm": "torch (transformers generate)"},
+             "precision": {"vision": "fp32", "llm": "fp32"}, "bundle": first.root.name, "device": opts.device,
+             "is_reference": True, **ref_row}]
+    results = {"reference": ref_quality}
+    specs, skipped = _row_specs(opts, bundles)
+    for spec in specs:
+        _say(f"{spec['name']} ({spec['bundle'].root.name}){' - quality baseline only' if spec.get('quality_only') else ''}")
+        try:
+            if spec.get("quality_only"):
+                pipe = _open_pipeline(spec, opts.device)()
+                row = {"chosen": pipe.chosen, "precision": pipe.precision}
+            else:
+                row, pipe = measure_pipeline(_open_pipeline(spec, opts.device), scan, plan)
+            results[spec["name"]] = pipeline_results(pipe, volumes, cases)
+        except MedblipError as e:  # a backend this machine lacks: say so in the report, keep going
+            skipped.append({"name": spec["name"], "reason": str(e)})
+            continue
+        finally:
+            pipe = None
+            gc.collect()
+        if spec.get("quality_only"):
+            continue
+        rows.append({"name": spec["name"], "backend": row.pop("chosen"), "precision": row.pop("precision"),
+                     "bundle": spec["bundle"].root.name, "device": opts.device, "is_reference": False, **row})
+
+    baseline = results["torch fp32"]
+    ref_e2e = rows[0]["stages_ms"]["end_to_end"]["p50"]
+    fam, tok = family(first.config.variant), first.tokenizer()
+    prompt_len = len(fam.prompt_ids(tok, build_prompt("")))
+    candidates = [len(fam.answer_ids(tok, ANSWERS[k])) for k in LABELS]
+    costs = stage_costs(first.config, fam.hidden_size(first.config.llm), prompt_len, candidates,
+                        plan.decode_steps // 2)
+    for row in rows:
+        key = "reference" if row["is_reference"] else row["name"]
+        row["agreement"] = agreement(results[key], baseline, vs="torch fp32 on the evaluation volumes")
+        e2e = row["stages_ms"]["end_to_end"]["p50"]
+        row["ratio_to_reference"] = round(e2e / ref_e2e, 4)
+        row["speedup_vs_reference"] = round(ref_e2e / e2e, 3)
+        precision = {"vision": row["precision"]["vision"], "llm": row["precision"]["llm"]}
+        row["floors"] = row_floors(costs, precision, limits, _measured_p50(row["stages_ms"]))
+    machine["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    return {
+        "schema_version": 1,
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
+        "plan": asdict(plan),
+        "machine": machine,
+        "limits": limits,
+        "scan": {"name": scan.name, "sha256": sha256_file(scan), "source": "nilearn wheel (MNI152 2009a T1)"},
+        "bundles": [_bundle_info(b) for b in bundles],
+        "costs": costs,
+        "baseline_vs_manifest": manifest_agreement(baseline, first.manifest),
+        "timing_notes": STAGE_NOTES,
+        "rows": rows,
+        "skipped": skipped,
+        "measure_s": round(time.perf_counter() - t_start, 1),
+    }
+
+
+def run_bench(opts: BenchOptions) -> dict:
+    """Run the benchmark; writes results.json, report.md and PNG plots into `opts.out`; returns the results."""
+    _check(opts)
+    t0 = time.perf_counter()
+    scan = mni_scan()
+    plan = _plan(opts)
+    opts.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="medblip-bench-") as tmp:
+        if opts.preset:
+            _say(f"exporting preset {opts.preset} (INT8 and INT4 LLM bundles) into a temporary folder")
+            t_exp = time.perf_counter()
+            trt = "trt" in opts.backends and opts.device.startswith("cuda")
+            paths = export_preset(opts.preset, Path(tmp), opts.device, trt, max(8, max(opts.batches)))
+            export_s = time.perf_counter() - t_exp
+        else:
+            paths, export_s = [opts.bundle], 0.0
+        bundles = [Bundle.open(p) for p in paths]
+        result = _collect(opts, bundles, scan, plan)
+    result["export_s"] = round(export_s, 1)
+    result["total_s"] = round(time.perf_counter() - t0, 1)
+    from .report import write_outputs
+
+    result["files"] = write_outputs(result, opts.out)
+    (opts.out / "results.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
+    _say(f"done in {result['total_s']:.0f} s: {opts.out / 'report.md'}")
+    return result

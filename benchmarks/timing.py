@@ -1,0 +1,85 @@
+"""Clocks that wait for the device, percentile summaries, and peak-memory watchers."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import torch
+
+
+def sync(device: str) -> None:
+    """Wait for queued GPU work, so a clock read after it counts that work (no-op on CPU)."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def now(device: str) -> float:
+    """perf_counter seconds, read only after the device is idle."""
+    sync(device)
+    return time.perf_counter()
+
+
+def summary(samples_ms: list[float]) -> dict:
+    """Samples in ms -> {p50, p90, p99, mean, min, max, n} (linear-interpolated percentiles)."""
+    if not samples_ms:
+        return {"p50": None, "p90": None, "p99": None, "mean": None, "min": None, "max": None, "n": 0}
+    a = np.asarray(samples_ms, dtype=np.float64)
+    p50, p90, p99 = np.percentile(a, [50, 90, 99])
+    return {"p50": round(float(p50), 3), "p90": round(float(p90), 3), "p99": round(float(p99), 3),
+            "mean": round(float(a.mean()), 3), "min": round(float(a.min()), 3), "max": round(float(a.max()), 3),
+            "n": int(a.size)}
+
+
+class Samples:
+    """Named lists of ms samples: `s.add("vision", ms)`; `s.summary()` -> {name: summary}."""
+
+    def __init__(self):
+        self.data: dict[str, list[float]] = {}
+
+    def add(self, name: str, ms: float) -> None:
+        self.data.setdefault(name, []).append(ms)
+
+    def summary(self) -> dict:
+        return {k: summary(v) for k, v in self.data.items()}
+
+
+class PeakMemory:
+    """`with PeakMemory(device) as m:` -> m.result: peak RSS (sampled every 2 ms) and, on CUDA, torch's peak.
+
+    RSS is sampled by a thread because the process-wide high-water mark (ru_maxrss) never goes
+    down, so it cannot separate one benchmark row from the rows before it.
+    """
+
+    def __init__(self, device: str, interval_s: float = 0.002):
+        import psutil
+
+        self.device, self.interval = device, interval_s
+        self.proc = psutil.Process()
+        self.result: dict = {}
+        self._stop = threading.Event()
+        self._peak = 0
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            self._peak = max(self._peak, self.proc.memory_info().rss)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakMemory":
+        self._start = self.proc.memory_info().rss
+        self._peak = self._start
+        if self.device.startswith("cuda") and torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, self.proc.memory_info().rss)
+        self.result = {"rss_start_mib": round(self._start / 2**20, 1), "rss_peak_mib": round(self._peak / 2**20, 1)}
+        if self.device.startswith("cuda") and torch.cuda.is_available():
+            # torch's allocator only: ONNX Runtime's CUDA arena is not visible here
+            self.result["gpu_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
