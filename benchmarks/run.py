@@ -48,8 +48,11 @@ class BenchOptions:
     out: Path = Path("bench")
 
 
+_T0 = time.perf_counter()
+
+
 def _say(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+    print(f"[bench {time.perf_counter() - _T0:5.0f} s] {msg}", file=sys.stderr, flush=True)
 
 
 def _check(opts: BenchOptions) -> None:
@@ -199,8 +202,9 @@ def _collect(opts: BenchOptions, bundles: list[Bundle], scan: Path, plan: Plan) 
 
 def run_bench(opts: BenchOptions) -> dict:
     """Run the benchmark; writes results.json, report.md and PNG plots into `opts.out`; returns the results."""
+    global _T0
     _check(opts)
-    t0 = time.perf_counter()
+    t0 = _T0 = time.perf_counter()
     scan = mni_scan()
     plan = _plan(opts)
     opts.out.mkdir(parents=True, exist_ok=True)

@@ -97,12 +97,11 @@ def _abspath(path: Path) -> str:
 
 def _scrub(message: str, path: Path) -> str:
     """Remove the scan's directories from a message (defence in depth: scan errors already use the name only)."""
-    for full in {_abspath(path), os.fsdecode(path)}:
+    given = os.fsdecode(path)
+    for full in (_abspath(path), given):
         parent = os.path.dirname(full.rstrip(os.sep))
-        if full in message:
-            message = message.replace(full, Path(full).name)
-        if parent and parent != os.sep and parent in message:
-            message = message.replace(parent + os.sep, "").replace(parent, "")
+        if parent and parent not in (os.sep, "."):
+            message = message.replace(parent + os.sep, "")
     return message
 
 

@@ -26,14 +26,9 @@ from medblip_edge.runtime.factory import make_backends
 CASES = [("tiny", "none"), ("tiny", "int4"), ("tiny-biomedlm", "int8")]
 
 
-@pytest.fixture(scope="session")
-def bundle_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("bundles")
-
-
 @pytest.fixture(scope="session", params=CASES, ids=[f"{p}-{q}" for p, q in CASES])
-def bundle(request, bundle_root):
-    return Bundle.open(tiny_onnx_bundle(bundle_root, *request.param))
+def bundle(request):
+    return Bundle.open(tiny_onnx_bundle(*request.param))
 
 
 @pytest.fixture(scope="session")
@@ -82,8 +77,8 @@ def test_llm_graphs_match_manifest(bundle, reference):
         assert art["parity"]["bytes_on_disk"] == art["bytes"]
 
 
-def test_quantized_llm_is_smaller(bundle_root):
-    sizes = {q: Bundle.open(tiny_onnx_bundle(bundle_root, "tiny", q)).artifacts["llm_onnx"]["bytes"]
+def test_quantized_llm_is_smaller():
+    sizes = {q: Bundle.open(tiny_onnx_bundle("tiny", q)).artifacts["llm_onnx"]["bytes"]
              for q in ("none", "int4")}
     assert sizes["int4"] < sizes["none"] / 2
 
@@ -112,8 +107,8 @@ def _tamper(src: Path, dst: Path):
 
 @pytest.mark.parametrize("how,code", [("modify", "hash_mismatch"), ("delete", "missing_file"),
                                       ("extra", "extra_file"), ("schema", "unknown_schema")])
-def test_tampered_bundle_is_refused_naming_the_file(bundle_root, tmp_path, how, code):
-    b = _tamper(tiny_onnx_bundle(bundle_root, "tiny", "none"), tmp_path / "b")
+def test_tampered_bundle_is_refused_naming_the_file(tmp_path, how, code):
+    b = _tamper(tiny_onnx_bundle("tiny", "none"), tmp_path / "b")
     target = b / "llm" / "t5_decoder_step.onnx"
     if how == "modify":
         with open(target, "r+b") as f:
@@ -135,11 +130,11 @@ def test_tampered_bundle_is_refused_naming_the_file(bundle_root, tmp_path, how, 
     assert "\n" not in str(e.value)
 
 
-def test_failed_export_keeps_the_old_bundle(bundle_root, tmp_path, monkeypatch):
+def test_failed_export_keeps_the_old_bundle(tmp_path, monkeypatch):
     import shutil
 
     out = tmp_path / "b"
-    shutil.copytree(tiny_onnx_bundle(bundle_root, "tiny", "none"), out)
+    shutil.copytree(tiny_onnx_bundle("tiny", "none"), out)
     before = sha256_file(out / "manifest.json")
     from medblip_edge.export import steps
 

@@ -1,0 +1,101 @@
+"""medblip-bench smoke test: the quick mode on the tiny preset writes its files, and results.json has its schema.
+
+Speeds are not checked (CI machines differ); the shape of every row is.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("nilearn", reason="the benchmark scan is nilearn's MNI152 template")
+pytest.importorskip("matplotlib", reason="the benchmark draws its plots with matplotlib")
+
+PLOTS = ("latency_per_stage.png", "throughput_vs_batch.png", "ratio_to_floor.png")
+STAGES = ("load", "preprocess", "vision", "score", "decode_step", "classify", "end_to_end")
+FLOORS = ("vision", "prefill", "decode_step", "score", "classify")
+
+
+def _bench_cmd() -> list[str]:
+    script = Path(sys.executable).with_name("medblip-bench")
+    if script.is_file():
+        return [str(script)]
+    found = shutil.which("medblip-bench")
+    return [found] if found else [sys.executable, "-c", "from medblip_edge.cli import bench_main; bench_main()"]
+
+
+@pytest.fixture(scope="module")
+def bench_out(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench") / "quick"
+    proc = subprocess.run(_bench_cmd() + ["--preset", "tiny", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def results(bench_out) -> dict:
+    return json.loads((bench_out / "results.json").read_text())
+
+
+def test_files_exist(bench_out):
+    for name in ("results.json", "report.md") + PLOTS:
+        assert (bench_out / name).stat().st_size > 0, name
+    for name in PLOTS:
+        assert (bench_out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (bench_out / "report.md").read_text()
+    for heading in ("## Speed and quality", "## Per stage", "## Throughput vs vision batch", "## Floors",
+                    "## What each timing includes"):
+        assert heading in report
+
+
+def test_machine_and_limits(results):
+    m = results["machine"]
+    assert isinstance(m["cpu"]["model"], str) and m["cores"]["logical"] >= 1 and m["ram_gib"] > 0
+    assert m["versions"]["torch"] and m["versions"]["onnxruntime"] and m["date"]
+    mm = results["limits"]["matmul"]
+    assert mm["fp32"]["flops_per_s"] > 0 and mm["fastest"] in mm
+    assert all("flops_per_s" in v or "error" in v for k, v in mm.items() if k != "fastest")
+    assert results["limits"]["memory"]["bytes_per_s"] > 0
+
+
+def test_rows_have_speed_quality_and_floors(results):
+    rows = results["rows"]
+    assert rows[0]["is_reference"] and rows[0]["name"] == "reference" and rows[0]["ratio_to_reference"] == 1.0
+    assert rows[0].get("matches_diagnose") is True
+    assert {"torch fp32", "ort int8", "ort int4"} <= {r["name"] for r in rows}
+    for r in rows:
+        assert isinstance(r["ratio_to_reference"], float) and r["ratio_to_reference"] > 0
+        assert isinstance(r["speedup_vs_reference"], float)
+        a = r["agreement"]
+        assert 0.0 <= a["label_agreement"] <= 1.0 and a["cases"] >= 1
+        assert isinstance(a["max_abs_prob_diff"], float) and isinstance(a["max_abs_loglik_diff"], float)
+        for st in STAGES:
+            s = r["stages_ms"][st]
+            assert s["n"] >= 1 and 0 <= s["p50"] <= s["p90"] <= s["p99"], (r["name"], st)
+        for st in FLOORS:
+            f = r["floors"][st]
+            assert f["floor_ms"] > 0 and f["flops"] > 0 and f["bytes"] > 0, (r["name"], st)
+            assert f["ratio"] is None or f["ratio"] > 0
+        assert r["throughput"] and all(t["batch"] >= 1 and t["scans_per_s"] > 0 for t in r["throughput"])
+        assert r["memory"]["rss_peak_mib"] > 0 and r["model_load_s"] >= 0
+    for r in rows[1:]:
+        assert r["stages_ms"]["prefill"]["n"] >= 1 and r["stages_ms"]["ttft"]["p50"] > 0
+    assert rows[1]["agreement"]["max_abs_prob_diff"] == 0.0  # torch fp32 is the quality baseline itself
+
+
+def test_counted_sizes_match_the_manifest(results):
+    """The FLOP/byte counts are only as good as the parameter counts behind them."""
+    params = results["bundles"][0]["parameters"]
+    assert abs(results["costs"]["llm_params_counted"] / params["llm"] - 1) < 0.03
+    assert abs(results["costs"]["vision"]["weights"] / (params["vision"] + params["qformer"]) - 1) < 0.03
+
+
+def test_usage_error_is_one_line():
+    proc = subprocess.run(_bench_cmd() + ["--out", "unused"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error [usage]") and proc.stderr.count("\n") == 1

@@ -1,0 +1,115 @@
+"""The runtime: torch and ONNX Runtime backends agree with the fp32 PyTorch reference on real scans."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from bundles import tiny_onnx_bundle
+from medblip_edge.errors import BackendUnavailable, MedblipError
+from medblip_edge.export.evalset import eval_volumes
+from medblip_edge.model.weights import load_weights
+from medblip_edge.runtime.bundle import Bundle
+from medblip_edge.runtime.pipeline import Pipeline
+from medblip_edge.runtime.reference import ReferencePipeline
+
+FP32_PROB_TOL = 1e-4
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-biomedlm"])
+def test_reference_generate_matches_runtime(preset):
+    """Greedy tokens and first-step logits of transformers' generate(inputs_embeds=...) equal the runtime's."""
+    b = Bundle.open(tiny_onnx_bundle(preset, "none"))
+    model = load_weights(b.config, b.path("torch"))
+    ref = ReferencePipeline(model, b.tokenizer())
+    with torch.no_grad():
+        visual = model.visual_tokens(eval_volumes(1))
+    ids, first = ref.generate(visual, "The subject is a 70 year old male. ")
+    assert len(ids) > 0
+    for backend in ("torch", "ort"):
+        pipe = Pipeline.from_bundle(b.root, backend=backend)
+        state = pipe.llm.prefill(pipe.tasks.prompt_ids("The subject is a 70 year old male. "), visual)
+        np.testing.assert_allclose(np.asarray(state.next_logits), first.numpy(), atol=1e-4)
+        assert pipe.tasks.ask_ids(pipe.llm, visual, "The subject is a 70 year old male. ") == ids
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-biomedlm"])
+def test_batched_scoring_equals_one_pass_per_answer(preset):
+    """classify's single batched pass gives the per-answer log-likelihoods of the reference's separate passes."""
+    b = Bundle.open(tiny_onnx_bundle(preset, "none"))
+    model = load_weights(b.config, b.path("torch"))
+    vol = eval_volumes(1)
+    ref = ReferencePipeline(model, b.tokenizer()).diagnose(vol, "MMSE 22. ")
+    pipe = Pipeline.from_bundle(b.root, backend="torch")
+    got = pipe.classify(pipe.visual_tokens(vol), "MMSE 22. ")
+    for k, v in ref["log_likelihoods"].items():
+        assert got["log_likelihoods"][k] == pytest.approx(v, abs=1e-3)
+    assert got["label"] == ref["label"]
+
+
+def test_torch_and_ort_agree_on_the_mni_scan(mni_path):
+    b = tiny_onnx_bundle("tiny", "none")
+    rows = {be: Pipeline.from_bundle(b, backend=be)(mni_path, patient_text="MMSE 25. ") for be in ("torch", "ort")}
+    assert rows["torch"]["label"] == rows["ort"]["label"]
+    for k in rows["torch"]["probabilities"]:
+        assert abs(rows["torch"]["probabilities"][k] - rows["ort"]["probabilities"][k]) < FP32_PROB_TOL
+    for row in rows.values():
+        assert row["scan"] == mni_path.name and "/" not in row["scan"]
+        assert sum(row["probabilities"].values()) == pytest.approx(1.0)
+        assert set(row["timings_ms"]) >= {"load", "preprocess", "vision", "llm", "total"}
+        assert row["random_weights"] is True and row["label"] in ("AD", "MCI", "NC")
+
+
+def test_quantized_bundle_agrees_within_manifest_figures(mni_path):
+    b = Bundle.open(tiny_onnx_bundle("tiny", "int4"))
+    recorded = b.artifacts["llm_onnx"]["parity"]
+    torch_pipe, ort_pipe = (Pipeline.from_bundle(b.root, backend=be) for be in ("torch", "ort"))
+    assert ort_pipe.llm.precision == "int4"
+    vis = torch_pipe.visual_tokens(eval_volumes(2))
+    for i in range(2):
+        a, q = torch_pipe.classify(vis[i:i + 1]), ort_pipe.classify(vis[i:i + 1])
+        if recorded["label_agreement"] == 1.0:
+            assert a["label"] == q["label"]
+        diff = max(abs(a["probabilities"][k] - q["probabilities"][k]) for k in a["probabilities"])
+        assert diff <= max(recorded["max_abs_prob_diff"] * 10, 1e-3)
+
+
+def test_several_questions_reuse_the_visual_tokens(mni_path):
+    pipe = Pipeline.from_bundle(tiny_onnx_bundle("tiny", "none"), backend="ort")
+    prepared = pipe.prepare(mni_path)
+    visual = pipe.visual_tokens(prepared.volume)
+    answers = [pipe.ask(visual, question=q, max_new_tokens=5) for q in ("Is there atrophy?", "What is the sex?")]
+    assert all(isinstance(a, str) for a in answers)
+    assert pipe.ask(visual, question="Is there atrophy?", max_new_tokens=5) == answers[0]
+
+
+def test_auto_backend_picks_ort_and_says_so():
+    pipe = Pipeline.from_bundle(tiny_onnx_bundle("tiny", "none"))
+    assert pipe.chosen == {"vision": "ort", "llm": "ort"}
+
+
+def test_missing_backend_is_a_one_line_error(tiny_bundle):
+    with pytest.raises(BackendUnavailable) as e:
+        Pipeline.from_bundle(tiny_onnx_bundle("tiny", "none"), backend="trt")
+    assert "\n" not in str(e.value) and "TensorRT" in str(e.value)
+    with pytest.raises(BackendUnavailable):
+        Pipeline.from_bundle(tiny_bundle, backend="ort")  # exported with --no-onnx
+    with pytest.raises(MedblipError):
+        Pipeline.from_bundle(tiny_bundle, backend="tpu")
+
+
+def test_cli_torch_and_ort_same_labels(mni_path, infer_cmd):
+    b = tiny_onnx_bundle("tiny", "none")
+    labels = {}
+    for be in ("torch", "ort"):
+        r = subprocess.run([*infer_cmd, str(mni_path), "--bundle", str(b), "--backend", be],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        row = json.loads(r.stdout.strip().splitlines()[-1])
+        labels[be] = row["label"]
+        assert row["backend"]["vision"] == be
+    assert labels["torch"] == labels["ort"]
