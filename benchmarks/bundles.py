@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -12,18 +11,16 @@ from pathlib import Path
 from ..errors import MedblipError
 
 PRESET_QUANTS = ("int8", "int4")  # one bundle per LLM quantization; each gives an ORT row
-MNI_T1 = "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 
 
 def mni_scan() -> Path:
     """The MNI152 T1 template shipped in nilearn's wheel (197x233x189 uint8, gzipped): a real brain MRI."""
-    spec = importlib.util.find_spec("nilearn")
-    if spec is None or not spec.submodule_search_locations:
-        raise MedblipError("the benchmark scan comes from nilearn's wheel: pip install nilearn "
+    from ..demo_scan import mni_t1_path
+
+    path = mni_t1_path()
+    if path is None:
+        raise MedblipError("the benchmark scan is the MNI152 T1 template in nilearn's wheel: pip install nilearn "
                            "(or medblip-edge[demo])", code="missing_dependency")
-    path = Path(next(iter(spec.submodule_search_locations))) / MNI_T1
-    if not path.is_file():
-        raise MedblipError(f"nilearn is installed but has no {MNI_T1}", code="missing_dependency")
     return path
 
 

@@ -17,24 +17,7 @@ from torch import nn
 from ..export.evalset import eval_volumes
 from ..export.onnx_export import compare, export_onnx, ort_session
 from ..model.config import preset
-from ..model.llm import family
-from ..model.qformer import QueryTransformer
-from ..model.vit3d import VisionTransformer3d
-
-
-class VisionOnly(nn.Module):
-    """The image half of MedBlip (same modules and forward as MedBlip.visual_tokens), without an LLM."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.visual_encoder = VisionTransformer3d(cfg.vision)
-        self.ln_vision = nn.LayerNorm(cfg.vision.width)
-        self.qformer = QueryTransformer(cfg.qformer, cfg.vision.width)
-        self.proj = nn.Linear(cfg.qformer.hidden, family(cfg.variant).hidden_size(cfg.llm))
-
-    def forward(self, volume):
-        x = self.ln_vision(self.visual_encoder(volume).float())
-        return self.proj(self.qformer(x))
+from ..model.medblip import ImageEncoder
 
 
 def main() -> None:
@@ -45,7 +28,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    model = VisionOnly(preset(args.preset)).eval()
+    model = ImageEncoder(preset(args.preset)).eval()
     for p in (model.visual_encoder.cls_token, model.visual_encoder.pos_embed_3d, model.qformer.query_tokens):
         nn.init.normal_(p, std=0.02)
     vol = eval_volumes(2)

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from ..export.evalset import eval_volumes
-from ..model.prompts import LABELS
+from ..model.prompts import ANSWERS, LABELS
 
 
 def eval_cases(manifest: dict) -> tuple[torch.Tensor, list[tuple[int, str]]]:
@@ -29,10 +29,18 @@ def pipeline_results(pipe, volumes: torch.Tensor, cases) -> dict:
     return _as_arrays([pipe.classify(visual[i], text) for i, text in cases])
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def reference_results(ref, volumes: torch.Tensor, cases) -> dict:
-    """ReferencePipeline.diagnose over every case (generate included, as the baseline runs it)."""
-    return _as_arrays([ref.diagnose(volumes[i:i + 1], text) for i, text in cases])
+    """The reference's diagnoses over every case: its one-pass-per-answer log-likelihoods, which decide
+    diagnose()'s label and probabilities (its generated text does not, so generate is not rerun here)."""
+    rows = []
+    visual = {i: ref.model.visual_tokens(volumes[i:i + 1]) for i in sorted({i for i, _ in cases})}
+    for i, text in cases:
+        ll = np.array([ref.answer_loglik(visual[i], text, ANSWERS[k]) for k in LABELS])
+        p = np.exp(ll - ll.max())
+        rows.append({"label": LABELS[int(np.argmax(ll))], "probabilities": dict(zip(LABELS, p / p.sum())),
+                     "log_likelihoods": dict(zip(LABELS, ll))})
+    return _as_arrays(rows)
 
 
 def agreement(results: dict, baseline: dict, vs: str) -> dict:

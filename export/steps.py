@@ -14,23 +14,13 @@ import torch
 
 from ..errors import MedblipError
 from ..runtime.llm_ort import ORT_LLMS
+from ..model.medblip import image_encoder_of
 from .llm_graphs import LLM_GRAPHS
 from .onnx_export import compare, export_onnx, io_spec, ort_session
 from .quantize import QUANTIZERS
 
 VISION_TOL = {"fp32": {"max_abs_err": 1e-3, "cosine": 0.9999}, "fp16": {"max_abs_err": 5e-2, "cosine": 0.999}}
 LLM_FP32_PROB_TOL = 1e-4
-
-
-class VisionGraph(torch.nn.Module):
-    """Export-only: volume [B,1,S,S,S] float32 -> visual_tokens [B,Q,d_llm] float32 (query tokens baked in)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, volume: torch.Tensor) -> torch.Tensor:
-        return self.model.visual_tokens(volume).float()
 
 
 def _copy_graph(files: list[Path], dst_dir: Path) -> list[str]:
@@ -47,8 +37,7 @@ class VisionOnnxStep:
         ref, writer, work = ctx["ref"], ctx["writer"], ctx["work"]
         max_batch = ctx["opts"].max_batch
         path = work / "vision.onnx"
-        files = export_onnx(VisionGraph(ctx["model"]), (ref.volumes[:2],), path, ["volume"], ["visual_tokens"],
-                            {"volume": {0: torch.export.Dim("batch", min=1, max=max(max_batch, 2))}})
+        files = self._export(image_encoder_of(ctx["model"]), path, ref, max_batch)
         sess = ort_session(path)
         parity = self._check(sess, ref, "fp32")
         names = _copy_graph(files, writer.path("vision/x").parent)
@@ -57,6 +46,12 @@ class VisionOnnxStep:
         if ctx["opts"].precision == "fp16" or ctx["opts"].trt:
             self._fp16(ctx, path, writer, ref)
         return None
+
+    @staticmethod
+    def _export(encoder, path: Path, ref, max_batch: int) -> list[Path]:
+        """ImageEncoder is the export wrapper: volume [B,1,S,S,S] float32 -> visual_tokens [B,Q,d] float32."""
+        return export_onnx(encoder, (ref.volumes[:2],), path, ["volume"], ["visual_tokens"],
+                           {"volume": {0: torch.export.Dim("batch", min=1, max=max(max_batch, 2))}})
 
     @staticmethod
     def _check(sess, ref, precision: str) -> dict:
@@ -70,21 +65,18 @@ class VisionOnnxStep:
         return parity
 
     def _fp16(self, ctx, src: Path, writer, ref) -> None:
-        """fp16 graph for GPUs (and TensorRT's strongly typed mode): norms and softmax stay fp32."""
-        import onnx
-        from onnxruntime.transformers.float16 import convert_float_to_float16
-
-        model = onnx.load(str(src))
-        keep_fp32 = ["LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt", "Reciprocal", "Erf"]
-        half = convert_float_to_float16(model, keep_io_types=True, op_block_list=keep_fp32)
+        """fp16 graph for GPUs and TensorRT's strongly typed mode: the ViT in fp16 with fp32 softmax and
+        LayerNorm statistics; ln_vision, Q-Former and projection in fp32 (as transformers runs BLIP-2)."""
         dst = writer.path("vision/vision_fp16.onnx")
-        onnx.save(half, str(dst))
+        files = self._export(image_encoder_of(ctx["model"], torch.float16), dst, ref, ctx["opts"].max_batch)
+        extra = {"data": f"vision/{files[1].name}"} if len(files) > 1 else None
         try:
-            parity = self._check(ort_session(dst), ref, "fp16")
-        except Exception as e:  # the CPU provider lacks some fp16 kernels; the figure then comes from the GPU
-            parity = {"checked": False, "reason": str(e).splitlines()[0][:200]}
-        writer.add("vision_onnx_fp16", "vision/vision_fp16.onnx", kind="onnx", precision="fp16",
-                   io=io_spec(ort_session(dst)) if parity.get("checked", True) else None, parity=parity)
+            sess = ort_session(dst)
+            parity, io = self._check(sess, ref, "fp16"), io_spec(sess)
+        except Exception as e:  # CPU providers lack some fp16 kernels; the figure then comes from the GPU run
+            parity, io = {"checked": False, "reason": str(e).splitlines()[0][:160]}, {}
+        writer.add("vision_onnx_fp16", "vision/vision_fp16.onnx", extra, kind="onnx", precision="fp16", **io,
+                   parity=parity)
 
 
 class LlmOnnxStep:

@@ -36,8 +36,9 @@ class Attention(nn.Module):
         bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
         qkv = F.linear(x, self.qkv.weight, bias).reshape(b, n, 3, self.heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, heads, N, head_dim]
-        out = F.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5)
-        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+        scores = torch.matmul(q * self.head_dim**-0.5, k.transpose(-1, -2))  # [B, heads, N, N]
+        attn = F.softmax(scores.float(), dim=-1).to(v.dtype)  # softmax in fp32 even in an fp16 graph
+        return self.proj(torch.matmul(attn, v).transpose(1, 2).reshape(b, n, c))
 
 
 class Mlp(nn.Module):

@@ -68,8 +68,9 @@ import torch
 
 from ..errors import MedblipError, ScanError
 from ..model.prompts import LABELS
+from . import pipeline as _pipeline
 from .bundle import sha256_file
-from .scan_inputs import ScanItem, expand_scans
+from .scan_inputs import ScanItem, expand_scans, scan_name
 
 
 @dataclass
@@ -329,6 +330,8 @@ class _Prefetcher:
         self.permits = threading.Semaphore(workers)
         self.slots = threading.Semaphore(ahead)
         self.stopped = threading.Event()
+        self.lock = threading.Lock()
+        self.running: set[_Task] = set()
         self.abandoned: list[_Task] = []
         self.feeder = threading.Thread(target=self._feed, name="medblip-feeder", daemon=True)
         self.feeder.start()
@@ -343,7 +346,12 @@ class _Prefetcher:
         for task in self.tasks:
             if not (self._acquire(self.slots) and self._acquire(self.permits)):
                 return
-            threading.Thread(target=self._run, args=(task,), name=f"medblip-read-{task.index}", daemon=True).start()
+            with self.lock:  # close() sees every reader started before it stopped the feeder
+                if self.stopped.is_set():
+                    return
+                self.running.add(task)
+                threading.Thread(target=self._run, args=(task,), name=f"medblip-read-{task.index}",
+                                 daemon=True).start()
 
     def _release(self, task: _Task) -> None:
         with task.lock:
@@ -362,6 +370,8 @@ class _Prefetcher:
             if not task.abandoned:
                 task.result = result
             task.done.set()
+        with self.lock:
+            self.running.discard(task)
         self._release(task)
 
     def wait(self, task: _Task) -> bool:
@@ -385,7 +395,37 @@ class _Prefetcher:
         self.slots.release()
 
     def close(self) -> None:
-        self.stopped.set()
+        """Start no more readers, and let those still at work (not abandoned) finish their scan.
+
+        Waiting matters on Ctrl-C: a process that exits while a daemon thread runs torch
+        code can abort in C++ teardown ("terminate called without an active exception").
+        Each wait is bounded by that scan's own time limit.
+        """
+        with self.lock:
+            self.stopped.set()
+            running = [t for t in self.running if not t.abandoned]
+        for task in running:
+            deadline = (task.started or time.monotonic()) + self.timeout_s
+            task.done.wait(max(0.0, deadline - time.monotonic()))
+
+
+def _ms(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1000.0, 3)
+
+
+def _prepare(pipe, path: Path, sha: str | None, task: _Task):
+    """`Pipeline.prepare`, step by step: reuses a SHA-256 already computed, and skips the preprocessing
+    (torch code) of a scan abandoned for its time limit while it was being read."""
+    t0 = time.perf_counter()
+    loaded = _pipeline.load_volume(path)  # looked up at call time: tests wrap it to simulate a hung reader
+    load_ms = _ms(t0)
+    digest = sha or sha256_file(path)
+    if task.abandoned:
+        return None  # dropped anyway
+    t1 = time.perf_counter()
+    volume = _pipeline.to_model_input(loaded.array, pipe.spec.size)  # [1,1,S,S,S]
+    return _pipeline.PreparedScan(scan_name(path), digest, volume, list(loaded.warnings),
+                                  {"load": load_ms, "preprocess": _ms(t1)})
 
 
 # ------------------------------------------------------------------ progress
@@ -445,9 +485,7 @@ def run_infer(opts: InferOptions) -> int:
     _check(opts)
     items = expand_scans(opts.scans, opts.include_paths)
 
-    from .pipeline import Pipeline
-
-    pipe = Pipeline.from_bundle(opts.bundle, backend=opts.backend, device=opts.device, precision=opts.precision)
+    pipe = _pipeline.Pipeline.from_bundle(opts.bundle, backend=opts.backend, device=opts.device, precision=opts.precision)
     print(f"backend: vision={pipe.chosen['vision']} llm={pipe.chosen['llm']}", file=sys.stderr, flush=True)
 
     # -- the sink, and what --resume finds there
@@ -480,12 +518,14 @@ def run_infer(opts: InferOptions) -> int:
             if found is not None:
                 return ("skip", found)
         try:
-            return ("prepared", pipe.prepare(item.path))
+            return ("prepared", _prepare(pipe, item.path, sha, task))
         except ScanError as e:
             row = error_row(item.name, sha or _sha_or_none(item.path), e.code, _scrub(str(e), item.path))
         except MemoryError:
             row = error_row(item.name, sha or _sha_or_none(item.path), "out_of_memory",
                             "not enough memory to read and preprocess this scan")
+        except OSError as e:  # e.g. the file vanished between reading and hashing
+            row = error_row(item.name, None, "unreadable", f"cannot read {item.name}: {e.strerror or e}")
         return ("error", row)
 
     tasks = [_Task(i, item) for i, item in enumerate(items)]
