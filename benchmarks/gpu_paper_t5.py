@@ -111,7 +111,7 @@ def main() -> None:
     # -- fp32 / fp16 / bf16 runtime paths ---------------------------------------------------------------
     decode = {}
     for prec in ["fp32", "fp16", "bf16"]:
-        m = model if prec == "fp32" else copy.deepcopy(model).to(DTYPES[prec])
+        m = model if prec == "fp32" else copy.deepcopy(model).to_precision(DTYPES[prec])
         dyn = TORCH_LLMS["t5"](m.llm, prec)
         graph = CudaGraphT5Llm(m.llm, prec, max_len=fam.max_new_tokens + 2)
         vis = m.visual_tokens(vols[:4].to(dev)).float()

@@ -24,6 +24,10 @@ def _rate(x: float) -> str:
     return f"{x:.3g} "
 
 
+def _x(ratio: float) -> str:
+    return f"{ratio:,.0f}x" if ratio >= 100 else f"{ratio:.2f}x"
+
+
 def _p(row: dict, stage: str, key: str = "p50"):
     return (row["stages_ms"].get(stage) or {}).get(key)
 
@@ -84,7 +88,7 @@ def _floors(rows: list[dict]) -> list[str]:
         for st in FLOOR_STAGES:
             f = r["floors"].get(st, {})
             cells.append("-" if f.get("measured_ms") is None else
-                         f"{fmt_ms(f['measured_ms'])}, floor {fmt_ms(f['floor_ms'])}, {f['ratio']:.2f}x")
+                         f"{fmt_ms(f['measured_ms'])}, floor {fmt_ms(f['floor_ms'])}, {_x(f['ratio'])}")
         body.append([_label(r)] + cells)
     return _table(["row: measured p50, floor, measured/floor"] + list(FLOOR_STAGES), body)
 
@@ -117,12 +121,12 @@ def _limits(limits: dict) -> list[str]:
 def markdown(res: dict) -> str:
     """The report as one markdown string."""
     m, rows = res["machine"], res["rows"]
-    gpu = m["gpu"]
+    gpu = f"{m['gpu']['name']} (driver {m['gpu']['driver']})" if m["gpu"] else "none"
     src = res["options"].get("preset") or Path(res["options"]["bundle"]).name
     lines = [f"# medblip-bench: {src} on {m['cpu']['model']}", "",
              f"{m['date']} · {m['cores']['usable']} usable cores ({m['cores']['physical']} physical), "
              f"{m['ram_gib']} GiB RAM · torch threads {m['torch_threads']} · GPU: "
-             f"{gpu['name'] + ' (driver ' + str(gpu['driver']) + ')' if gpu else 'none'} · device {res['plan']['device']}",
+             f"{gpu} · device {res['plan']['device']}",
              f"torch {m['versions']['torch']}, onnxruntime {m['versions']['onnxruntime']}, transformers "
              f"{m['versions']['transformers']} · CPU flags: {', '.join(m['cpu']['flags']) or '-'} · "
              f"load average at start {m['load_average_start']}, end {m['load_average_end']}", "",

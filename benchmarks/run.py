@@ -84,7 +84,8 @@ def _row_specs(opts: BenchOptions, bundles: list[Bundle]) -> tuple[list[dict], l
         if backend == "torch":
             # bf16 on a CPU is a real option only with AMX/AVX512-BF16; it is still measured, not assumed
             precisions = ["fp32", "fp16", "bf16"] if cuda else (["fp32"] if opts.quick else ["fp32", "bf16"])
-            rows += [{"name": f"torch {p}", "backend": "torch", "precision": p, "bundle": bundles[0]} for p in precisions]
+            rows += [{"name": f"torch {p}", "backend": "torch", "precision": p, "bundle": bundles[0]}
+                     for p in precisions]
         for b in bundles if backend != "torch" else []:
             llm_p = b.artifacts.get("llm_onnx", {}).get("precision", "none")
             name = f"{backend} {llm_p}"
@@ -122,7 +123,8 @@ def _bundle_info(b: Bundle) -> dict:
     m = b.manifest
     return {"name": b.root.name, "variant": m["model"]["variant"], "parameters": m["model"]["parameters"],
             "random_weights": b.random_weights, "max_batch": m.get("max_batch"),
-            "artifacts": {k: {"precision": v.get("precision"), "bytes": v.get("bytes")} for k, v in b.artifacts.items()},
+            "artifacts": {k: {"precision": v.get("precision"), "bytes": v.get("bytes")}
+                          for k, v in b.artifacts.items()},
             "export_parity": {k: v.get("parity") for k, v in b.artifacts.items() if v.get("parity")}}
 
 
@@ -148,7 +150,8 @@ def _collect(opts: BenchOptions, bundles: list[Bundle], scan: Path, plan: Plan) 
     results = {"reference": ref_quality}
     specs, skipped = _row_specs(opts, bundles)
     for spec in specs:
-        _say(f"{spec['name']} ({spec['bundle'].root.name}){' - quality baseline only' if spec.get('quality_only') else ''}")
+        only = " - quality baseline only" if spec.get("quality_only") else ""
+        _say(f"{spec['name']} ({spec['bundle'].root.name}){only}")
         try:
             if spec.get("quality_only"):
                 pipe = _open_pipeline(spec, opts.device)()

@@ -35,9 +35,9 @@ def attend(q, k, v, bias, o) -> torch.Tensor:
 
 
 def gated_ffn(x: torch.Tensor, ff) -> torch.Tensor:
-    # exact GELU (MedBLIP's dense_act_fn override); wo may be kept fp32 for fp16 models
+    """Gated exact-GELU FFN (MedBLIP's dense_act_fn override); output in wo's dtype (fp32 in fp16 models)."""
     h = ff.act(ff.wi_0(x)) * ff.wi_1(x)
-    return ff.wo(h.to(ff.wo.weight.dtype)).to(x.dtype)
+    return ff.wo(h.to(ff.wo.weight.dtype))
 
 
 class T5EncoderGraph(nn.Module):
@@ -82,10 +82,11 @@ class _T5Decoder(nn.Module):
         return bias + causal
 
     def run(self, ids, past_k, past_v, cross_k, cross_v):
-        x = self.t5.decoder.embed_tokens(ids)  # [B,T,d]
+        dtype = self.head.dtype
+        x = self.t5.decoder.embed_tokens(ids).float()  # [B,T,d]; the residual stream stays fp32 (fp16 overflows)
         t = ids.shape[1]
         past_len = 0 if past_k is None else past_k.shape[3]
-        bias = self._position_bias(t, past_len + t, past_len).to(x.dtype)
+        bias = self._position_bias(t, past_len + t, past_len).to(dtype)
         new_k, new_v = [], []
         for i, blk in enumerate(self.t5.decoder.block):
             sa, ca, ff = blk.layer[0], blk.layer[1], blk.layer[2]
@@ -95,11 +96,11 @@ class _T5Decoder(nn.Module):
                 k, v = torch.cat([past_k[i], k], dim=2), torch.cat([past_v[i], v], dim=2)
             new_k.append(k)
             new_v.append(v)
-            x = x + attend(split_heads(sa.SelfAttention.q(h), self.heads), k, v, bias, sa.SelfAttention.o)
+            x = x + attend(split_heads(sa.SelfAttention.q(h), self.heads), k, v, bias, sa.SelfAttention.o).float()
             h = rms_norm(x, ca.layer_norm)
             x = x + attend(split_heads(ca.EncDecAttention.q(h), self.heads), cross_k[i], cross_v[i], 0.0,
-                            ca.EncDecAttention.o)
-            x = x + gated_ffn(rms_norm(x, ff.layer_norm), ff.DenseReluDense)
+                           ca.EncDecAttention.o).float()
+            x = x + gated_ffn(rms_norm(x, ff.layer_norm), ff.DenseReluDense).float()
         x = rms_norm(x, self.t5.decoder.final_layer_norm)
         if self.scale is not None:
             x = x * self.scale

@@ -47,6 +47,10 @@ class LlmFamily:
     def embed_tokens(self, model: nn.Module) -> nn.Embedding:
         return model.get_input_embeddings()
 
+    def to_half(self, model: nn.Module, dtype: torch.dtype = torch.float16) -> nn.Module:
+        """The LLM in fp16/bf16, with the family's overflow-prone weights kept fp32."""
+        return model.to(dtype)
+
 
 class T5Family(LlmFamily):
     name = "t5"
@@ -78,6 +82,12 @@ class T5Family(LlmFamily):
         if cfg.get("tie_word_embeddings", True):
             out["lm_head.weight"] = "shared.weight"
         return out
+
+    def to_half(self, model: nn.Module, dtype: torch.dtype = torch.float16) -> nn.Module:
+        for name, p in model.named_parameters():
+            if ".DenseReluDense.wo." not in name:  # FLAN-T5 overflows fp16 in the FFN output projection
+                p.data = p.data.to(dtype)
+        return model
 
     def prompt_ids(self, tokenizer, text: str) -> list[int]:
         return tokenizer(text).input_ids  # tokenizer defaults: appends </s>

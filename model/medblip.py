@@ -55,6 +55,14 @@ class MedBlip(ImageEncoder):
         """ids [B,T] int64 -> embeddings [B,T,d_llm]."""
         return self.family.embed_tokens(self.llm)(ids)
 
+    def to_precision(self, dtype: torch.dtype) -> "MedBlip":
+        """Cast in place from fp32: the image half to `dtype`, the LLM by its family's rule (fp32 spots kept)."""
+        if dtype != torch.float32:
+            for mod in (self.visual_encoder, self.ln_vision, self.qformer, self.proj):
+                mod.to(dtype)
+            self.family.to_half(self.llm, dtype)
+        return self
+
 
 def image_encoder_of(model: MedBlip, vit_dtype: torch.dtype | None = None) -> ImageEncoder:
     """A standalone ImageEncoder sharing (or, with `vit_dtype`, copying) `model`'s image weights.

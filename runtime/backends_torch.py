@@ -27,10 +27,10 @@ class TorchVision(VisionBackend):
 
 
 def load_torch_model(bundle: Bundle, precision: str = "fp32", device: str = "cpu"):
-    """MedBlip from the bundle's weights; LayerNorm-heavy parts stay fp32 where the model says so."""
+    """MedBlip from the bundle's weights, cast from fp32 to `precision` (the family's fp32 spots kept)."""
     if precision not in DTYPES:
         raise ValueError(f"precision must be one of {', '.join(DTYPES)}")
-    return load_weights(bundle.config, bundle.path("torch"), DTYPES[precision], device)
+    return load_weights(bundle.config, bundle.path("torch"), torch.float32, device).to_precision(DTYPES[precision])
 
 
 def torch_llm(model, precision: str, device: str):

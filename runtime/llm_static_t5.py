@@ -74,20 +74,16 @@ class StaticState:
     pos: int = 0
 
 
-def keep_wo_fp32(t5: nn.Module) -> nn.Module:
-    """Cast FFN output projections back to fp32 (FLAN-T5's fp16 overflow spot)."""
-    for blk in list(t5.encoder.block) + list(t5.decoder.block):
-        blk.layer[-1].DenseReluDense.wo.float()
-    return t5
-
-
 class CudaGraphT5Llm(LlmBackend):
-    """Encoder + scoring eager (dynamic shapes); greedy decode replays one captured CUDA graph per step."""
+    """Encoder + scoring eager (dynamic shapes); greedy decode replays one captured CUDA graph per step.
+
+    Give it the LLM as `T5Family.to_half` leaves it for fp16/bf16 (FFN output projections in fp32).
+    """
 
     name = "torch-cudagraph"
 
     def __init__(self, t5: nn.Module, precision: str, max_len: int = 64, max_src: int = 256, graphs: bool = True):
-        self.t5, self.precision = keep_wo_fp32(t5), precision
+        self.t5, self.precision = t5, precision
         self.device = next(t5.parameters()).device
         self.eos_token_id = int(t5.config.eos_token_id)
         self.start = int(t5.config.decoder_start_token_id or 0)
