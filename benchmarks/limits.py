@@ -41,7 +41,6 @@ def _torch_int_mm(n: int, device: str, reps: int) -> dict:
 
 def _ort_matmul_integer(n: int, reps: int) -> dict:
     """uint8 activations x int8 constant weights: the op ONNX Runtime's dynamic INT8 quantization emits."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -88,23 +87,44 @@ def matmul_ceilings(device: str, quick: bool) -> dict:
 
 
 def bandwidth(device: str, quick: bool) -> dict:
-    """Bytes/s of a large copy (read + write counted) and a large sum (read); `bytes_per_s` is the larger."""
+    """Bytes/s of a large copy (read + write counted), a sum (read) and a matrix-vector product (the decode
+    step's access pattern: stream a weight matrix once); `bytes_per_s` is the best of the three."""
     mib = 256 if quick else 512
     src = torch.ones(mib * 2**20 // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
+    mat, vec = src.view(4096, -1), torch.ones(src.numel() // 4096, device=device)
     reps = 3 if quick else 5
-    copy_s = _best_s(lambda: dst.copy_(src), device, reps)
-    sum_s = _best_s(lambda: src.sum(), device, reps)
-    copy_bps, read_bps = 2 * src.nbytes / copy_s, src.nbytes / sum_s
-    del src, dst
-    return {"how": f"torch copy_ and sum of {mib} MiB float32 on {device}, best of {reps}",
-            "copy_bytes_per_s": copy_bps, "read_bytes_per_s": read_bps, "bytes_per_s": max(copy_bps, read_bps)}
+    rates = {"copy_bytes_per_s": 2 * src.nbytes / _best_s(lambda: dst.copy_(src), device, reps),
+             "read_bytes_per_s": src.nbytes / _best_s(lambda: src.sum(), device, reps),
+             "matvec_bytes_per_s": src.nbytes / _best_s(lambda: torch.mv(mat, vec), device, reps)}
+    del src, dst, mat, vec
+    return {"how": f"torch copy_, sum and mv over {mib} MiB float32 on {device}, best of {reps}", **rates,
+            "bytes_per_s": max(rates.values())}
 
 
 def measure_limits(device: str, quick: bool = False) -> dict:
     """{matmul: {...}, memory: {...}, threads} for the floors; a few seconds on CPU."""
     return {"matmul": matmul_ceilings(device, quick), "memory": bandwidth(device, quick),
             "torch_threads": torch.get_num_threads()}
+
+
+def best_of(first: dict, second: dict) -> dict:
+    """Two measurements of the limits (start and end of a run) -> the higher rate of each, as the ceiling.
+
+    Other work on the machine can only lower a measured rate, so the better of two is the truer limit.
+    """
+    out = {"torch_threads": first["torch_threads"], "memory": dict(first["memory"]), "matmul": {}}
+    if second["memory"]["bytes_per_s"] > first["memory"]["bytes_per_s"]:
+        out["memory"] = dict(second["memory"])
+    for k, a in first["matmul"].items():
+        b = second["matmul"].get(k)
+        if k == "fastest" or not isinstance(a, dict):
+            continue
+        out["matmul"][k] = b if isinstance(b, dict) and b.get("flops_per_s", 0) > a.get("flops_per_s", 0) else a
+    ran = {k: v["flops_per_s"] for k, v in out["matmul"].items() if "flops_per_s" in v}
+    out["matmul"]["fastest"] = max(ran, key=ran.get) if ran else None
+    out["runs"] = [first, second]
+    return out
 
 
 def compute_peak(limits: dict, precision: str) -> tuple[float, str]:

@@ -6,6 +6,7 @@ import datetime
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -71,3 +72,35 @@ def machine_info() -> dict:
         "versions": versions(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+class OtherLoad:
+    """CPU time that other processes used while measuring: timings on a shared machine include their contention.
+
+    `start()` then `stop()` -> {other_cpu_s, wall_s, other_busy_fraction (of all usable cores)}.
+    """
+
+    def start(self) -> "OtherLoad":
+        import psutil
+
+        self._proc = psutil.Process()
+        self._t, self._sys, self._own = time.perf_counter(), self._busy(), self._own_cpu()
+        return self
+
+    @staticmethod
+    def _busy() -> float:
+        import psutil
+
+        t = psutil.cpu_times()
+        return t.user + t.system + getattr(t, "nice", 0.0) + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+
+    def _own_cpu(self) -> float:
+        c = self._proc.cpu_times()
+        return c.user + c.system + c.children_user + c.children_system
+
+    def stop(self) -> dict:
+        wall = time.perf_counter() - self._t
+        other = max(0.0, (self._busy() - self._sys) - (self._own_cpu() - self._own))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return {"other_cpu_s": round(other, 1), "wall_s": round(wall, 1),
+                "other_busy_fraction": round(other / (wall * cores), 3) if wall > 0 else 0.0}

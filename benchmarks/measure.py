@@ -35,6 +35,8 @@ STAGE_NOTES = {
                   "clock (reference: load + preprocess + ReferencePipeline.diagnose's steps)",
     "throughput": "vision on a batch of B copies of the scan, then classify per scan; load/preprocess excluded "
                   "(medblip-infer does them ahead in reader threads)",
+    "ratio_to_reference": "row end-to-end p50 / reference end-to-end p50, same run (below 1 = faster); "
+                          "speedup_vs_reference is its inverse",
     "model_load_s": "one cold open: bundle verification (SHA-256 of every file), weights, ONNX Runtime sessions",
 }
 

@@ -24,6 +24,10 @@ def _rate(x: float) -> str:
     return f"{x:.3g} "
 
 
+def _loads(avg) -> str:
+    return "/".join(f"{x:.1f}" for x in avg) if avg else "-"
+
+
 def _x(ratio: float) -> str:
     return f"{ratio:,.0f}x" if ratio >= 100 else f"{ratio:.2f}x"
 
@@ -43,6 +47,12 @@ def _label(row: dict) -> str:
     return f"**{row['name']}**{extra}" if row["is_reference"] else f"{row['name']}{extra}"
 
 
+def _mem(m: dict) -> str:
+    """Peak RSS and its rise during the row (earlier rows' memory is still counted in the peak)."""
+    out = f"{m['rss_peak_mib']:.0f} MiB (+{m['rss_peak_mib'] - m['rss_start_mib']:.0f})"
+    return out + (f", GPU {m['gpu_peak_mib']:.0f} MiB" if "gpu_peak_mib" in m else "")
+
+
 def _summary(rows: list[dict]) -> list[str]:
     out = []
     for r in rows:
@@ -52,11 +62,10 @@ def _summary(rows: list[dict]) -> list[str]:
         out.append([_label(r), fmt_ms(_p(r, "end_to_end")), fmt_ms(_p(r, "end_to_end", "p90")), vs,
                     fmt_ms(_p(r, "ttft")), fmt_ms(_p(r, "decode_step")),
                     f"{best['scans_per_s']:.3g} (B={best['batch']})" if best else "-",
-                    f"{r['memory']['rss_peak_mib']:.0f} MiB" + (f", GPU {r['memory']['gpu_peak_mib']:.0f} MiB"
-                                                                if "gpu_peak_mib" in r["memory"] else ""),
+                    _mem(r["memory"]),
                     f"{a['label_agreement']:.2f}", f"{a['max_abs_prob_diff']:.2g}", f"{a['max_abs_loglik_diff']:.2g}"])
     return _table(["row", "end-to-end p50", "p90", "vs reference", "first token p50", "decode / token",
-                   "scans/s", "peak RSS", "labels agree", "max Δprob", "max Δloglik"], out)
+                   "scans/s", "peak RSS (rise)", "labels agree", "max Δprob", "max Δloglik"], out)
 
 
 def _stages(rows: list[dict]) -> list[str]:
@@ -106,15 +115,21 @@ def _work(costs: dict, rows: list[dict]) -> list[str]:
 
 def _limits(limits: dict) -> list[str]:
     out = []
-    for k, v in limits["matmul"].items():
-        if k == "fastest":
+    mm = limits["matmul"]
+    for k, v in mm.items():
+        if k == "fastest" or (k == "int8" and any(mm.get(o) == v for o in ("int8_ort", "int8_torch"))):
             continue
         out.append(f"- matmul {k}: " + (f"{_rate(v['flops_per_s'])}FLOP/s ({v['how']})" if "flops_per_s" in v
                                         else f"did not run ({v.get('error', '?')})"))
-    out.append(f"- fastest precision that ran: **{limits['matmul']['fastest']}**")
+    i8 = mm.get("int8", {})
+    if "flops_per_s" in i8:
+        out.append(f"- int8 ceiling used for the int8 rows: {i8['how']}")
+    out.append(f"- fastest precision that ran: **{mm['fastest']}**")
     m = limits["memory"]
     out.append(f"- memory bandwidth: {_rate(m['bytes_per_s'])}B/s used for floors (copy {_rate(m['copy_bytes_per_s'])}"
-               f"B/s counting read + write, sum {_rate(m['read_bytes_per_s'])}B/s; {m['how']})")
+               f"B/s counting read + write, sum {_rate(m['read_bytes_per_s'])}B/s, matrix-vector "
+               f"{_rate(m['matvec_bytes_per_s'])}B/s; {m['how']})")
+    out.append("- each ceiling is the better of two measurements, at the start and at the end of the run")
     return out
 
 
@@ -129,10 +144,15 @@ def markdown(res: dict) -> str:
              f"{gpu} · device {res['plan']['device']}",
              f"torch {m['versions']['torch']}, onnxruntime {m['versions']['onnxruntime']}, transformers "
              f"{m['versions']['transformers']} · CPU flags: {', '.join(m['cpu']['flags']) or '-'} · "
-             f"load average at start {m['load_average_start']}, end {m['load_average_end']}", "",
+             f"load average at start {_loads(m['load_average_start'])}, end {_loads(m['load_average_end'])}", "",
              f"Scan: {res['scan']['name']} ({res['scan']['source']}). {res['plan']['iters']} timed iterations after "
              f"{res['plan']['warmup']} warm-up per row; {res['plan']['decode_steps']} decode steps per iteration. "
              f"Export {res['export_s']:.0f} s, measuring {res['measure_s']:.0f} s, total {res['total_s']:.0f} s.", ""]
+    busy = m.get("other_processes") or {}
+    if busy.get("other_busy_fraction", 0) > 0.05:
+        lines += [f"**Shared machine:** other processes used {busy['other_busy_fraction']:.0%} of the CPUs "
+                  f"({busy['other_cpu_s']:.0f} CPU-s in {busy['wall_s']:.0f} s) while this ran; timings include "
+                  "their contention (multi-threaded torch suffers most).", ""]
     if any(b["random_weights"] for b in res["bundles"]):
         lines += ["Weights are random (a preset): speeds are real, diagnoses are not.", ""]
     lines += ["## Speed and quality", "",
@@ -149,6 +169,8 @@ def markdown(res: dict) -> str:
     lines += _floors(rows) + ["", "Counted work per stage (from the manifest's model sizes):", ""]
     lines += _work(res["costs"], rows)
     lines += ["", "## What each timing includes", ""] + [f"- **{k}**: {v}" for k, v in res["timing_notes"].items()]
+    if res.get("failed"):
+        lines += ["", "## Failed", ""] + [f"- {f['name']}: {f['error']}" for f in res["failed"]]
     if res["skipped"]:
         lines += ["", "## Skipped", ""] + [f"- {s['name']}: {s['reason']}" for s in res["skipped"]]
     b = res["baseline_vs_manifest"]
@@ -188,6 +210,7 @@ def plots(res: dict, out: Path) -> list[str]:
     for r in rows:
         t = sorted(r["throughput"], key=lambda t: t["batch"])
         ax.plot([x["batch"] for x in t], [x["scans_per_s"] for x in t], marker="o", label=r["name"])
+    ax.set_xticks(sorted({t["batch"] for r in rows for t in r["throughput"]}))
     ax.set_xlabel("vision batch")
     ax.set_ylabel("scans/s (vision + classify)")
     ax.set_yscale("log")

@@ -14,6 +14,7 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,8 +26,8 @@ from ..model.prompts import ANSWERS, LABELS, build_prompt
 from ..runtime.bundle import Bundle, sha256_file
 from .bundles import export_preset, mni_scan
 from .costs import row_floors, stage_costs
-from .limits import measure_limits
-from .machine import machine_info
+from .limits import best_of, measure_limits
+from .machine import OtherLoad, machine_info
 from .measure import STAGE_NOTES, Plan, measure_pipeline, measure_reference
 from .quality import agreement, eval_cases, manifest_agreement, pipeline_results, reference_results
 
@@ -133,8 +134,9 @@ def _collect(opts: BenchOptions, bundles: list[Bundle], scan: Path, plan: Plan) 
     t_start = time.perf_counter()
     machine = machine_info()
     machine["load_average_start"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    others = OtherLoad().start()
     _say("measuring this machine's ceilings (matmul per precision, memory bandwidth)")
-    limits = measure_limits(opts.device, opts.quick)
+    limits_start = measure_limits(opts.device, opts.quick)
     first = bundles[0]
     volumes, cases = eval_cases(first.manifest)
     size = first.manifest["preprocess"]["size"]
@@ -149,6 +151,7 @@ def _collect(opts: BenchOptions, bundles: list[Bundle], scan: Path, plan: Plan) 
              "is_reference": True, **ref_row}]
     results = {"reference": ref_quality}
     specs, skipped = _row_specs(opts, bundles)
+    failed: list[dict] = []
     for spec in specs:
         only = " - quality baseline only" if spec.get("quality_only") else ""
         _say(f"{spec['name']} ({spec['bundle'].root.name}){only}")
@@ -162,6 +165,11 @@ def _collect(opts: BenchOptions, bundles: list[Bundle], scan: Path, plan: Plan) 
         except MedblipError as e:  # a backend this machine lacks: say so in the report, keep going
             skipped.append({"name": spec["name"], "reason": str(e)})
             continue
+        except Exception as e:  # a broken row must not hide the others; run_bench still fails at the end
+            failed.append({"name": spec["name"], "error": f"{type(e).__name__}: {e}",
+                           "where": traceback.format_exc(limit=-3)})
+            _say(f"{spec['name']} FAILED: {type(e).__name__}: {e}")
+            continue
         finally:
             pipe = None
             gc.collect()
@@ -170,6 +178,12 @@ def _collect(opts: BenchOptions, bundles: list[Bundle], scan: Path, plan: Plan) 
         rows.append({"name": spec["name"], "backend": row.pop("chosen"), "precision": row.pop("precision"),
                      "bundle": spec["bundle"].root.name, "device": opts.device, "is_reference": False, **row})
 
+    _say("measuring the ceilings again (the better of the two is the limit)")
+    limits = best_of(limits_start, measure_limits(opts.device, opts.quick))
+    machine["other_processes"] = others.stop()
+    if "torch fp32" not in results:
+        raise MedblipError(f"the quality baseline (torch fp32) did not run: {(failed + skipped)[0]}",
+                           code="bench_failed")
     baseline = results["torch fp32"]
     ref_e2e = rows[0]["stages_ms"]["end_to_end"]["p50"]
     fam, tok = family(first.config.variant), first.tokenizer()
@@ -199,6 +213,7 @@ def _collect(opts: BenchOptions, bundles: list[Bundle], scan: Path, plan: Plan) 
         "timing_notes": STAGE_NOTES,
         "rows": rows,
         "skipped": skipped,
+        "failed": failed,
         "measure_s": round(time.perf_counter() - t_start, 1),
     }
 
@@ -229,4 +244,7 @@ def run_bench(opts: BenchOptions) -> dict:
     result["files"] = write_outputs(result, opts.out)
     (opts.out / "results.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
     _say(f"done in {result['total_s']:.0f} s: {opts.out / 'report.md'}")
+    if result["failed"]:
+        raise MedblipError(f"{len(result['failed'])} row(s) failed ({result['failed'][0]['error']}); the others are "
+                           f"in {opts.out / 'report.md'}", code="bench_failed")
     return result
