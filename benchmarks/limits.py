@@ -130,11 +130,11 @@ def best_of(first: dict, second: dict) -> dict:
 def compute_peak(limits: dict, precision: str) -> tuple[float, str]:
     """FLOP/s ceiling a stage running in `precision` can reach, and which measurement it is.
 
-    int4 weight-only (MatMulNBits at its default accuracy level) dequantizes to fp32 and
-    multiplies in fp32, so its compute ceiling is the fp32 one; fp16 on a CPU likewise.
+    int4 (MatMulNBits at accuracy level 4, as the export writes it) quantizes activations to int8 and
+    multiplies in int8, so its compute ceiling is the int8 one; fp16 on a CPU computes in fp32.
     """
     mm = limits["matmul"]
-    key = {"int4": "fp32", "fp16": "fp16" if "fp16" in mm else "fp32"}.get(precision, precision)
+    key = {"int4": "int8", "fp16": "fp16" if "fp16" in mm else "fp32"}.get(precision, precision)
     entry = mm.get(key, {})
     if "flops_per_s" not in entry:
         key, entry = "fp32", mm["fp32"]

@@ -164,8 +164,8 @@ def markdown(res: dict) -> str:
     lines += ["", "## Floors", "", "Measured ceilings of this machine, in the same run:", ""] + _limits(res["limits"])
     lines += ["", "Floor = max(FLOPs / matmul ceiling at the stage's precision, bytes / bandwidth): weights read once "
               "at their stored precision (fp32 4 B, bf16 2 B, int8 1 B, int4 0.5 B + an fp32 scale per 32), inputs "
-              "and KV cache fp32; activations assumed cached, so a floor is a lower bound. int4 computes in fp32 "
-              "(weight-only). The reference's stages are held to the same floors as the work they do.", ""]
+              "and KV cache fp32; activations assumed cached, so a floor is a lower bound. int4 computes in int8 "
+              "(MatMulNBits accuracy level 4). The reference's stages are held to the same floors as the work they do.", ""]
     lines += _floors(rows) + ["", "Counted work per stage (from the manifest's model sizes):", ""]
     lines += _work(res["costs"], rows)
     lines += ["", "## What each timing includes", ""] + [f"- **{k}**: {v}" for k, v in res["timing_notes"].items()]

@@ -241,7 +241,8 @@ def load_volume(path, *, max_voxels: int = DEFAULT_MAX_VOXELS, max_bytes: int = 
 
     # The training code's .astype(float) then float32; large integers round through float64 first.
     wide_int = arr.dtype.kind in "iu" and arr.dtype.itemsize >= 4
-    out = (arr.astype(np.float64) if wide_int else arr).astype(np.float32, copy=False)
+    with np.errstate(over="ignore"):  # float64 past float32's range becomes Inf: reported below as out_of_range
+        out = (arr.astype(np.float64) if wide_int else arr).astype(np.float32, copy=False)
     del arr
     lo, hi = float(out.min()), float(out.max())
     if not (math.isfinite(lo) and math.isfinite(hi)):

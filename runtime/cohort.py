@@ -24,6 +24,16 @@ because it keeps one address space (the loader can be patched in tests). The cos
 an abandoned scan that is busy computing, rather than blocked, keeps its CPU and
 memory until it finishes.
 
+Exiting cleanly with daemon threads around: a daemon thread that is inside torch code
+(or frees a tensor) while the interpreter exits is killed there, and C++ aborts the
+process ("terminate called without an active exception"). So a reader never drops
+the last reference to a tensor (results are handed to the main thread, late results
+of abandoned readers are kept for it to free), an abandoned reader never starts the
+torch preprocessing, and whenever the loop ends, Ctrl-C included, no reader starts
+torch work any more, those inside it are joined (it is bounded compute, well under a
+second per scan), and every volume still held is freed by the main thread. Only
+readers stuck in a read stay behind, holding no tensor.
+
 Output and resume
 -----------------
 Rows go to stdout (JSON Lines), or with `--out` to a .jsonl or .csv file (CSV: one
@@ -166,8 +176,12 @@ class _Sink:
 class _StdoutSink(_Sink):
     def emit(self, row: dict) -> str:
         text = json.dumps(row) + "\n"
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except BrokenPipeError:  # e.g. `medblip-infer ... | head -1`: stop, without a traceback at exit
+            sys.stdout = open(os.devnull, "w")
+            raise MedblipError("stdout was closed by the reader; stopped", code="output_closed") from None
         return text
 
 
@@ -310,7 +324,7 @@ class _ResumeIndex:
 
 
 class _Task:
-    __slots__ = ("index", "item", "started", "done", "result", "abandoned", "released", "lock")
+    __slots__ = ("index", "item", "started", "done", "result", "abandoned", "released", "lock", "thread", "in_torch")
 
     def __init__(self, index: int, item: ScanItem):
         self.index, self.item = index, item
@@ -320,6 +334,8 @@ class _Task:
         self.abandoned = False
         self.released = False
         self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+        self.in_torch = False  # its reader has gone on to the (torch) preprocessing
 
 
 class _Prefetcher:
@@ -331,10 +347,13 @@ class _Prefetcher:
         self.slots = threading.Semaphore(ahead)
         self.stopped = threading.Event()
         self.lock = threading.Lock()
-        self.running: set[_Task] = set()
         self.abandoned: list[_Task] = []
+        self.graveyard: list = []  # late results of abandoned readers: freed by the main thread, not theirs
         self.feeder = threading.Thread(target=self._feed, name="medblip-feeder", daemon=True)
+
+    def start(self) -> "_Prefetcher":
         self.feeder.start()
+        return self
 
     def _acquire(self, sem: threading.Semaphore) -> bool:
         while not self.stopped.is_set():
@@ -349,9 +368,9 @@ class _Prefetcher:
             with self.lock:  # close() sees every reader started before it stopped the feeder
                 if self.stopped.is_set():
                     return
-                self.running.add(task)
-                threading.Thread(target=self._run, args=(task,), name=f"medblip-read-{task.index}",
-                                 daemon=True).start()
+                task.thread = threading.Thread(target=self._run, args=(task,), name=f"medblip-read-{task.index}",
+                                               daemon=True)
+                task.thread.start()
 
     def _release(self, task: _Task) -> None:
         with task.lock:
@@ -366,12 +385,16 @@ class _Prefetcher:
         except BaseException as e:  # never lose a task: an unexpected failure is its error row
             result = ("error", error_row(task.item.name, None, "internal_error",
                                          _scrub(f"unexpected {type(e).__name__} while reading: {e}", task.item.path)))
+        # From here on this thread holds no reference to a tensor: the last reference to a volume must
+        # never be dropped by a reader, since a daemon thread that releases the GIL inside torch's
+        # deallocator while the interpreter exits is killed there, and C++ aborts the process.
         with task.lock:
-            if not task.abandoned:
+            if task.abandoned:
+                self.graveyard.append(result)
+            else:
                 task.result = result
+            result = None
             task.done.set()
-        with self.lock:
-            self.running.discard(task)
         self._release(task)
 
     def wait(self, task: _Task) -> bool:
@@ -395,33 +418,40 @@ class _Prefetcher:
         self.slots.release()
 
     def close(self) -> None:
-        """Start no more readers, and let those still at work (not abandoned) finish their scan.
+        """Start no more readers and no more preprocessing; wait for the readers inside torch code; free
+        every volume here, in the calling (main) thread.
 
-        Waiting matters on Ctrl-C: a process that exits while a daemon thread runs torch
-        code can abort in C++ teardown ("terminate called without an active exception").
-        Each wait is bounded by that scan's own time limit.
+        Readers still reading are not waited for (one may be stuck): they hold no tensor, and
+        finding the run stopped they skip the torch preprocessing. See the module docstring.
         """
         with self.lock:
             self.stopped.set()
-            running = [t for t in self.running if not t.abandoned]
-        for task in running:
-            deadline = (task.started or time.monotonic()) + self.timeout_s
-            task.done.wait(max(0.0, deadline - time.monotonic()))
+        for task in self.tasks:
+            thread = task.thread
+            if thread is not None and thread.is_alive() and (task.in_torch or task.done.is_set()):
+                thread.join(60.0 if not task.done.is_set() else 5.0)
+        if self.feeder.is_alive():
+            self.feeder.join(5.0)
+        for task in self.tasks:
+            task.result = None
+        self.graveyard.clear()
 
 
 def _ms(t0: float) -> float:
     return round((time.perf_counter() - t0) * 1000.0, 3)
 
 
-def _prepare(pipe, path: Path, sha: str | None, task: _Task):
+def _prepare(pipe, path: Path, sha: str | None, task: _Task, stop: threading.Event):
     """`Pipeline.prepare`, step by step: reuses a SHA-256 already computed, and skips the preprocessing
     (torch code) of a scan abandoned for its time limit while it was being read."""
     t0 = time.perf_counter()
     loaded = _pipeline.load_volume(path)  # looked up at call time: tests wrap it to simulate a hung reader
     load_ms = _ms(t0)
     digest = sha or sha256_file(path)
-    if task.abandoned:
-        return None  # dropped anyway
+    with task.lock:
+        if task.abandoned or stop.is_set():
+            return None  # dropped anyway: do not start torch work that nobody waits for
+        task.in_torch = True
     t1 = time.perf_counter()
     volume = _pipeline.to_model_input(loaded.array, pipe.spec.size)  # [1,1,S,S,S]
     return _pipeline.PreparedScan(scan_name(path), digest, volume, list(loaded.warnings),
@@ -485,7 +515,8 @@ def run_infer(opts: InferOptions) -> int:
     _check(opts)
     items = expand_scans(opts.scans, opts.include_paths)
 
-    pipe = _pipeline.Pipeline.from_bundle(opts.bundle, backend=opts.backend, device=opts.device, precision=opts.precision)
+    pipe = _pipeline.Pipeline.from_bundle(opts.bundle, backend=opts.backend, device=opts.device,
+                                          precision=opts.precision)
     print(f"backend: vision={pipe.chosen['vision']} llm={pipe.chosen['llm']}", file=sys.stderr, flush=True)
 
     # -- the sink, and what --resume finds there
@@ -518,7 +549,7 @@ def run_infer(opts: InferOptions) -> int:
             if found is not None:
                 return ("skip", found)
         try:
-            return ("prepared", _prepare(pipe, item.path, sha, task))
+            return ("prepared", _prepare(pipe, item.path, sha, task, prefetch.stopped))
         except ScanError as e:
             row = error_row(item.name, sha or _sha_or_none(item.path), e.code, _scrub(str(e), item.path))
         except MemoryError:
@@ -531,6 +562,7 @@ def run_infer(opts: InferOptions) -> int:
     tasks = [_Task(i, item) for i, item in enumerate(items)]
     max_batch = max(1, int(getattr(pipe.vision, "max_batch", 1) or 1))
     prefetch = _Prefetcher(tasks, work, opts.workers, max_batch + opts.workers, opts.timeout_s)
+    prefetch.start()
     progress = _Progress(len(tasks))
     final: list[str] = [""] * len(tasks)  # each scan's row text, for the final file
     failed = 0

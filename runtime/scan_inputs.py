@@ -1,9 +1,10 @@
 """SCANS arguments -> the ordered list of scans to run: files as given, folders of .nii/.nii.gz, CSV lists.
 
-- A path ending in .csv (any case) that is a file: a list with a header row naming a
+- A path ending in .csv (any case) that is not a folder: a list with a header row naming a
   `scan` column and optionally a `patient_text` column (other columns are ignored).
   Relative scan paths are resolved against the CSV's folder. When the CSV has a
   `patient_text` column its value is the scan's patient text, an empty cell included.
+  A missing or unreadable CSV is an error of the run, like a malformed one.
 - A folder: its entries named *.nii / *.nii.gz (any case) that are not folders,
   sorted by name; not recursive. A folder whose own name looks like a scan
   (`x.nii.gz/`) is not expanded: it is a scan, and fails as `not_a_file`.

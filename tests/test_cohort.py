@@ -131,6 +131,10 @@ def _cli(args, tiny_bundle):
     return cmd, env
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _rows(path: Path) -> list[dict]:
     text = path.read_text()
     assert text == "" or text.endswith("\n")
@@ -212,7 +216,8 @@ def test_sigint_then_resume_gives_the_uninterrupted_file(cohort, full_run, tiny_
     out = tmp_path / "part.jsonl"
 
     cmd, env = _cli(["--out", out, listing], tiny_bundle)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)  # a background CI job may run us with SIGINT ignored
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         if out.exists() and out.read_bytes().count(b"\n") >= 10:
@@ -350,7 +355,7 @@ def test_prefetcher_abandons_a_hung_reader_on_time_and_replaces_it():
         time.sleep(0.02)
         return ("prepared", task.index)
 
-    pf = _Prefetcher(tasks, work, workers=1, ahead=3, timeout_s=0.5)
+    pf = _Prefetcher(tasks, work, workers=1, ahead=3, timeout_s=0.5).start()
     try:
         assert pf.wait(tasks[0]) and tasks[0].result == ("prepared", 0)
         pf.consumed(tasks[0])
@@ -378,7 +383,7 @@ def test_prefetcher_bounds_read_ahead():
         started.append(task.index)
         return ("prepared", task.index)
 
-    pf = _Prefetcher(tasks, work, workers=2, ahead=3, timeout_s=5)
+    pf = _Prefetcher(tasks, work, workers=2, ahead=3, timeout_s=5).start()
     try:
         time.sleep(0.3)
         assert sorted(started) == [0, 1, 2]  # nothing past the read-ahead window while nothing is consumed
@@ -411,9 +416,14 @@ def test_expand_folder_csv_and_files(tmp_path):
     assert items[0].patient_text is None and items[5].path == tmp_path / "scan.nii.gz"
 
 
-@pytest.mark.parametrize("content,code", [("", "bad_csv"), ("path\nx.nii\n", "bad_csv"), ("scan\n", "no_scans"),
-                                          ("scan,patient_text\na.nii\n", "bad_csv"), ("scan,patient_text\n,Age 70.\n", "bad_csv"),
-                                          (b"scan\n\xff\xfe.nii\n", "bad_csv")])
+@pytest.mark.parametrize("content,code", [
+    ("", "bad_csv"),  # empty
+    ("path\nx.nii\n", "bad_csv"),  # no scan column
+    ("scan\n", "no_scans"),
+    ("scan,patient_text\na.nii\n", "bad_csv"),  # a short row
+    ("scan,patient_text\n,Age 70.\n", "bad_csv"),  # an empty scan cell
+    (b"scan\n\xff\xfe.nii\n", "bad_csv"),  # not UTF-8
+])
 def test_bad_csv_is_a_run_error_without_its_path(tmp_path, content, code):
     d = tmp_path / "Doe_Jane"
     d.mkdir()
