@@ -8,7 +8,7 @@ from .bundle import Bundle
 BACKENDS = ("auto", "torch", "ort", "trt")
 
 
-def _torch(bundle, device, precision, want_vision, want_llm):
+def _torch(bundle, device, precision):
     from .backends_torch import torch_backends
 
     return torch_backends(bundle, precision or "fp32", device)
@@ -46,13 +46,13 @@ def make_backends(bundle: Bundle, backend: str, device: str, precision: str | No
         raise MedblipError("--precision applies to the torch backend; ONNX/TensorRT precision is fixed at export",
                            code="usage")
     if backend == "torch" or (backend == "auto" and precision is not None):
-        vision, llm = _torch(bundle, device, precision, True, True)
+        vision, llm = _torch(bundle, device, precision)
         return vision, llm, {"vision": "torch", "llm": "torch"}
     has_onnx = bundle.has("vision_onnx") and bundle.has("llm_onnx")
     if backend in ("ort", "trt") and not has_onnx:
         raise BackendUnavailable(f"bundle {bundle.root.name} has no ONNX graphs (exported with --no-onnx)")
     if backend == "auto" and not has_onnx:
-        vision, llm = _torch(bundle, device, precision, True, True)
+        vision, llm = _torch(bundle, device, precision)
         return vision, llm, {"vision": "torch", "llm": "torch", "why": "bundle has no ONNX graphs"}
     llm = _ort_llm(bundle, device, threads)
     why = None

@@ -18,6 +18,7 @@ from ..model.prompts import DIAGNOSIS_QUESTION
 from ..preprocess import PreprocessSpec, load_volume, to_model_input
 from .bundle import Bundle, sha256_file
 from .factory import make_backends
+from .scan_inputs import scan_name
 from .tasks import Tasks
 
 
@@ -55,16 +56,22 @@ class Pipeline:
 
     # -- stages ---------------------------------------------------------------
 
-    def prepare(self, scan: str | Path) -> PreparedScan:
-        """Read + preprocess one file; raises ScanError on bad input."""
+    def prepare(self, scan: str | Path, sha256: str | None = None, may_preprocess=None) -> PreparedScan | None:
+        """Read + preprocess one file; raises ScanError on bad input.
+
+        `sha256`: the file's digest if already known. `may_preprocess()`: asked after reading, before the
+        torch preprocessing starts; False gives None (a cohort run's scan abandoned for its time limit).
+        """
         path = Path(scan)
         t0 = time.perf_counter()
         loaded = load_volume(path)
         load_ms = _ms(t0)
-        digest = sha256_file(path)
+        digest = sha256 or sha256_file(path)
+        if may_preprocess is not None and not may_preprocess():
+            return None
         t1 = time.perf_counter()
         volume = to_model_input(loaded.array, self.spec.size)  # [1,1,S,S,S]
-        return PreparedScan(path.name, digest, volume, list(loaded.warnings),
+        return PreparedScan(scan_name(path), digest, volume, list(loaded.warnings),
                             {"load": load_ms, "preprocess": _ms(t1)})
 
     def visual_tokens(self, volumes: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,8 @@ import pytest
 
 from badinputs import anat as real_anat
 from medblip_edge.errors import MedblipError
-from medblip_edge.runtime.cohort import InferOptions, _Prefetcher, _Task, run_infer
+from medblip_edge.runtime.cohort import InferOptions, run_infer
+from medblip_edge.runtime.prefetch import Prefetcher, Task
 from medblip_edge.runtime.scan_inputs import ScanItem, expand_scans
 
 N_SCANS = 200
@@ -346,7 +347,7 @@ def test_usage_errors(few, tiny_bundle, kw, code):
 def test_prefetcher_abandons_a_hung_reader_on_time_and_replaces_it():
     release = threading.Event()
     items = [ScanItem(Path(f"s{i}.nii")) for i in range(6)]
-    tasks = [_Task(i, item) for i, item in enumerate(items)]
+    tasks = [Task(i, item) for i, item in enumerate(items)]
 
     def work(task):
         if task.index == 1:
@@ -355,7 +356,7 @@ def test_prefetcher_abandons_a_hung_reader_on_time_and_replaces_it():
         time.sleep(0.02)
         return ("prepared", task.index)
 
-    pf = _Prefetcher(tasks, work, workers=1, ahead=3, timeout_s=0.5).start()
+    pf = Prefetcher(tasks, work, workers=1, ahead=3, timeout_s=0.5).start()
     try:
         assert pf.wait(tasks[0]) and tasks[0].result == ("prepared", 0)
         pf.consumed(tasks[0])
@@ -377,13 +378,13 @@ def test_prefetcher_abandons_a_hung_reader_on_time_and_replaces_it():
 
 def test_prefetcher_bounds_read_ahead():
     started = []
-    tasks = [_Task(i, ScanItem(Path(f"s{i}.nii"))) for i in range(10)]
+    tasks = [Task(i, ScanItem(Path(f"s{i}.nii"))) for i in range(10)]
 
     def work(task):
         started.append(task.index)
         return ("prepared", task.index)
 
-    pf = _Prefetcher(tasks, work, workers=2, ahead=3, timeout_s=5).start()
+    pf = Prefetcher(tasks, work, workers=2, ahead=3, timeout_s=5).start()
     try:
         time.sleep(0.3)
         assert sorted(started) == [0, 1, 2]  # nothing past the read-ahead window while nothing is consumed

@@ -23,7 +23,7 @@ from medblip_edge.model.weights import load_weights
 from medblip_edge.runtime.bundle import Bundle, sha256_file
 from medblip_edge.runtime.factory import make_backends
 
-CASES = [("tiny", "none"), ("tiny", "int4"), ("tiny-biomedlm", "int8")]
+CASES = [("tiny", "none"), ("tiny", "int4"), ("tiny-biomedlm", "int8"), ("tiny-biomedlm", "fp16")]
 
 
 @pytest.fixture(scope="session", params=CASES, ids=[f"{p}-{q}" for p, q in CASES])
@@ -75,6 +75,8 @@ def test_llm_graphs_match_manifest(bundle, reference):
         fp32 = art["parity"]["fp32_onnx"]
         assert fp32["greedy_tokens_identical"] and fp32["max_abs_prob_diff"] < 1e-4
         assert art["parity"]["bytes_on_disk"] == art["bytes"]
+        if art["precision"] == "fp16":
+            assert fresh["max_abs_loglik_diff"] < 0.05
 
 
 def test_quantized_llm_is_smaller():
