@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
+from commands import console_command
 from volumes import real_volume
 
 
@@ -32,9 +31,5 @@ def mni_path() -> Path:
 
 @pytest.fixture(scope="session")
 def infer_cmd() -> list[str]:
-    """The real `medblip-infer` command: the installed console script, or the same entry point via python -c."""
-    script = Path(sys.executable).with_name("medblip-infer")
-    if script.is_file():
-        return [str(script)]
-    found = shutil.which("medblip-infer")
-    return [found] if found else [sys.executable, "-c", "from medblip_edge.cli import infer_main; infer_main()"]
+    """The real `medblip-infer` command."""
+    return console_command("medblip-infer")

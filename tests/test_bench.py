@@ -6,12 +6,12 @@ Speeds are not checked (CI machines differ); the shape of every row is.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from commands import console_command
 
 pytest.importorskip("nilearn", reason="the benchmark scan is nilearn's MNI152 template")
 pytest.importorskip("matplotlib", reason="the benchmark draws its plots with matplotlib")
@@ -22,11 +22,7 @@ FLOORS = ("vision", "prefill", "decode_step", "score", "classify")
 
 
 def _bench_cmd() -> list[str]:
-    script = Path(sys.executable).with_name("medblip-bench")
-    if script.is_file():
-        return [str(script)]
-    found = shutil.which("medblip-bench")
-    return [found] if found else [sys.executable, "-c", "from medblip_edge.cli import bench_main; bench_main()"]
+    return console_command("medblip-bench")
 
 
 @pytest.fixture(scope="module")

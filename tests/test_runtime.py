@@ -113,3 +113,28 @@ def test_cli_torch_and_ort_same_labels(mni_path, infer_cmd):
         labels[be] = row["label"]
         assert row["backend"]["vision"] == be
     assert labels["torch"] == labels["ort"]
+
+
+def test_cli_folder_with_a_corrupt_scan_same_labels_torch_and_ort(tmp_path, mni_path, infer_cmd):
+    """A folder of scans, one corrupt: every good scan gets the same label on both backends, the bad one an error."""
+    import shutil
+
+    from volumes import real_volume
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    shutil.copy(mni_path, folder / "a_mni.nii.gz")
+    shutil.copy(real_volume("anatomical"), folder / "b_anat.nii")
+    (folder / "c_broken.nii.gz").write_bytes(mni_path.read_bytes()[:5000])
+    b = tiny_onnx_bundle("tiny", "none")
+    rows = {}
+    for be in ("torch", "ort"):
+        r = subprocess.run([*infer_cmd, str(folder), "--bundle", str(b), "--backend", be],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 1, r.stderr[-2000:]  # one scan failed
+        assert "Traceback" not in r.stderr
+        rows[be] = {row["scan"]: row for row in map(json.loads, r.stdout.strip().splitlines())}
+    assert set(rows["torch"]) == {"a_mni.nii.gz", "b_anat.nii", "c_broken.nii.gz"}
+    assert rows["torch"]["c_broken.nii.gz"]["error"]["code"] == rows["ort"]["c_broken.nii.gz"]["error"]["code"]
+    for name in ("a_mni.nii.gz", "b_anat.nii"):
+        assert rows["torch"][name]["label"] == rows["ort"][name]["label"]

@@ -26,21 +26,11 @@ def needs_trt(test):
 S = 224  # the graph's static volume size
 
 
-class _VisionGraph(torch.nn.Module):
-    """Export wrapper: volume [B,1,S,S,S] float32 -> visual tokens [B,Q,d_llm] float32."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, volume):
-        return self.model.visual_tokens(volume)
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """(model, engine path, artifact metadata, timing cache path) for a tiny fp32 engine, profile 1/2/4."""
     from medblip_edge.model.config import preset
+    from medblip_edge.model.medblip import image_encoder_of
     from medblip_edge.model.random_init import random_model
 
     cfg = preset("tiny")
@@ -48,7 +38,8 @@ def built(tmp_path_factory):
     d = tmp_path_factory.mktemp("trt")
     batch = torch.export.Dim("batch", min=1, max=8)
     # Example batch 2, not 1: torch.export would specialise a size-1 dim to a constant.
-    torch.onnx.export(_VisionGraph(model).eval(), (torch.rand(2, 1, S, S, S),), str(d / "vision.onnx"),
+    # ImageEncoder is the export wrapper: volume [B,1,S,S,S] float32 -> visual tokens [B,Q,d_llm] float32
+    torch.onnx.export(image_encoder_of(model), (torch.rand(2, 1, S, S, S),), str(d / "vision.onnx"),
                       dynamo=True, input_names=["volume"], output_names=["visual_tokens"],
                       dynamic_shapes={"volume": {0: batch}}, external_data=True)
     meta = build_engine(d / "vision.onnx", d / "vision.engine", min_batch=1, opt_batch=2, max_batch=4,
