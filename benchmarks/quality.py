@@ -7,6 +7,7 @@ import torch
 
 from ..export.evalset import eval_volumes
 from ..model.prompts import ANSWERS, LABELS
+from ..runtime.tasks import diagnosis
 
 
 def eval_cases(manifest: dict) -> tuple[torch.Tensor, list[tuple[int, str]]]:
@@ -36,10 +37,7 @@ def reference_results(ref, volumes: torch.Tensor, cases) -> dict:
     rows = []
     visual = {i: ref.model.visual_tokens(volumes[i:i + 1]) for i in sorted({i for i, _ in cases})}
     for i, text in cases:
-        ll = np.array([ref.answer_loglik(visual[i], text, ANSWERS[k]) for k in LABELS])
-        p = np.exp(ll - ll.max())
-        rows.append({"label": LABELS[int(np.argmax(ll))], "probabilities": dict(zip(LABELS, p / p.sum())),
-                     "log_likelihoods": dict(zip(LABELS, ll))})
+        rows.append(diagnosis([ref.answer_loglik(visual[i], text, ANSWERS[k]) for k in LABELS]))
     return _as_arrays(rows)
 
 

@@ -32,19 +32,14 @@ class ReferenceEval:
         tasks = Tasks(model.family, tokenizer, model.family.max_new_tokens)
         llm = TORCH_LLMS[model.cfg.variant](model.llm, "fp32")
         cases = eval_cases(n)
-        rows = [tasks.diagnose(llm, visual[i:i + 1], text) for i, text in cases]
+        labels, probs, loglik = _diagnose_all(tasks, llm, visual, cases)
         greedy = [tasks.ask_ids(llm, visual[i:i + 1], text) for i, text in cases[:2]]
-        probs = np.array([[r["probabilities"][k] for k in LABELS] for r in rows])
-        loglik = np.array([[r["log_likelihoods"][k] for k in LABELS] for r in rows])
-        return cls(volumes, visual, cases, probs, loglik, [r["label"] for r in rows], greedy, tasks)
+        return cls(volumes, visual, cases, probs, loglik, labels, greedy, tasks)
 
     def compare(self, llm, visual: torch.Tensor | None = None) -> dict:
         """Run an LLM backend (optionally on other visual tokens) over the cases -> agreement figures."""
         visual = self.visual if visual is None else visual
-        rows = [self.tasks.diagnose(llm, visual[i:i + 1], text) for i, text in self.cases]
-        probs = np.array([[r["probabilities"][k] for k in LABELS] for r in rows])
-        loglik = np.array([[r["log_likelihoods"][k] for k in LABELS] for r in rows])
-        labels = [r["label"] for r in rows]
+        labels, probs, loglik = _diagnose_all(self.tasks, llm, visual, self.cases)
         return {"label_agreement": float(np.mean([a == b for a, b in zip(labels, self.labels)])),
                 "max_abs_prob_diff": float(np.abs(probs - self.probabilities).max()),
                 "max_abs_loglik_diff": float(np.abs(loglik - self.loglik).max()),
@@ -59,3 +54,11 @@ class ReferenceEval:
         return {"volumes": "export.evalset.eval_volumes(n, size, seed=1234)", "cases": [
             {"volume": i, "patient_text": t, "label": lab, "probabilities": dict(zip(LABELS, map(float, p)))}
             for (i, t), lab, p in zip(self.cases, self.labels, self.probabilities)]}
+
+
+def _diagnose_all(tasks: Tasks, llm, visual: torch.Tensor, cases) -> tuple[list, np.ndarray, np.ndarray]:
+    """Diagnose every (volume index, patient text) case -> (labels, probabilities [n,3], log-likelihoods [n,3])."""
+    rows = [tasks.diagnose(llm, visual[i:i + 1], text) for i, text in cases]
+    probs = np.array([[r["probabilities"][k] for k in LABELS] for r in rows])
+    loglik = np.array([[r["log_likelihoods"][k] for k in LABELS] for r in rows])
+    return [r["label"] for r in rows], probs, loglik

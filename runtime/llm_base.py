@@ -52,6 +52,11 @@ def pad_candidates(candidates: list[list[int]], pad: int) -> tuple[np.ndarray, n
     return ids, mask
 
 
+def decoder_inputs(labels: np.ndarray, start: int) -> np.ndarray:
+    """T5 teacher forcing: labels [n,L] -> decoder input ids [n,L] (start token, then labels shifted right)."""
+    return np.concatenate([np.full((labels.shape[0], 1), start, np.int64), labels[:, :-1]], axis=1)
+
+
 def sum_logprobs(prev_logits: np.ndarray, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """prev_logits [n,L,V] (the logits that predict each token), ids/mask [n,L] -> sum log p per row [n] float64."""
     x = prev_logits.astype(np.float64)

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .llm_base import LlmBackend, pad_candidates, sum_logprobs
+from .llm_base import LlmBackend, decoder_inputs, pad_candidates, sum_logprobs
 from .ort_graph import OrtGraph, host
 
 
@@ -52,7 +52,7 @@ class OrtT5Llm(_OrtLlm):
     def score(self, state: OrtState, candidates) -> np.ndarray:
         labels, mask = pad_candidates(candidates, pad=0)
         n = len(candidates)
-        dec_in = np.concatenate([np.full((n, 1), self.start, np.int64), labels[:, :-1]], axis=1)
+        dec_in = decoder_inputs(labels, self.start)
         ck, cv = (np.repeat(host(t), n, axis=1) for t in (state.cross_k, state.cross_v))  # [L,n,H,S,dk]
         logits = host(self.graphs["t5_decoder_prefill"](decoder_ids=dec_in, cross_k=ck, cross_v=cv)[0])
         return sum_logprobs(logits, labels, mask)

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..export.graphs_t5 import T5DecoderPrefillGraph, T5EncoderGraph, _T5Decoder, attend, gated_ffn, rms_norm, \
     split_heads
-from .llm_base import LlmBackend, pad_candidates, sum_logprobs
+from .llm_base import LlmBackend, decoder_inputs, pad_candidates, sum_logprobs
 
 
 class StaticT5Step(_T5Decoder):
@@ -134,7 +134,7 @@ class CudaGraphT5Llm(LlmBackend):
     def score(self, state: StaticState, candidates) -> np.ndarray:
         labels, mask = pad_candidates(candidates, pad=0)
         n = len(candidates)
-        dec_in = np.concatenate([np.full((n, 1), self.start), labels[:, :-1]], axis=1)
+        dec_in = decoder_inputs(labels, self.start)
         ck, cv = (t.expand(-1, n, -1, -1, -1) for t in (state.cross_k, state.cross_v))
         logits, _, _ = self.prefill_graph(torch.as_tensor(dec_in, device=self.device), ck, cv)
         return sum_logprobs(logits.float().cpu().numpy(), labels, mask)

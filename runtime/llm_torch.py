@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .llm_base import LlmBackend, pad_candidates, sum_logprobs
+from .llm_base import LlmBackend, decoder_inputs, pad_candidates, sum_logprobs
 
 
 @dataclass
@@ -63,7 +63,7 @@ class TorchT5Llm(_TorchLlm):
     def score(self, state: T5State, candidates) -> np.ndarray:
         labels, mask = pad_candidates(candidates, pad=0)
         start = self.llm.config.decoder_start_token_id
-        dec_in = np.concatenate([np.full((len(candidates), 1), start), labels[:, :-1]], axis=1)
+        dec_in = decoder_inputs(labels, start)
         enc = state.encoder_out.expand(len(candidates), -1, -1)  # [n, S, d]
         logits = self.llm(encoder_outputs=(enc,), decoder_input_ids=self._ids(dec_in)).logits  # [n, L, V]
         return sum_logprobs(logits.float().cpu().numpy(), labels, mask)

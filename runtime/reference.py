@@ -6,10 +6,10 @@ parity tests. It is deliberately not optimised.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ..model.prompts import ANSWERS, DIAGNOSIS_QUESTION, LABELS, build_prompt
+from .tasks import diagnosis
 
 
 class ReferencePipeline:
@@ -55,9 +55,5 @@ class ReferencePipeline:
         """volume [1,1,S,S,S] -> generated answer + per-answer log-likelihoods and probabilities."""
         visual = self.model.visual_tokens(volume)
         ids, _ = self.generate(visual, patient_text)
-        ll = np.array([self.answer_loglik(visual, patient_text, ANSWERS[k]) for k in LABELS])
-        p = np.exp(ll - ll.max())
-        p /= p.sum()
-        return {"label": LABELS[int(np.argmax(ll))], "probabilities": dict(zip(LABELS, map(float, p))),
-                "log_likelihoods": dict(zip(LABELS, map(float, ll))),
-                "generated": self.tokenizer.decode(ids, skip_special_tokens=True).strip()}
+        ll = [self.answer_loglik(visual, patient_text, ANSWERS[k]) for k in LABELS]
+        return {**diagnosis(ll), "generated": self.tokenizer.decode(ids, skip_special_tokens=True).strip()}

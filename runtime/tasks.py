@@ -7,6 +7,17 @@ import numpy as np
 from ..model.prompts import ANSWERS, DIAGNOSIS_QUESTION, LABELS, build_prompt
 
 
+def diagnosis(loglik) -> dict:
+    """Sum log p of each answer [3] (LABELS order) -> {label, probabilities (softmax over the 3), answer,
+    log_likelihoods}."""
+    ll = np.asarray(loglik, dtype=np.float64)
+    p = np.exp(ll - ll.max())
+    p /= p.sum()
+    best = int(np.argmax(ll))
+    return {"label": LABELS[best], "probabilities": {k: float(v) for k, v in zip(LABELS, p)},
+            "answer": ANSWERS[LABELS[best]], "log_likelihoods": {k: float(s) for k, s in zip(LABELS, ll)}}
+
+
 class Tasks:
     """Prompt building and answer scoring for one family + tokenizer, over any LLM backend."""
 
@@ -21,12 +32,7 @@ class Tasks:
     def diagnose(self, llm, visual, patient_text: str = "") -> dict:
         """visual [1,Q,d] -> {label, probabilities, answer, log_likelihoods}: one prefill, one batched scoring pass."""
         state = llm.prefill(self.prompt_ids(patient_text), visual)
-        scores = np.asarray(llm.score(state, self.answer_ids), dtype=np.float64)  # [3] sum log p
-        p = np.exp(scores - scores.max())
-        p /= p.sum()
-        best = int(np.argmax(scores))
-        return {"label": LABELS[best], "probabilities": {k: float(v) for k, v in zip(LABELS, p)},
-                "answer": ANSWERS[LABELS[best]], "log_likelihoods": {k: float(s) for k, s in zip(LABELS, scores)}}
+        return diagnosis(llm.score(state, self.answer_ids))  # scores: [3] sum log p
 
     def ask_ids(self, llm, visual, patient_text: str = "", question: str = DIAGNOSIS_QUESTION,
                 max_new_tokens: int | None = None) -> list[int]:
