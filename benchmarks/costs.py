@@ -8,12 +8,19 @@ are assumed to stay in cache, so a floor is a lower bound, never an estimate of 
 
 from __future__ import annotations
 
+from ..export.quantize import QUANTIZERS
 from ..model.config import MedBlipConfig
 from .limits import compute_peak
 
-# Bytes per weight as the stage reads it. int8: ORT's per-channel scales are one float
-# per output row (negligible); int4: MatMulNBits stores one fp32 scale per block of 32.
-BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5 + 4 / 32}
+BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0}
+
+
+def weight_bytes(precision: str, stage: str) -> float:
+    """Bytes per weight as the stage reads it: int8/int4 as the export stores them for that kind of graph
+    (the decode step's gemv format, or the gemm format of the other LLM graphs; see export/quantize.py)."""
+    if precision in QUANTIZERS:
+        return QUANTIZERS[precision].for_graph(stage == "decode_step").bytes_per_weight
+    return BYTES_PER_WEIGHT.get(precision, 4.0)
 ACT_BYTES = 4  # activations, KV cache and logits stay fp32 in every backend here
 
 
@@ -129,11 +136,11 @@ def stage_costs(cfg: MedBlipConfig, d_llm: int, prompt_len: int, candidates: lis
     return out
 
 
-def stage_floor(cost: dict, precision: str, limits: dict) -> dict:
+def stage_floor(cost: dict, precision: str, limits: dict, stage: str) -> dict:
     """One stage's floor in ms at `precision` (weights' bytes and compute rate), and which bound sets it."""
     peak, peak_key = compute_peak(limits, precision)
     bw = limits["memory"]["bytes_per_s"]
-    nbytes = cost["weights"] * BYTES_PER_WEIGHT.get(precision, 4.0) + cost["extra_bytes"]
+    nbytes = cost["weights"] * weight_bytes(precision, stage) + cost["extra_bytes"]
     compute_ms, memory_ms = 1e3 * cost["flops"] / peak, 1e3 * nbytes / bw
     return {"flops": float(cost["flops"]), "bytes": float(nbytes), "compute_floor_ms": round(compute_ms, 4),
             "memory_floor_ms": round(memory_ms, 4), "floor_ms": round(max(compute_ms, memory_ms), 4),
@@ -144,7 +151,7 @@ def row_floors(costs: dict, precision: dict, limits: dict, measured_ms: dict) ->
     """{stage: floor dict + measured_ms + ratio} for vision, prefill, decode_step, score and classify."""
     out = {}
     for stage in ("vision", "prefill", "decode_step", "score"):
-        f = stage_floor(costs[stage], precision[costs[stage]["role"]], limits)
+        f = stage_floor(costs[stage], precision[costs[stage]["role"]], limits, stage)
         out[stage] = f
     cls = {k: out["prefill"][k] + out["score"][k] for k in ("flops", "bytes", "compute_floor_ms", "memory_floor_ms")}
     cls["floor_ms"] = out["prefill"]["floor_ms"] + out["score"]["floor_ms"]

@@ -79,7 +79,7 @@ def matmul_ceilings(device: str, quick: bool) -> dict:
         torch_i8 = _try(_torch_int_mm, n, device, reps)
         ort_i8 = _try(_ort_matmul_integer, n, reps)
         out["int8_torch"], out["int8_ort"] = torch_i8, ort_i8
-        # the INT8 ceiling that matters for the ORT rows is the op they run (MatMulInteger)
+        # the INT8 ceiling for the ORT rows: ONNX Runtime's integer GEMM (their MatMulNBits kernels multiply in int8)
         out["int8"] = ort_i8 if "flops_per_s" in ort_i8 else torch_i8
     ran = {k: v["flops_per_s"] for k, v in out.items() if "flops_per_s" in v}
     out["fastest"] = max(ran, key=ran.get) if ran else None
@@ -130,8 +130,8 @@ def best_of(first: dict, second: dict) -> dict:
 def compute_peak(limits: dict, precision: str) -> tuple[float, str]:
     """FLOP/s ceiling a stage running in `precision` can reach, and which measurement it is.
 
-    int4 (MatMulNBits at accuracy level 4, as the export writes it) quantizes activations to int8 and
-    multiplies in int8, so its compute ceiling is the int8 one; fp16 on a CPU computes in fp32.
+    int8 and int4 (MatMulNBits at accuracy level 4, as the export writes them) quantize activations to int8
+    and multiply in int8, so their compute ceiling is the int8 one; fp16 on a CPU computes in fp32.
     """
     mm = limits["matmul"]
     key = {"int4": "int8", "fp16": "fp16" if "fp16" in mm else "fp32"}.get(precision, precision)

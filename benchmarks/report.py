@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..export.quantize import QUANTIZERS
+
 STAGES = ("load", "preprocess", "vision", "prefill", "score", "decode_step", "classify", "end_to_end")
 FLOOR_STAGES = ("vision", "prefill", "decode_step", "score", "classify")
 
@@ -51,6 +53,13 @@ def _mem(m: dict) -> str:
     """Peak RSS and its rise during the row (earlier rows' memory is still counted in the peak)."""
     out = f"{m['rss_peak_mib']:.0f} MiB (+{m['rss_peak_mib'] - m['rss_start_mib']:.0f})"
     return out + (f", GPU {m['gpu_peak_mib']:.0f} MiB" if "gpu_peak_mib" in m else "")
+
+
+def _quant_bytes() -> str:
+    def one(q) -> str:
+        return f"{q.bits / 8:g} B" + (f" + an fp32 scale per {q.block}" if hasattr(q, "block") else "")
+
+    return ", ".join(f"{name} {one(q.gemm)} (decode step: {one(q.gemv)})" for name, q in QUANTIZERS.items())
 
 
 def _summary(rows: list[dict]) -> list[str]:
@@ -138,16 +147,18 @@ def markdown(res: dict) -> str:
     m, rows = res["machine"], res["rows"]
     gpu = f"{m['gpu']['name']} (driver {m['gpu']['driver']})" if m["gpu"] else "none"
     src = res["options"].get("preset") or Path(res["options"]["bundle"]).name
-    lines = [f"# medblip-bench: {src} on {m['cpu']['model']}", "",
-             f"{m['date']} · {m['cores']['usable']} usable cores ({m['cores']['physical']} physical), "
-             f"{m['ram_gib']} GiB RAM · torch threads {m['torch_threads']} · GPU: "
-             f"{gpu} · device {res['plan']['device']}",
-             f"torch {m['versions']['torch']}, onnxruntime {m['versions']['onnxruntime']}, transformers "
-             f"{m['versions']['transformers']} · CPU flags: {', '.join(m['cpu']['flags']) or '-'} · "
-             f"load average at start {_loads(m['load_average_start'])}, end {_loads(m['load_average_end'])}", "",
-             f"Scan: {res['scan']['name']} ({res['scan']['source']}). {res['plan']['iters']} timed iterations after "
-             f"{res['plan']['warmup']} warm-up per row; {res['plan']['decode_steps']} decode steps per iteration. "
-             f"Export {res['export_s']:.0f} s, measuring {res['measure_s']:.0f} s, total {res['total_s']:.0f} s.", ""]
+    lines = [f"# medblip-bench: {src} on {m['cpu']['model']}", ""]
+    if res.get("command"):
+        lines += [f"Command: `{res['command']}`", ""]
+    lines += [f"{m['date']} · {m['cores']['usable']} usable cores ({m['cores']['physical']} physical), "
+              f"{m['ram_gib']} GiB RAM · torch threads {m['torch_threads']} · GPU: "
+              f"{gpu} · device {res['plan']['device']}",
+              f"torch {m['versions']['torch']}, onnxruntime {m['versions']['onnxruntime']}, transformers "
+              f"{m['versions']['transformers']} · CPU flags: {', '.join(m['cpu']['flags']) or '-'} · "
+              f"load average at start {_loads(m['load_average_start'])}, end {_loads(m['load_average_end'])}", "",
+              f"Scan: {res['scan']['name']} ({res['scan']['source']}). {res['plan']['iters']} timed iterations after "
+              f"{res['plan']['warmup']} warm-up per row; {res['plan']['decode_steps']} decode steps per iteration. "
+              f"Export {res['export_s']:.0f} s, measuring {res['measure_s']:.0f} s, total {res['total_s']:.0f} s.", ""]
     busy = m.get("other_processes") or {}
     if busy.get("other_busy_fraction", 0) > 0.05:
         lines += [f"**Shared machine:** other processes used {busy['other_busy_fraction']:.0%} of the CPUs "
@@ -163,9 +174,10 @@ def markdown(res: dict) -> str:
     lines += ["", "## Throughput vs vision batch", ""] + _throughput(rows)
     lines += ["", "## Floors", "", "Measured ceilings of this machine, in the same run:", ""] + _limits(res["limits"])
     lines += ["", "Floor = max(FLOPs / matmul ceiling at the stage's precision, bytes / bandwidth): weights read once "
-              "at their stored precision (fp32 4 B, bf16 2 B, int8 1 B, int4 0.5 B + an fp32 scale per 32), inputs "
-              "and KV cache fp32; activations assumed cached, so a floor is a lower bound. int4 computes in int8 "
-              "(MatMulNBits accuracy level 4). The reference's stages are held to the same floors as the work they do.", ""]
+              f"at their stored precision (fp32 4 B, bf16 2 B, {_quant_bytes()}), inputs "
+              "and KV cache fp32; activations assumed cached, so a floor is a lower bound. int8 and int4 compute in "
+              "int8 (dynamic INT8 GEMM, or MatMulNBits at accuracy level 4). The reference's stages are held to the "
+              "same floors as the work they do.", ""]
     lines += _floors(rows) + ["", "Counted work per stage (from the manifest's model sizes):", ""]
     lines += _work(res["costs"], rows)
     lines += ["", "## What each timing includes", ""] + [f"- **{k}**: {v}" for k, v in res["timing_notes"].items()]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -202,6 +203,7 @@ def _collect(opts: BenchOptions, bundles: list[Bundle], scan: Path, plan: Plan) 
     machine["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return {
         "schema_version": 1,
+        "command": shlex.join(["medblip-bench", *sys.argv[1:]]),
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
         "plan": asdict(plan),
         "machine": machine,

@@ -1,10 +1,11 @@
 """Export-only T5 graphs over the Hugging Face module's weights, with the KV cache as plain tensors.
 
-Shipped graphs (L decoder layers, H heads, dk head width, stacked caches):
-  encoder:         prompt_ids [1,T] int64, visual [B,Q,d] -> encoder_out [B,S,d], cross_k, cross_v [L,B,H,S,dk]
-  decoder_prefill: decoder_ids [B,T] int64, cross_k, cross_v -> logits [B,T,V], self_k, self_v [L,B,H,T,dk]
-  decoder_step:    decoder_ids [B,1] int64, past_k, past_v [L,B,H,P,dk], cross_k, cross_v
-                   -> logits [B,1,V], self_k, self_v [L,B,H,P+1,dk]
+The modules compute with stacked caches [L,B,H,*,dk] (the CUDA static-cache backend reuses them);
+`Layerwise` gives each one the shipped interface, one cache tensor per decoder layer i < L:
+  encoder:         prompt_ids [1,T] int64, visual [B,Q,d] -> encoder_out [B,S,d], cross_k_i, cross_v_i [B,H,S,dk]
+  decoder_prefill: decoder_ids [B,T] int64, cross_k_i, cross_v_i -> logits [B,T,V], present_k_i, present_v_i [B,H,T,dk]
+  decoder_step:    decoder_ids [B,1] int64, past_k_i, past_v_i [B,H,P,dk], cross_k_i, cross_v_i
+                   -> logits [B,1,V], present_k_i, present_v_i [B,H,P+1,dk]
 The forward of each wrapper is exactly the graph: tensors in, tensors out.
 """
 
@@ -34,9 +35,9 @@ def attend(q, k, v, bias, o) -> torch.Tensor:
     return o(out.reshape(out.shape[0], out.shape[1], -1))
 
 
-def gated_ffn(x: torch.Tensor, ff) -> torch.Tensor:
-    """Gated exact-GELU FFN (MedBLIP's dense_act_fn override); output in wo's dtype (fp32 in fp16 models)."""
-    h = ff.act(ff.wi_0(x)) * ff.wi_1(x)
+def ffn(x: torch.Tensor, ff) -> torch.Tensor:
+    """T5 FFN, gated (FLAN-T5: act(x W0) * x W1) or plain (act(x W)); output in wo's dtype (fp32 in fp16 models)."""
+    h = ff.act(ff.wi_0(x)) * ff.wi_1(x) if hasattr(ff, "wi_0") else ff.act(ff.wi(x))
     return ff.wo(h.to(ff.wo.weight.dtype))
 
 
@@ -100,7 +101,7 @@ class _T5Decoder(nn.Module):
             h = rms_norm(x, ca.layer_norm)
             x = x + attend(split_heads(ca.EncDecAttention.q(h), self.heads), cross_k[i], cross_v[i], 0.0,
                            ca.EncDecAttention.o).float()
-            x = x + gated_ffn(rms_norm(x, ff.layer_norm), ff.DenseReluDense).float()
+            x = x + ffn(rms_norm(x, ff.layer_norm), ff.DenseReluDense).float()
         x = rms_norm(x, self.t5.decoder.final_layer_norm)
         if self.scale is not None:
             x = x * self.scale
@@ -116,3 +117,27 @@ class T5DecoderPrefillGraph(_T5Decoder):
 class T5DecoderStepGraph(_T5Decoder):
     def forward(self, decoder_ids, past_k, past_v, cross_k, cross_v):
         return self.run(decoder_ids, past_k, past_v, cross_k, cross_v)
+
+
+def layer_names(names: tuple[str, ...] | list[str], layers: int) -> list[str]:
+    """("past_k", "past_v"), 2 -> past_k_0, past_k_1, past_v_0, past_v_1: the per-layer cache names, in order."""
+    return [f"{n}_{i}" for n in names for i in range(layers)]
+
+
+class Layerwise(nn.Module):
+    """Export adapter: `graph` with its stacked [L,B,H,*,dk] caches taken and returned as one tensor per layer.
+
+    forward(*plain, *cache_lists): `plain` tensors pass through; each following list of L tensors is
+    stacked; every 5-D output is split back into L tensors (the other outputs are returned as they are).
+    """
+
+    def __init__(self, graph: nn.Module, plain: int):
+        super().__init__()
+        self.inner, self.plain = graph, plain  # not `graph`: the name clashes with fx.GraphModule.graph
+
+    def forward(self, *args):
+        stacked = [torch.stack(list(layers)) for layers in args[self.plain:]]
+        out = []
+        for t in self.inner(*args[:self.plain], *stacked):
+            out.extend(t.unbind(0) if t.dim() == 5 else [t])
+        return tuple(out)

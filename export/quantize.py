@@ -1,18 +1,29 @@
 """LLM weight quantization of exported ONNX graphs (offline; the runtime only loads the result).
 
-int8: ONNX Runtime dynamic quantization, per-channel INT8 weights, activations quantized on the fly (CPU).
-int4: blockwise INT4 weights (MatMulNBits, block 32, symmetric), for the CPU and CUDA providers; on CPUs
-     accuracy level 4 lets the kernel quantize activations to INT8 per block and use integer dot products
-     (measured on the small preset's decoder step: 5.9 ms at level 0, 3.7 ms at level 4).
+Each `--llm-quant` names a weight format per kind of graph, because ONNX Runtime's fastest CPU kernel
+depends on how many rows the matmuls see:
+
+- gemm graphs (T5 encoder and prefill/scoring, GPT-2 prefill: many tokens per call): int8 is dynamic
+  quantization (per-channel INT8 weights, activations quantized per call, DynamicQuantizeMatMul on
+  the integer GEMM);
+- gemv graphs (the one-token decode step, run once per generated token): int8 is MatMulNBits at
+  8 bits, block 128, which reads the weights once with integer dot products.
+int4 is MatMulNBits at 4 bits: block 32 in the gemm graphs, which score the diagnosis (small blocks
+keep a 4-bit grid close to the weights), block 128 in the decode step (about a third faster there;
+greedy-token agreement with fp32 is recorded in the manifest like every other figure).
+
+MatMulNBits is symmetric and blockwise (one fp32 scale per block along K); at accuracy level 4 the
+CPU kernel quantizes activations to INT8 per block. `python -m medblip_edge.benchmarks.decode_variants`
+times these choices against each other on one machine.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
-INT4_BLOCK = 32
-INT4_ACCURACY_LEVEL = 4
+ACCURACY_LEVEL = 4  # int8 activations and integer dot products on CPUs
 
 
 def _quiet() -> None:
@@ -23,6 +34,59 @@ def _quiet() -> None:
 
 def _external(src: Path) -> bool:
     return src.with_name(src.name + ".data").exists()
+
+
+@dataclass(frozen=True)
+class BlockQuant:
+    """Weight-only blockwise quantization (MatMulNBits)."""
+
+    bits: int
+    block: int
+
+    @property
+    def bytes_per_weight(self) -> float:
+        """Bytes read per weight: the integer plus its share of the block's fp32 scale."""
+        return self.bits / 8 + 4 / self.block
+
+    def describe(self) -> str:
+        return f"MatMulNBits {self.bits}-bit, block {self.block}, symmetric, accuracy level {ACCURACY_LEVEL}"
+
+    def __call__(self, src: Path, dst: Path) -> None:
+        import onnx
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        _quiet()
+        model = onnx.load(str(src), load_external_data=True)
+        q = MatMulNBitsQuantizer(model, bits=self.bits, block_size=self.block, is_symmetric=True,
+                                 accuracy_level=ACCURACY_LEVEL)
+        q.process()
+        q.model.save_model_to_file(str(dst), use_external_data_format=_external(src))
+
+
+@dataclass(frozen=True)
+class DynamicInt8:
+    """ONNX Runtime dynamic quantization: per-channel INT8 weights, activations quantized per call."""
+
+    bits: int = 8
+    bytes_per_weight: float = 1.0  # per-channel scales: one float per output row, negligible
+
+    def describe(self) -> str:
+        return "dynamic INT8 (per-channel weights, DynamicQuantizeMatMul)"
+
+    def __call__(self, src: Path, dst: Path) -> None:
+        import onnx
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        _quiet()
+        clean = _without_value_info(src, dst.with_name(dst.stem + ".clean.onnx"))
+        try:
+            # DefaultTensorType: shape inference cannot type the outputs of ONNX Runtime's fused kernels
+            quantize_dynamic(str(clean), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                             op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=_external(src),
+                             extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
+        finally:
+            for p in (clean, clean.with_name(clean.name + ".data")):
+                p.unlink(missing_ok=True)
 
 
 def _without_value_info(src: Path, dst: Path) -> Path:
@@ -37,33 +101,16 @@ def _without_value_info(src: Path, dst: Path) -> Path:
     return dst
 
 
-def quantize_int8(src: Path, dst: Path) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+@dataclass(frozen=True)
+class LlmQuant:
+    """One `--llm-quant` choice: the weight format of gemm graphs and of the gemv (decode-step) graph."""
 
-    _quiet()
-    clean = _without_value_info(src, dst.with_name(dst.stem + ".clean.onnx"))
-    try:
-        _quantize_dynamic(clean, dst, quantize_dynamic, QuantType)
-    finally:
-        for p in (clean, clean.with_name(clean.name + ".data")):
-            p.unlink(missing_ok=True)
+    gemm: BlockQuant | DynamicInt8
+    gemv: BlockQuant | DynamicInt8
 
-
-def _quantize_dynamic(src: Path, dst: Path, quantize_dynamic, QuantType) -> None:
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
-                     op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=_external(src),
-                     extra_options={"MatMulConstBOnly": True})
+    def for_graph(self, decode: bool):
+        return self.gemv if decode else self.gemm
 
 
-def quantize_int4(src: Path, dst: Path) -> None:
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    _quiet()
-    model = onnx.load(str(src), load_external_data=True)
-    q = MatMulNBitsQuantizer(model, block_size=INT4_BLOCK, is_symmetric=True, accuracy_level=INT4_ACCURACY_LEVEL)
-    q.process()
-    q.model.save_model_to_file(str(dst), use_external_data_format=_external(src))
-
-
-QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4}
+QUANTIZERS = {"int8": LlmQuant(gemm=DynamicInt8(), gemv=BlockQuant(bits=8, block=128)),
+              "int4": LlmQuant(gemm=BlockQuant(bits=4, block=32), gemv=BlockQuant(bits=4, block=128))}

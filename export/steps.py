@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from ..errors import MedblipError
-from ..runtime.llm_ort import ORT_LLMS
 from ..model.medblip import image_encoder_of
+from ..runtime.llm_ort import ORT_LLMS
 from .llm_graphs import LLM_GRAPHS
 from .onnx_export import compare, export_onnx, io_spec, ort_session
 from .quantize import QUANTIZERS
@@ -83,6 +83,8 @@ class VisionOnnxStep:
 class LlmOnnxStep:
     def __init__(self, quant: str):
         self.quant = quant
+        self.decode: set[str] = set()  # names of the per-token decode graphs (gemv), set by _export
+        self.formats: dict[str, str] = {}  # graph name -> weight format, for the manifest
         self.title = f"LLM graphs -> ONNX ({'fp32' if quant == 'none' else quant}), greedy tokens checked"
 
     def run(self, ctx) -> str | None:
@@ -96,9 +98,12 @@ class LlmOnnxStep:
             return self._ship(ctx, fp32_files, "fp32", parity)
         if self.quant == "fp16":
             half = model.family.to_half(copy.deepcopy(model.llm), torch.float16)
-            shipped = self._export(half, model, work / "llm_fp16")
+            shipped = self._export(half, model, work / "llm_fp16", fused=False)
         else:
-            shipped = {name: self._quantize(files, work / f"llm_{self.quant}") for name, files in fp32_files.items()}
+            quant = QUANTIZERS[self.quant]
+            shipped = {name: self._quantize(files, work / f"llm_{self.quant}", quant.for_graph(name in self.decode))
+                       for name, files in fp32_files.items()}
+            self.formats = {name: quant.for_graph(name in self.decode).describe() for name in shipped}
         try:
             low = self._backend(ctx, shipped, self.quant)
             result = {**ref.compare(low), "greedy_tokens_identical": ref.greedy_match(low)}
@@ -106,18 +111,22 @@ class LlmOnnxStep:
             result = {"checked": False, "reason": str(e).splitlines()[0][:160]}
         return self._ship(ctx, shipped, self.quant, {**result, "fp32_onnx": parity})
 
-    @staticmethod
-    def _export(llm, model, out: Path) -> dict[str, list[Path]]:
-        """Every graph of the family -> {graph name: [file, (external data)]}."""
+    def _export(self, llm, model, out: Path, fused: bool = True) -> dict[str, list[Path]]:
+        """Every graph of the family -> {graph name: [file, (external data)]}.
+
+        fused: write the graphs that have an op-by-op fp32 version that way (the fp32 source of the
+        fp32/INT8/INT4 LLMs); the fp16 LLM is traced from the half model (fp32 residual stream, fp16 matmuls).
+        """
         out.mkdir()
         graphs = LLM_GRAPHS[model.cfg.variant](llm, model.d_llm, model.cfg.qformer.num_query)
-        return {g.name: export_onnx(g.module, g.args, out / f"{g.name}.onnx", g.inputs, g.outputs, g.dynamic)
-                for g in graphs}
+        self.decode = {g.name for g in graphs if g.decode}
+        return {g.name: g.export(out / f"{g.name}.onnx", fused) for g in graphs}
 
-    def _quantize(self, files: list[Path], out: Path) -> list[Path]:
+    @staticmethod
+    def _quantize(files: list[Path], out: Path, quantize) -> list[Path]:
         out.mkdir(exist_ok=True)
         dst = out / files[0].name
-        QUANTIZERS[self.quant](files[0], dst)
+        quantize(files[0], dst)
         return [p for p in (dst, dst.with_name(dst.name + ".data")) if p.exists()]
 
     def _ship(self, ctx, graphs: dict[str, list[Path]], precision: str, result: dict) -> str | None:
@@ -131,7 +140,8 @@ class LlmOnnxStep:
                 extra[name + ".data"] = f"llm/{copied[1]}"
         main = next(iter(extra.values()))
         entry = ctx["writer"].add("llm_onnx", main, extra, kind="onnx", precision=precision,
-                                  family=ctx["model"].cfg.variant, graphs=list(graphs), parity=result)
+                                  family=ctx["model"].cfg.variant, graphs=list(graphs), parity=result,
+                                  **({"weight_formats": self.formats} if self.formats else {}))
         result["bytes_on_disk"] = entry["bytes"]
         if result.get("label_agreement", 1.0) < 1.0:
             return f"{precision} LLM: label agreement {result['label_agreement']:.2f} on the evaluation set"

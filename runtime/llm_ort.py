@@ -14,19 +14,19 @@ from .ort_graph import OrtGraph, host
 @dataclass
 class OrtState:
     next_logits: np.ndarray  # [V]
-    k: Any = None  # self-attention cache [L,1,H,P,dk] (OrtValue, on the device)
+    k: Any = None  # self-attention cache (OrtValues, on the device): GPT-2 [L,1,H,P,dk]; T5 L x [1,H,P,dk]
     v: Any = None
-    cross_k: Any = None  # T5 only: [L,1,H,S,dk]
-    cross_v: Any = None
+    cross: dict | None = None  # T5 only: {"cross_k_i": [1,H,S,dk], "cross_v_i": ...} from the encoder
 
 
 class _OrtLlm(LlmBackend):
     name = "ort"
     graph_names: tuple[str, ...]
+    decode_graph: str  # the one graph run once per generated token: its thread pool spins between calls
 
     def __init__(self, paths: dict, precision: str, eos_token_id: int, device: str = "cpu",
                  threads: int | None = None, decoder_start_token_id: int = 0):
-        self.graphs = {g: OrtGraph(paths[g], device, threads) for g in self.graph_names}
+        self.graphs = {g: OrtGraph(paths[g], device, threads, spin=g == self.decode_graph) for g in self.graph_names}
         self.precision, self.eos_token_id, self.start = precision, eos_token_id, decoder_start_token_id
 
     @staticmethod
@@ -35,31 +35,44 @@ class _OrtLlm(LlmBackend):
 
 
 class OrtT5Llm(_OrtLlm):
+    """T5 graphs with one cache tensor per decoder layer (names from export/graphs_t5.layer_names)."""
+
     graph_names = ("t5_encoder", "t5_decoder_prefill", "t5_decoder_step")
+    decode_graph = "t5_decoder_step"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        outputs = self.graphs["t5_decoder_step"].outputs
+        self.layers = sum(name.startswith("present_k_") for name in outputs)
+
+    def _cache(self, outputs: list) -> tuple[list, list]:
+        """Decoder outputs [logits, present_k_0.., present_v_0..] -> (keys, values)."""
+        return outputs[1:1 + self.layers], outputs[1 + self.layers:]
 
     def prefill(self, prompt_ids, visual) -> OrtState:
-        _, ck, cv = self.graphs["t5_encoder"](prompt_ids=np.array([prompt_ids], np.int64), visual=self._visual(visual))
-        logits, k, v = self.graphs["t5_decoder_prefill"](decoder_ids=np.array([[self.start]], np.int64),
-                                                         cross_k=ck, cross_v=cv)
-        return OrtState(host(logits)[0, -1], k, v, ck, cv)
+        enc = self.graphs["t5_encoder"]
+        out = enc(prompt_ids=np.array([prompt_ids], np.int64), visual=self._visual(visual))
+        cross = dict(zip(enc.outputs[1:], out[1:]))
+        dec = self.graphs["t5_decoder_prefill"](decoder_ids=np.array([[self.start]], np.int64), **cross)
+        return OrtState(host(dec[0])[0, -1], *self._cache(dec), cross)
 
     def step(self, state: OrtState, token: int) -> np.ndarray:
-        logits, state.k, state.v = self.graphs["t5_decoder_step"](
-            decoder_ids=np.array([[token]], np.int64), past_k=state.k, past_v=state.v,
-            cross_k=state.cross_k, cross_v=state.cross_v)
-        return host(logits)[0, -1]
+        past = {f"past_{kv}_{i}": t for kv, ts in (("k", state.k), ("v", state.v)) for i, t in enumerate(ts)}
+        out = self.graphs["t5_decoder_step"](decoder_ids=np.array([[token]], np.int64), **past, **state.cross)
+        state.k, state.v = self._cache(out)
+        return host(out[0])[0, -1]
 
     def score(self, state: OrtState, candidates) -> np.ndarray:
         labels, mask = pad_candidates(candidates, pad=0)
         n = len(candidates)
-        dec_in = decoder_inputs(labels, self.start)
-        ck, cv = (np.repeat(host(t), n, axis=1) for t in (state.cross_k, state.cross_v))  # [L,n,H,S,dk]
-        logits = host(self.graphs["t5_decoder_prefill"](decoder_ids=dec_in, cross_k=ck, cross_v=cv)[0])
+        cross = {name: np.repeat(host(t), n, axis=0) for name, t in state.cross.items()}  # [n,H,S,dk] each
+        logits = host(self.graphs["t5_decoder_prefill"](decoder_ids=decoder_inputs(labels, self.start), **cross)[0])
         return sum_logprobs(logits, labels, mask)
 
 
 class OrtGpt2Llm(_OrtLlm):
     graph_names = ("gpt2_prefill", "gpt2_step")
+    decode_graph = "gpt2_step"
 
     def prefill(self, prompt_ids, visual) -> OrtState:
         last, k, v = self.graphs["gpt2_prefill"](prompt_ids=np.array([prompt_ids], np.int64),

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..export.graphs_t5 import T5DecoderPrefillGraph, T5EncoderGraph, _T5Decoder, attend, gated_ffn, rms_norm, \
+from ..export.graphs_t5 import T5DecoderPrefillGraph, T5EncoderGraph, _T5Decoder, attend, ffn, rms_norm, \
     split_heads
 from .llm_base import LlmBackend, decoder_inputs, pad_candidates, sum_logprobs
 
@@ -58,7 +58,7 @@ class StaticT5Step(_T5Decoder):
             h = rms_norm(x, ca.layer_norm).to(dtype)
             q = split_heads(ca.EncDecAttention.q(h), self.heads)
             x = x + attend(q, self.cross_k[i], self.cross_v[i], self.cross_bias, ca.EncDecAttention.o).float()
-            x = x + gated_ffn(rms_norm(x, ff.layer_norm).to(dtype), ff.DenseReluDense).float()
+            x = x + ffn(rms_norm(x, ff.layer_norm).to(dtype), ff.DenseReluDense).float()
         x = rms_norm(x, self.t5.decoder.final_layer_norm).to(dtype)
         if self.scale is not None:
             x = x * self.scale

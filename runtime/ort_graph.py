@@ -25,9 +25,15 @@ def ort_providers(device: str) -> tuple[list[str], str]:
 
 
 class OrtGraph:
-    """`graph(name=array_or_ortvalue, ...)` -> list of OrtValues in output order."""
+    """`graph(name=array_or_ortvalue, ...)` -> list of OrtValues in output order.
 
-    def __init__(self, path: Path, device: str = "cpu", threads: int | None = None):
+    spin: let the session's worker threads busy-wait between kernels and between calls. Only the graph
+    called in a tight loop (the decode step) should: each session has its own thread pool, and a
+    pool still spinning after its call competes for the cores with the next session's kernels (on two
+    cores, visibly so for the decode steps right after scoring).
+    """
+
+    def __init__(self, path: Path, device: str = "cpu", threads: int | None = None, spin: bool = False):
         import onnxruntime as ort
 
         providers, self.device = ort_providers(device)
@@ -36,6 +42,7 @@ class OrtGraph:
         so.log_severity_level = 3
         if threads:
             so.intra_op_num_threads = threads
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         self.session = ort.InferenceSession(str(path), so, providers=providers)
         self.outputs = [o.name for o in self.session.get_outputs()]
 

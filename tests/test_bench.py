@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from bundles import tiny_onnx_bundle
 from commands import console_command
 
 pytest.importorskip("nilearn", reason="the benchmark scan is nilearn's MNI152 template")
@@ -95,3 +97,20 @@ def test_counted_sizes_match_the_manifest(results):
 def test_usage_error_is_one_line():
     proc = subprocess.run(_bench_cmd() + ["--out", "unused"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error [usage]") and proc.stderr.count("\n") == 1
+
+
+def test_decode_variants_times_every_weight_format(tmp_path):
+    """The script behind the weight-format choice: traced vs fused step graphs, each format, one table."""
+    out = tmp_path / "variants"
+    proc = subprocess.run([sys.executable, "-m", "medblip_edge.benchmarks.decode_variants", "--bundle",
+                           str(tiny_onnx_bundle("tiny", "int8")), "--out", str(out), "--rounds", "1", "--per-round", "2"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "decode_variants.json").read_text())
+    rows = {r["variant"]: r for r in res["rows"]}
+    formats = ("fp32", "int8-dynamic", "int8-block32", "int8-block128", "int4-block32", "int4-block128")
+    assert set(rows) == {f"{g} {f}" for g in ("traced", "fused") for f in formats}
+    assert all(r["p50"] > 0 and r["floor_ms"] > 0 and r["n"] == 2 for r in rows.values())
+    assert rows["fused fp32"]["nodes"] * 2 < rows["traced fp32"]["nodes"]
+    assert rows[f"fused {res['shipped']['int8']}"]["vs_shipped_int8"] == 1.0
+    assert rows["fused int4-block32"]["floor_ms"] < rows["fused int8-block128"]["floor_ms"] < rows["fused fp32"]["floor_ms"]

@@ -1,0 +1,156 @@
+"""Which decoder-step graph and weight format decode fastest here: one process, the variants interleaved.
+
+    python -m medblip_edge.benchmarks.decode_variants --bundle BUNDLE --out DIR
+
+From the bundle's fp32 weights (a T5-family bundle): the traced step graph and the one written with
+fused kernels, each in fp32, ONNX Runtime dynamic INT8 (per-channel, DynamicQuantizeMatMul) and
+MatMulNBits at 8 and 4 bits with blocks of 32 and 128. Rounds of each variant in turn, so that a
+busy neighbour on a shared machine slows every variant alike; p50 over all rounds, ratio to the
+shipped int8 step, and each variant's memory floor (its weight bytes; the small KV cache left out) from
+the same run's measured bandwidth.
+Writes DIR/decode_variants.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from ..export.quantize import ACCURACY_LEVEL, QUANTIZERS, BlockQuant, DynamicInt8
+from .limits import bandwidth
+from .timing import summary
+
+DECODE_PAST = 16  # cached tokens before the timed step: the bench's mean past over its 16 decode steps
+SRC = 45  # encoder tokens: a short prompt + 32 visual tokens
+
+
+def _formats() -> dict:
+    """name -> (quantizer or None for fp32, bytes per weight)."""
+    out = {"fp32": (None, 4.0), "int8-dynamic": (DynamicInt8(), 1.0)}
+    for bits, block in ((8, 32), (8, 128), (4, 32), (4, 128)):
+        q = BlockQuant(bits, block)
+        out[f"int{bits}-block{block}"] = (q, q.bytes_per_weight)
+    return out
+
+
+def _graphs(bundle_path: Path, work: Path) -> dict[str, Path]:
+    """{"traced": fp32 step graph, "fused": fp32 step graph} from the bundle's weights."""
+    from ..export.llm_graphs import LLM_GRAPHS
+    from ..model.weights import load_weights
+    from ..runtime.bundle import Bundle
+
+    bundle = Bundle.open(bundle_path)
+    model = load_weights(bundle.config, bundle.path("torch"))
+    step = next(g for g in LLM_GRAPHS[bundle.config.variant](model.llm, model.d_llm, model.cfg.qformer.num_query)
+                if g.name.endswith("_step"))
+    out = {}
+    for kind, fused in (("traced", False), ("fused", True)):
+        (work / kind).mkdir()
+        out[kind] = step.export(work / kind / "step.onnx", fused)[0]
+    return out
+
+
+def _feeds(session, rng) -> dict:
+    """Random inputs for a T5 step graph: one token, DECODE_PAST cached tokens, SRC encoder tokens."""
+    feeds = {}
+    for i in session.get_inputs():
+        if i.name == "decoder_ids":
+            feeds[i.name] = np.array([[5]], np.int64)
+            continue
+        shape = [1 if d in ("batch",) else DECODE_PAST if d == "past" else SRC if d == "src" else d for d in i.shape]
+        feeds[i.name] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
+def time_interleaved(sessions: dict, rounds: int, per_round: int) -> dict[str, list[float]]:
+    rng = np.random.default_rng(0)
+    feeds = {k: _feeds(s, rng) for k, s in sessions.items()}
+    ms: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(rounds):
+        for k, s in sessions.items():
+            for _ in range(3):
+                s.run(None, feeds[k])
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                s.run(None, feeds[k])
+                ms[k].append((time.perf_counter() - t0) * 1e3)
+    return ms
+
+
+@click.command()
+@click.option("--bundle", "bundle_path", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="A T5-family bundle (its fp32 weights are read; its own LLM graphs are not used).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for the JSON.")
+@click.option("--rounds", default=10, show_default=True, help="Rounds over all variants.")
+@click.option("--per-round", default=30, show_default=True, help="Timed steps per variant per round.")
+def main(bundle_path: Path, out: Path, rounds: int, per_round: int) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    from ..export.onnx_export import ort_session
+
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="medblip-variants-") as tmp:
+        work = Path(tmp)
+        click.echo("writing the traced and fused fp32 step graphs ...", err=True)
+        graphs = _graphs(bundle_path, work)
+        paths, bpw = {}, {}
+        for kind, src in graphs.items():
+            for fmt, (quantize, nbytes) in _formats().items():
+                name = f"{kind} {fmt}"
+                paths[name], bpw[name] = src, nbytes
+                if quantize is not None:
+                    paths[name] = src.with_name(f"{fmt}.onnx")
+                    click.echo(f"quantizing {name} ...", err=True)
+                    quantize(src, paths[name])
+        sessions = {k: ort_session(p) for k, p in paths.items()}
+        nodes = {k: len(onnx.load(str(p), load_external_data=False).graph.node) for k, p in paths.items()}
+        weights = _step_weights(graphs["fused"])
+        bw = bandwidth("cpu", quick=False)["bytes_per_s"]
+        click.echo(f"timing {len(sessions)} variants, {rounds} rounds x {per_round} steps ...", err=True)
+        ms = time_interleaved(sessions, rounds, per_round)
+        bw = max(bw, bandwidth("cpu", quick=False)["bytes_per_s"])
+    shipped = f"fused {_shipped_name('int8')}"
+    base = float(np.median(ms[shipped]))
+    rows = []
+    for name, samples in ms.items():
+        s = summary(samples)
+        floor_ms = 1e3 * weights * bpw[name] / bw
+        rows.append({"variant": name, "nodes": nodes[name], **{k: s[k] for k in ("p50", "p90", "min", "n")},
+                     "floor_ms": round(floor_ms, 3),
+                     "p50_over_floor": round(s["p50"] / floor_ms, 2), "vs_shipped_int8": round(s["p50"] / base, 2)})
+    result = {"bundle": str(bundle_path), "decode_past": DECODE_PAST, "src": SRC, "accuracy_level": ACCURACY_LEVEL,
+              "step_weights": weights, "bandwidth_bytes_per_s": bw, "onnxruntime": ort.__version__,
+              "shipped": {k: _shipped_name(k) for k in QUANTIZERS}, "rows": rows}
+    (out / "decode_variants.json").write_text(json.dumps(result, indent=2))
+    click.echo(f"{'variant':28s} {'nodes':>6s} {'p50 ms':>8s} {'p90 ms':>8s} {'floor ms':>9s} {'p50/floor':>9s} {'vs shipped int8':>15s}")
+    for r in rows:
+        click.echo(f"{r['variant']:28s} {r['nodes']:6d} {r['p50']:8.2f} {r['p90']:8.2f} {r['floor_ms']:9.2f} {r['p50_over_floor']:9.2f} "
+                   f"{r['vs_shipped_int8']:15.2f}")
+
+
+def _shipped_name(precision: str) -> str:
+    q = QUANTIZERS[precision].gemv
+    return f"int{q.bits}-block{q.block}" if isinstance(q, BlockQuant) else "int8-dynamic"
+
+
+def _step_weights(graph: Path) -> int:
+    """Weights one step reads: every MatMul initializer (the embedding Gather reads one row, not counted)."""
+    import onnx
+
+    model = onnx.load(str(graph), load_external_data=True)
+    inits = {t.name: t for t in model.graph.initializer}
+    total = 0
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in inits:
+            total += int(np.prod(inits[node.input[1]].dims))
+    return total
+
+
+if __name__ == "__main__":
+    main()

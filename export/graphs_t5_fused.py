@@ -1,0 +1,137 @@
+"""T5 decoder graphs written op by op with ONNX Runtime's fused kernels (fp32; quantized afterwards).
+
+Same inputs and outputs as the traced graphs in graphs_t5.py (one cache tensor per layer, so no
+slicing or stacking of the whole cache per token), a third of the nodes. Per decoder layer:
+
+  SkipSimplifiedLayerNormalization   residual add + T5 RMSNorm in one kernel
+  MatMul [d, 3*inner] -> Split        q, k, v in one weight read
+  MultiHeadAttention                 past K/V in, present K/V out, relative-position bias, scale 1
+  MatMul o
+  SkipSimplifiedLayerNormalization
+  MatMul q -> MultiHeadAttention     cross-attention over the cached encoder K/V (BNSH)
+  MatMul o
+  SkipSimplifiedLayerNormalization
+  MatMul [d, 2*ff] -> Split -> act(gate) * up -> MatMul wo      (gated FFN; plain FFN: one MatMul)
+
+The relative-position bias is a [distance, head] table computed from the module's own bucketing
+(decoder buckets are unidirectional and saturate at max_distance), gathered once per call.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .graphs_t5 import layer_names
+from .onnx_builder import MS_DOMAIN, GraphWriter
+
+_ACT = {"gelu": ("Gelu", {}), "gelu_new": ("Gelu", {"approximate": "tanh"}),
+        "gelu_pytorch_tanh": ("Gelu", {"approximate": "tanh"}), "relu": ("Relu", {})}
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().cpu().numpy()
+
+
+def _linear(w: GraphWriter, x: str, name: str, *layers) -> str:
+    """x @ [W_1; W_2; ...]^T: nn.Linear weights [out, in] packed along `out`, one MatMul."""
+    return w.op("MatMul", [x, w.weight(name, np.concatenate([_np(m.weight) for m in layers], 0).T)])
+
+
+def position_table(t5) -> np.ndarray:
+    """[max_distance + 1, H]: bias of a key `d` positions before the query (d >= max_distance saturates)."""
+    att = t5.decoder.block[0].layer[0].SelfAttention
+    dist = torch.arange(att.relative_attention_max_distance + 1)
+    kw = {"bidirectional": False, "num_buckets": att.relative_attention_num_buckets,
+          "max_distance": att.relative_attention_max_distance}
+    buckets = att._relative_position_bucket(-dist, **kw)
+    far = att._relative_position_bucket(-torch.tensor([dist[-1] * 2, dist[-1] * 64]), **kw)
+    assert bool((far == buckets[-1]).all()), "relative-position buckets do not saturate at max_distance"
+    return _np(att.relative_attention_bias.weight[buckets])
+
+
+class T5DecoderWriter:
+    def __init__(self, t5):
+        self.t5, self.cfg = t5, t5.config
+        self.layers = len(t5.decoder.block)
+        self.heads, self.dk = self.cfg.num_heads, self.cfg.d_kv
+        act = self.cfg.dense_act_fn
+        if act not in _ACT:
+            raise ValueError(f"T5 activation {act!r} has no fused graph; known: {', '.join(_ACT)}")
+        self.act = _ACT[act]
+
+    # -- pieces -----------------------------------------------------------------
+
+    def _bias(self, w: GraphWriter, ids: str, past: str | None) -> str:
+        """[1,H,T,P+T] relative-position bias + causal mask for queries at positions P..P+T-1."""
+        t = w.op("Gather", [w.op("Shape", [ids]), w.const(1)], axis=0)
+        p = w.op("Gather", [w.op("Shape", [past]), w.const(2)], axis=0) if past else w.const(0)
+        end = w.op("Add", [p, t])
+        q_pos = w.op("Range", [p, end, w.const(1)])
+        k_pos = w.op("Range", [w.const(0), end, w.const(1)])
+        dist = w.op("Sub", [w.op("Unsqueeze", [q_pos, w.const([1])]), w.op("Unsqueeze", [k_pos, w.const([0])])])
+        table = w.weight("position_table", position_table(self.t5))
+        far = self.t5.decoder.block[0].layer[0].SelfAttention.relative_attention_max_distance
+        idx = w.op("Clip", [dist, w.const(0), w.const(far)])
+        bias = w.op("Transpose", [w.op("Gather", [table, idx], axis=0)], perm=[2, 0, 1])  # [H,T,K]
+        masked = w.op("Where", [w.op("Less", [dist, w.const(0)]), w.const(np.finfo(np.float32).min, "float32"),
+                                w.const(0.0, "float32")])
+        return w.op("Unsqueeze", [w.op("Add", [bias, masked]), w.const([0])])
+
+    def _norm(self, w: GraphWriter, x: str, delta: str | None, ln, scale: float = 1.0, name: str = "") -> tuple:
+        """-> (RMSNorm(x + delta) * weight, x + delta); delta None: the norm of x alone."""
+        gamma = w.weight(f"{name}.weight", _np(ln.weight) * scale)
+        eps = float(ln.variance_epsilon)
+        if delta is None:
+            return w.op("SimplifiedLayerNormalization", [x, gamma], epsilon=eps, axis=-1, stash_type=1), x
+        normed, _, _, total = w.op_outputs("SkipSimplifiedLayerNormalization", [x, delta, gamma],
+                                           [True, False, False, True], domain=MS_DOMAIN, epsilon=eps)
+        return normed, total
+
+    def _ffn(self, w: GraphWriter, h: str, ff, name: str) -> str:
+        op, attrs = self.act
+        if hasattr(ff, "wi_0"):  # gated: act(h W0) * (h W1)
+            gate, up = w.op("Split", [_linear(w, h, f"{name}.wi", ff.wi_0, ff.wi_1)], n_out=2, axis=-1,
+                            num_outputs=2)
+            h = w.op("Mul", [w.op(op, [gate], **attrs), up])
+        else:
+            h = w.op(op, [_linear(w, h, f"{name}.wi", ff.wi)], **attrs)
+        return _linear(w, h, f"{name}.wo", ff.wo)
+
+    # -- graphs -----------------------------------------------------------------
+
+    def write(self, path: Path, with_past: bool) -> list[Path]:
+        L, H, dk = self.layers, self.heads, self.dk
+        w = GraphWriter("t5_decoder_step" if with_past else "t5_decoder_prefill")
+        ids = w.input("decoder_ids", "int64", ["batch", "seq"] if not with_past else ["batch", 1])
+        kv = {n: [w.input(f"{n}_{i}", "float32", ["batch", H, axis, dk]) for i in range(L)]
+              for n, axis in (("past_k", "past"), ("past_v", "past"), ("cross_k", "src"), ("cross_v", "src"))
+              if with_past or n.startswith("cross")}
+        x = w.op("Gather", [w.weight("embed_tokens", _np(self.t5.decoder.embed_tokens.weight)), ids], axis=0)
+        bias = self._bias(w, ids, kv["past_k"][0] if with_past else None)
+        delta = None
+        for i, blk in enumerate(self.t5.decoder.block):
+            sa, ca, ff = blk.layer[0], blk.layer[1], blk.layer[2]
+            h, x = self._norm(w, x, delta, sa.layer_norm, name=f"l{i}.sa_norm")
+            att = sa.SelfAttention
+            q, k, v = w.op("Split", [_linear(w, h, f"l{i}.qkv", att.q, att.k, att.v)], n_out=3, axis=-1,
+                           num_outputs=3)
+            cache = [kv["past_k"][i], kv["past_v"][i]] if with_past else ["", ""]
+            y, _, _ = w.op("MultiHeadAttention", [q, k, v, "", "", bias, *cache], domain=MS_DOMAIN, num_heads=H,
+                           scale=1.0, names=[f"l{i}.self_attention", f"present_k_{i}", f"present_v_{i}"])
+            h, x = self._norm(w, x, _linear(w, y, f"l{i}.sa_o", att.o), ca.layer_norm, name=f"l{i}.ca_norm")
+            att = ca.EncDecAttention
+            y = w.op("MultiHeadAttention", [_linear(w, h, f"l{i}.ca_q", att.q), kv["cross_k"][i], kv["cross_v"][i]],
+                     domain=MS_DOMAIN, num_heads=H, scale=1.0)
+            h, x = self._norm(w, x, _linear(w, y, f"l{i}.ca_o", att.o), ff.layer_norm, name=f"l{i}.ff_norm")
+            delta = self._ffn(w, h, ff.DenseReluDense, f"l{i}.ff")
+        scale = self.cfg.d_model ** -0.5 if getattr(self.cfg, "scale_decoder_outputs", False) else 1.0
+        h, _ = self._norm(w, x, delta, self.t5.decoder.final_layer_norm, scale=scale, name="final_norm")
+        w.op("MatMul", [h, w.weight("lm_head", _np(self.t5.lm_head.weight).T)], names=["logits"])
+        w.output("logits", "logits", "float32", ["batch", "seq" if not with_past else 1, self.cfg.vocab_size])
+        total = "seq" if not with_past else "past_plus_1"
+        for name in layer_names(("present_k", "present_v"), L):
+            w.output(name, name, "float32", ["batch", H, total, dk])
+        return w.save(path)

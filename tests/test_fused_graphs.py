@@ -1,0 +1,108 @@
+"""The T5 decoder graphs written with ONNX Runtime's fused kernels compute what the traced graphs compute."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from medblip_edge.export.graphs_t5 import T5DecoderPrefillGraph, T5DecoderStepGraph
+from medblip_edge.export.graphs_t5_fused import T5DecoderWriter
+from medblip_edge.export.onnx_export import ort_session
+from medblip_edge.export.quantize import QUANTIZERS
+from medblip_edge.model.config import preset
+from medblip_edge.model.llm import family
+
+# (name, config overrides): the presets' FLAN-T5 layout, original T5's plain (ungated) FFN with a tied
+# (scaled) head, and FLAN-T5's own tanh GELU
+VARIANTS = [("flan-gated-gelu", {}),
+            ("t5-plain-ffn-tied", {"feed_forward_proj": "relu", "tie_word_embeddings": True}),
+            ("gated-gelu-tanh", {"dense_act_fn": "gelu_new"})]
+
+
+def _t5(overrides: dict, seed: int = 0):
+    cfg = dict(preset("tiny").llm, vocab_size=97, **overrides)
+    torch.manual_seed(seed)
+    model = family("t5").build(cfg)
+    if "dense_act_fn" in overrides:  # build() applies MedBLIP's exact-GELU override; undo it for this case
+        from transformers.activations import ACT2FN
+
+        model.config.dense_act_fn = overrides["dense_act_fn"]
+        for blk in model.decoder.block:
+            blk.layer[2].DenseReluDense.act = ACT2FN[overrides["dense_act_fn"]]
+    with torch.no_grad():  # rel-pos bias and norms away from their init values, so a mix-up shows
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def _kv(rng, t5, batch: int, length: int) -> np.ndarray:
+    c = t5.config
+    return rng.standard_normal((c.num_decoder_layers, batch, c.num_heads, length, c.d_kv), np.float32)
+
+
+def _feeds(**stacked) -> dict:
+    """{"past_k": [L,B,H,P,dk], ...} -> {"past_k_0": [B,H,P,dk], ...}: the graphs' per-layer inputs."""
+    return {f"{name}_{i}": layer for name, t in stacked.items() for i, layer in enumerate(t)}
+
+
+def _max_err(ort_out, torch_out) -> float:
+    """Fused outputs [logits, present_k_0.., present_v_0..] vs traced (logits, k [L,..], v [L,..])."""
+    logits, k, v = (t.numpy() for t in torch_out)
+    layers = len(k)
+    got_k, got_v = np.stack(ort_out[1:1 + layers]), np.stack(ort_out[1 + layers:])
+    return max(float(np.abs(a - b).max()) for a, b in ((ort_out[0], logits), (got_k, k), (got_v, v)))
+
+
+@pytest.mark.parametrize("name,overrides", VARIANTS, ids=[v[0] for v in VARIANTS])
+def test_fused_decoder_graphs_match_traced_modules(tmp_path, name, overrides):
+    t5 = _t5(overrides)
+    writer = T5DecoderWriter(t5)
+    writer.write(tmp_path / "prefill.onnx", with_past=False)
+    writer.write(tmp_path / "step.onnx", with_past=True)
+    prefill, step = ort_session(tmp_path / "prefill.onnx"), ort_session(tmp_path / "step.onnx")
+    rng = np.random.default_rng(1)
+    ck, cv = _kv(rng, t5, 2, 9), _kv(rng, t5, 2, 9)
+    ids = rng.integers(0, 97, (2, 5)).astype(np.int64)
+    with torch.no_grad():
+        want = T5DecoderPrefillGraph(t5)(*map(torch.from_numpy, (ids, ck, cv)))
+    got = prefill.run(None, {"decoder_ids": ids, **_feeds(cross_k=ck, cross_v=cv)})
+    assert _max_err(got, want) < 1e-4, name
+    # one step after short and long pasts: 140 > max_distance 128 exercises the saturated distances
+    for past in (3, 140):
+        pk, pv = _kv(rng, t5, 2, past), _kv(rng, t5, 2, past)
+        nxt = rng.integers(0, 97, (2, 1)).astype(np.int64)
+        with torch.no_grad():
+            want = T5DecoderStepGraph(t5)(*map(torch.from_numpy, (nxt, pk, pv, ck, cv)))
+        got = step.run(None, {"decoder_ids": nxt, **_feeds(past_k=pk, past_v=pv, cross_k=ck, cross_v=cv)})
+        assert got[1].shape == (2, 2, past + 1, 32)
+        assert _max_err(got, want) < 1e-4, (name, past)
+
+
+def test_fused_step_is_a_few_kernels_per_layer(tmp_path):
+    """Per layer: 3 norms, 6 matmuls, 2 attention kernels, 2 Splits, act and Mul; no cache copies."""
+    t5 = _t5({})
+    T5DecoderWriter(t5).write(tmp_path / "step.onnx", with_past=True)
+    ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "step.onnx")).graph.node)
+    layers = t5.config.num_decoder_layers
+    assert ops["MultiHeadAttention"] == 2 * layers
+    assert ops["SkipSimplifiedLayerNormalization"] == 3 * layers  # layer 0's first norm has no residual
+    assert ops["MatMul"] == 6 * layers + 1
+    assert sum(ops.values()) <= 15 * layers + 20, ops  # + embedding, position bias, final norm, head
+    assert ops["Concat"] == 0 and ops["Gather"] <= 4, ops  # no per-layer cache slicing or stacking
+    for name, quant in QUANTIZERS.items():  # every weight MatMul, the LM head included, is quantized
+        dst = tmp_path / f"{name}.onnx"
+        quant.for_graph(decode=True)(tmp_path / "step.onnx", dst)
+        nodes = onnx.load(str(dst)).graph.node
+        bits = {a.i for n in nodes if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
+        assert Counter(n.op_type for n in nodes)["MatMulNBits"] == 6 * layers + 1
+        assert bits == {quant.gemv.bits} and "MatMul" not in {n.op_type for n in nodes}
+
+
+def test_unknown_activation_is_refused():
+    t5 = _t5({})
+    t5.config.dense_act_fn = "silu"
+    with pytest.raises(ValueError, match="silu"):
+        T5DecoderWriter(t5)
