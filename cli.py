@@ -92,9 +92,12 @@ def export_main(checkpoint, llm_dir, preset, out, precision, llm_quant, trt, no_
               help="Per-scan limit in seconds for reading + preprocessing; a scan over it gets an error row.")
 @click.option("--workers", type=int, default=2, show_default=True, help="Scans read and preprocessed ahead, in parallel.")
 @click.option("--include-paths", is_flag=True, help="Report full scan paths (default: file name and SHA-256 only).")
+@click.option("--rebuild-trt", is_flag=True, help="If the bundle's TensorRT engine was built for another GPU or "
+              "TensorRT version (or it has none), build one here from its fp16 vision graph, cached in "
+              "$MEDBLIP_TRT_CACHE or ~/.cache/medblip-edge/trt (minutes, once). Without it: fall back to ONNX Runtime.")
 @one_line_errors
 def infer_main(scans, bundle_dir, backend, device, precision, patient_text, question, out_path, resume,
-               timeout_s, workers, include_paths):
+               timeout_s, workers, include_paths, rebuild_trt):
     """Diagnose NIfTI scans with a bundle: one JSON object per scan (JSON Lines).
 
     SCANS are NIfTI files, folders of them, or a CSV with columns scan,patient_text.
@@ -107,7 +110,7 @@ def infer_main(scans, bundle_dir, backend, device, precision, patient_text, ques
     failed = run_infer(InferOptions(
         scans=list(scans), bundle=bundle_dir, backend=backend, device=device, precision=precision,
         patient_text=patient_text, question=question, out=out_path, resume=resume, timeout_s=timeout_s,
-        workers=workers, include_paths=include_paths))
+        workers=workers, include_paths=include_paths, rebuild_trt=rebuild_trt))
     sys.exit(1 if failed else 0)
 
 

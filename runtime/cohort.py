@@ -92,6 +92,7 @@ class InferOptions:
     timeout_s: float = 300.0
     workers: int = 2
     include_paths: bool = False
+    rebuild_trt: bool = False
 
 
 # ------------------------------------------------------------------ progress
@@ -152,8 +153,9 @@ def run_infer(opts: InferOptions) -> int:
     items = expand_scans(opts.scans, opts.include_paths)
 
     pipe = _pipeline.Pipeline.from_bundle(opts.bundle, backend=opts.backend, device=opts.device,
-                                          precision=opts.precision)
-    print(f"backend: vision={pipe.chosen['vision']} llm={pipe.chosen['llm']}", file=sys.stderr, flush=True)
+                                          precision=opts.precision, rebuild_trt=opts.rebuild_trt)
+    why = f" ({pipe.chosen['why']})" if pipe.chosen.get("why") else ""  # e.g. why TensorRT was passed over
+    print(f"backend: vision={pipe.chosen['vision']} llm={pipe.chosen['llm']}{why}", file=sys.stderr, flush=True)
 
     # -- the sink, and what --resume finds there
     old_rows: list[OldRow] = []

@@ -32,14 +32,28 @@ def _ort_llm(bundle: Bundle, device: str, threads=None):
                                            int(llm_cfg.get("decoder_start_token_id") or 0))
 
 
-def _trt_vision(bundle: Bundle, device: str):
-    from .vision_trt import TrtVision
+def _trt_vision(bundle: Bundle, rebuild: bool):
+    """The bundle's engine; with `rebuild`, one built for this machine when the bundle's cannot run here."""
+    from .trt_rebuild import engine_for_here
+    from .vision_trt import EngineMismatch, TrtVision
 
-    return TrtVision.from_bundle(bundle)
+    try:
+        if not bundle.has("vision_trt"):
+            raise EngineMismatch(f"bundle {bundle.root.name} has no TensorRT engine (export with --trt)")
+        return TrtVision.from_bundle(bundle)
+    except EngineMismatch:
+        if not rebuild:
+            raise
+    return TrtVision(*engine_for_here(bundle))
 
 
-def make_backends(bundle: Bundle, backend: str, device: str, precision: str | None, threads: int | None = None):
-    """-> (vision, llm, {"vision": name, "llm": name})."""
+def make_backends(bundle: Bundle, backend: str, device: str, precision: str | None, threads: int | None = None,
+                  rebuild_trt: bool = False):
+    """-> (vision, llm, {"vision": name, "llm": name}).
+
+    rebuild_trt: when the bundle's TensorRT engine was built for another GPU or TensorRT version (or the
+    bundle has none), build one for this machine from its fp16 vision graph (see trt_rebuild).
+    """
     if backend not in BACKENDS:
         raise MedblipError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}", code="usage")
     if precision is not None and backend not in ("torch", "auto"):
@@ -56,11 +70,9 @@ def make_backends(bundle: Bundle, backend: str, device: str, precision: str | No
         return vision, llm, {"vision": "torch", "llm": "torch", "why": "bundle has no ONNX graphs"}
     llm = _ort_llm(bundle, device, threads)
     why = None
-    if backend == "trt" or (backend == "auto" and bundle.has("vision_trt")):
+    if backend == "trt" or (backend == "auto" and (bundle.has("vision_trt") or rebuild_trt)):
         try:
-            if not bundle.has("vision_trt"):
-                raise BackendUnavailable(f"bundle {bundle.root.name} has no TensorRT engine (export with --trt)")
-            return _trt_vision(bundle, device), llm, {"vision": "trt", "llm": "ort"}
+            return _trt_vision(bundle, rebuild_trt), llm, {"vision": "trt", "llm": "ort"}
         except BackendUnavailable as e:
             if backend == "trt":
                 raise

@@ -48,10 +48,14 @@ class Pipeline:
 
     @classmethod
     def from_bundle(cls, path, backend: str = "auto", device: str = "cpu", precision: str | None = None,
-                    verify: bool = True, threads: int | None = None) -> "Pipeline":
-        """Open + verify a bundle and pick backends (`auto`: TensorRT > ONNX Runtime > PyTorch, as available)."""
+                    verify: bool = True, threads: int | None = None, rebuild_trt: bool = False) -> "Pipeline":
+        """Open + verify a bundle and pick backends (`auto`: TensorRT > ONNX Runtime > PyTorch, as available).
+
+        rebuild_trt: if the bundle's TensorRT engine cannot run here (another GPU or TensorRT version, or
+        none shipped), build one for this machine into a cache folder instead of falling back.
+        """
         bundle = Bundle.open(path, verify=verify)
-        vision, llm, chosen = make_backends(bundle, backend, device, precision, threads)
+        vision, llm, chosen = make_backends(bundle, backend, device, precision, threads, rebuild_trt)
         return cls(bundle, vision, llm, chosen)
 
     # -- stages ---------------------------------------------------------------

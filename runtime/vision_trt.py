@@ -13,6 +13,10 @@ from .vision_base import VisionBackend
 ARTIFACT = "vision_trt"  # manifest entry: files.main = the engine; precision, profile and engine_key() fields
 
 
+class EngineMismatch(BackendUnavailable):
+    """The engine was built for another GPU architecture or TensorRT version (`--rebuild-trt` builds one here)."""
+
+
 def _describe(key: dict) -> str:
     return f"{key.get('gpu')} (sm {key.get('compute_capability')}) / TensorRT {key.get('tensorrt')}"
 
@@ -38,8 +42,8 @@ class TrtVision(VisionBackend):
             raise BundleError(f"{ARTIFACT} manifest entry lacks {e.args[0]!r}", code="bad_manifest")
         here = engine_key()
         if built != here:  # a plan only runs on the GPU arch and TensorRT version it was built for
-            raise BackendUnavailable(f"engine built for {_describe(built)}, this is {_describe(here)}; "
-                                     f"rebuild the TensorRT engine on this machine")
+            raise EngineMismatch(f"engine built for {_describe(built)}, this is {_describe(here)}; "
+                                 f"--rebuild-trt builds one for this machine")
         import tensorrt as trt
 
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))

@@ -5,12 +5,16 @@ Tests marked `tensorrt` need TensorRT and a CUDA GPU and skip with the reason ot
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 from dataclasses import replace
 
 import pytest
 import torch
 
+from bundles import tiny_onnx_bundle
 from medblip_edge.errors import BackendUnavailable
 from medblip_edge.export.trt_engine import build_engine, engine_key, trt_available
 from medblip_edge.runtime.vision_trt import TrtVision
@@ -114,3 +118,46 @@ def test_timing_cache_is_written_and_reused(built, tmp_path):
     assert again["timing_cache"] == "reused" and (tmp_path / "again.engine").stat().st_size > 0
     assert cache.stat().st_size > 0
 
+
+
+def test_rebuild_request_without_tensorrt_falls_back_or_fails_in_one_line(mni_path, infer_cmd, tmp_path):
+    """`--rebuild-trt` where TensorRT cannot run: auto says why and runs on ONNX Runtime; trt is an error."""
+    if REASON is None:
+        pytest.skip("TensorRT is usable here: the rebuild itself is tested below")
+    b = tiny_onnx_bundle("tiny", "int4")
+    env = {**os.environ, "MEDBLIP_TRT_CACHE": str(tmp_path / "cache")}
+    auto = subprocess.run([*infer_cmd, str(mni_path), "--bundle", str(b), "--rebuild-trt"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert auto.returncode == 0, auto.stderr[-2000:]
+    assert f"backend: vision=ort llm=ort (TensorRT engine not usable here: cannot rebuild the TensorRT engine: " \
+           f"{REASON})" in auto.stderr
+    assert json.loads(auto.stdout.strip().splitlines()[-1])["backend"]["vision"] == "ort"
+    trt = subprocess.run([*infer_cmd, str(mni_path), "--bundle", str(b), "--backend", "trt", "--rebuild-trt"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert trt.returncode != 0 and "Traceback" not in trt.stderr
+    assert f"cannot rebuild the TensorRT engine: {REASON}" in trt.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "cache").exists()
+
+
+@needs_trt
+def test_engine_from_another_machine_is_rebuilt_once_and_cached(tmp_path, monkeypatch):
+    from medblip_edge.export.run import ExportOptions, export_bundle
+    from medblip_edge.runtime.pipeline import Pipeline
+
+    bundle = tmp_path / "bundle"
+    export_bundle(ExportOptions(out=bundle, preset="tiny", llm_quant="none", trt=True, max_batch=2), quiet=True)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["artifacts"]["vision_trt"].update(gpu="NVIDIA H100 80GB HBM3", tensorrt="0.0.0")  # "built elsewhere"
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setenv("MEDBLIP_TRT_CACHE", str(tmp_path / "cache"))
+    fallback = Pipeline.from_bundle(bundle)
+    assert fallback.chosen["vision"] == "ort" and "engine built for NVIDIA H100" in fallback.chosen["why"]
+    rebuilt = Pipeline.from_bundle(bundle, rebuild_trt=True)
+    assert rebuilt.chosen["vision"] == "trt"
+    (engine,) = (tmp_path / "cache").glob("*/vision_fp16.engine")
+    stamp = engine.stat().st_mtime_ns
+    again = Pipeline.from_bundle(bundle, backend="trt", rebuild_trt=True)  # from the cache, not rebuilt
+    assert again.chosen["vision"] == "trt" and engine.stat().st_mtime_ns == stamp
+    vols = torch.rand(2, 1, S, S, S)
+    got, want = again.visual_tokens(vols), fallback.visual_tokens(vols)
+    assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.999
