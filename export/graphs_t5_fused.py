@@ -73,9 +73,9 @@ class T5DecoderWriter:
         q_pos = w.op("Range", [p, end, w.const(1)])
         k_pos = w.op("Range", [w.const(0), end, w.const(1)])
         dist = w.op("Sub", [w.op("Unsqueeze", [q_pos, w.const([1])]), w.op("Unsqueeze", [k_pos, w.const([0])])])
-        table = w.weight("position_table", position_table(self.t5))
-        far = self.t5.decoder.block[0].layer[0].SelfAttention.relative_attention_max_distance
-        idx = w.op("Clip", [dist, w.const(0), w.const(far)])
+        rows = position_table(self.t5)
+        table = w.weight("position_table", rows)
+        idx = w.op("Clip", [dist, w.const(0), w.const(len(rows) - 1)])  # distances past the table saturate
         bias = w.op("Transpose", [w.op("Gather", [table, idx], axis=0)], perm=[2, 0, 1])  # [H,T,K]
         masked = w.op("Where", [w.op("Less", [dist, w.const(0)]), w.const(np.finfo(np.float32).min, "float32"),
                                 w.const(0.0, "float32")])
@@ -87,8 +87,8 @@ class T5DecoderWriter:
         eps = float(ln.variance_epsilon)
         if delta is None:
             return w.op("SimplifiedLayerNormalization", [x, gamma], epsilon=eps, axis=-1, stash_type=1), x
-        normed, _, _, total = w.op_outputs("SkipSimplifiedLayerNormalization", [x, delta, gamma],
-                                           [True, False, False, True], domain=MS_DOMAIN, epsilon=eps)
+        normed, _, _, total = w.op("SkipSimplifiedLayerNormalization", [x, delta, gamma], n_out=4, unused=(1, 2),
+                                   domain=MS_DOMAIN, epsilon=eps)
         return normed, total
 
     def _ffn(self, w: GraphWriter, h: str, ff, name: str) -> str:
@@ -131,8 +131,8 @@ class T5DecoderWriter:
         scale = self.cfg.d_model ** -0.5 if getattr(self.cfg, "scale_decoder_outputs", False) else 1.0
         h, _ = self._norm(w, x, delta, self.t5.decoder.final_layer_norm, scale=scale, name="final_norm")
         w.op("MatMul", [h, w.weight("lm_head", _np(self.t5.lm_head.weight).T)], names=["logits"])
-        w.output("logits", "logits", "float32", ["batch", "seq" if not with_past else 1, self.cfg.vocab_size])
+        w.output("logits", "float32", ["batch", "seq" if not with_past else 1, self.cfg.vocab_size])
         total = "seq" if not with_past else "past_plus_1"
         for name in layer_names(("present_k", "present_v"), L):
-            w.output(name, name, "float32", ["batch", H, total, dk])
+            w.output(name, "float32", ["batch", H, total, dk])
         return w.save(path)

@@ -15,7 +15,7 @@ from .onnx_export import EXTERNAL_DATA_BYTES, OPSET
 
 MS_DOMAIN = "com.microsoft"
 IR_VERSION = 10  # ONNX Runtime 1.2x reads IR <= 10/11; the onnx package would stamp a newer one
-DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int64": TensorProto.INT64}
+DTYPES = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64}
 
 
 class GraphWriter:
@@ -32,10 +32,8 @@ class GraphWriter:
         self.inputs.append(helper.make_tensor_value_info(name, DTYPES[dtype], shape))
         return name
 
-    def output(self, value: str, name: str, dtype: str, shape: list) -> None:
-        """Expose `value` as graph output `name` (an Identity when the names differ)."""
-        if value != name:
-            self.nodes.append(helper.make_node("Identity", [value], [name], name=f"out_{name}"))
+    def output(self, name: str, dtype: str, shape: list) -> None:
+        """Declare graph output `name`: a value some node made under that name (op(..., names=[...]))."""
         self.outputs.append(helper.make_tensor_value_info(name, DTYPES[dtype], shape))
 
     def weight(self, name: str, array: np.ndarray) -> str:
@@ -51,23 +49,16 @@ class GraphWriter:
         return self._const[key]
 
     def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", names: list[str] | None = None,
-           **attrs):
-        """Append one node; returns its output name (or a list of names when n_out > 1).
+           unused: tuple[int, ...] = (), **attrs):
+        """Append one node; returns its output name (or a list of names when it has several).
 
-        names: the outputs' names (graph outputs are named where they are made, not copied by an Identity)."""
+        names: the outputs' names (graph outputs are named where they are made, not copied by an Identity);
+        unused: positions of optional outputs not wanted (left unnamed, so the kernel skips them)."""
         self._count += 1
         tag = f"{op_type.lower()}_{self._count}"
-        outs = names or [f"{tag}_out{i}" for i in range(n_out)]
+        outs = names or ["" if i in unused else f"{tag}_out{i}" for i in range(n_out)]
         self.nodes.append(helper.make_node(op_type, inputs, outs, name=tag, domain=domain or None, **attrs))
         return outs[0] if len(outs) == 1 else outs
-
-    def op_outputs(self, op_type: str, inputs: list[str], used: list[bool], domain: str = "", **attrs) -> list:
-        """Like `op`, for kernels with optional outputs: positions marked unused get an empty name."""
-        self._count += 1
-        tag = f"{op_type.lower()}_{self._count}"
-        outs = [f"{tag}_out{i}" if u else "" for i, u in enumerate(used)]
-        self.nodes.append(helper.make_node(op_type, inputs, outs, name=tag, domain=domain or None, **attrs))
-        return outs
 
     def model(self) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.inits)

@@ -83,44 +83,43 @@ class VisionOnnxStep:
 class LlmOnnxStep:
     def __init__(self, quant: str):
         self.quant = quant
-        self.decode: set[str] = set()  # names of the per-token decode graphs (gemv), set by _export
-        self.formats: dict[str, str] = {}  # graph name -> weight format, for the manifest
         self.title = f"LLM graphs -> ONNX ({'fp32' if quant == 'none' else quant}), greedy tokens checked"
 
     def run(self, ctx) -> str | None:
         model, ref, work = ctx["model"], ctx["ref"], ctx["work"]
-        fp32_files = self._export(model.llm, model, work / "llm_fp32")
+        fp32_files, decode = self._export(model.llm, model, work / "llm_fp32")
         fp32 = self._backend(ctx, fp32_files, "fp32")
         parity = {"greedy_tokens_identical": ref.greedy_match(fp32), **ref.compare(fp32)}
         if not parity["greedy_tokens_identical"] or parity["max_abs_prob_diff"] > LLM_FP32_PROB_TOL:
             raise MedblipError(f"fp32 LLM ONNX disagrees with PyTorch: {parity}", code="parity_failed")
         if self.quant == "none":
             return self._ship(ctx, fp32_files, "fp32", parity)
+        formats = {}
         if self.quant == "fp16":
             half = model.family.to_half(copy.deepcopy(model.llm), torch.float16)
-            shipped = self._export(half, model, work / "llm_fp16", fused=False)
+            shipped, _ = self._export(half, model, work / "llm_fp16", fused=False)
         else:
-            quant = QUANTIZERS[self.quant]
-            shipped = {name: self._quantize(files, work / f"llm_{self.quant}", quant.for_graph(name in self.decode))
+            formats = {name: QUANTIZERS[self.quant].for_graph(name in decode) for name in fp32_files}
+            shipped = {name: self._quantize(files, work / f"llm_{self.quant}", formats[name])
                        for name, files in fp32_files.items()}
-            self.formats = {name: quant.for_graph(name in self.decode).describe() for name in shipped}
         try:
             low = self._backend(ctx, shipped, self.quant)
             result = {**ref.compare(low), "greedy_tokens_identical": ref.greedy_match(low)}
         except Exception as e:  # e.g. fp16 kernels missing on the CPU provider: the GPU run measures it
             result = {"checked": False, "reason": str(e).splitlines()[0][:160]}
-        return self._ship(ctx, shipped, self.quant, {**result, "fp32_onnx": parity})
+        return self._ship(ctx, shipped, self.quant, {**result, "fp32_onnx": parity},
+                          {name: f.describe() for name, f in formats.items()})
 
-    def _export(self, llm, model, out: Path, fused: bool = True) -> dict[str, list[Path]]:
-        """Every graph of the family -> {graph name: [file, (external data)]}.
+    @staticmethod
+    def _export(llm, model, out: Path, fused: bool = True) -> tuple[dict[str, list[Path]], set[str]]:
+        """Every graph of the family -> ({graph name: [file, (external data)]}, names of the decode graphs).
 
         fused: write the graphs that have an op-by-op fp32 version that way (the fp32 source of the
         fp32/INT8/INT4 LLMs); the fp16 LLM is traced from the half model (fp32 residual stream, fp16 matmuls).
         """
         out.mkdir()
         graphs = LLM_GRAPHS[model.cfg.variant](llm, model.d_llm, model.cfg.qformer.num_query)
-        self.decode = {g.name for g in graphs if g.decode}
-        return {g.name: g.export(out / f"{g.name}.onnx", fused) for g in graphs}
+        return {g.name: g.export(out / f"{g.name}.onnx", fused) for g in graphs}, {g.name for g in graphs if g.decode}
 
     @staticmethod
     def _quantize(files: list[Path], out: Path, quantize) -> list[Path]:
@@ -129,8 +128,11 @@ class LlmOnnxStep:
         quantize(files[0], dst)
         return [p for p in (dst, dst.with_name(dst.name + ".data")) if p.exists()]
 
-    def _ship(self, ctx, graphs: dict[str, list[Path]], precision: str, result: dict) -> str | None:
-        """Copy the graphs into the bundle and register them as one artifact with its parity figures."""
+    @staticmethod
+    def _ship(ctx, graphs: dict[str, list[Path]], precision: str, result: dict,
+              formats: dict[str, str] | None = None) -> str | None:
+        """Copy the graphs into the bundle and register them as one artifact with its parity figures
+        (and, when quantized, each graph's weight format)."""
         out_dir = ctx["writer"].path("llm/x").parent
         extra = {}
         for name, files in graphs.items():
@@ -141,7 +143,7 @@ class LlmOnnxStep:
         main = next(iter(extra.values()))
         entry = ctx["writer"].add("llm_onnx", main, extra, kind="onnx", precision=precision,
                                   family=ctx["model"].cfg.variant, graphs=list(graphs), parity=result,
-                                  **({"weight_formats": self.formats} if self.formats else {}))
+                                  **({"weight_formats": formats} if formats else {}))
         result["bytes_on_disk"] = entry["bytes"]
         if result.get("label_agreement", 1.0) < 1.0:
             return f"{precision} LLM: label agreement {result['label_agreement']:.2f} on the evaluation set"

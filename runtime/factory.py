@@ -37,13 +37,14 @@ def _trt_vision(bundle: Bundle, rebuild: bool):
     from .trt_rebuild import engine_for_here
     from .vision_trt import EngineMismatch, TrtVision
 
-    try:
-        if not bundle.has("vision_trt"):
-            raise EngineMismatch(f"bundle {bundle.root.name} has no TensorRT engine (export with --trt)")
-        return TrtVision.from_bundle(bundle)
-    except EngineMismatch:
-        if not rebuild:
-            raise
+    if bundle.has("vision_trt"):
+        try:
+            return TrtVision.from_bundle(bundle)
+        except EngineMismatch:
+            if not rebuild:
+                raise
+    elif not rebuild:
+        raise BackendUnavailable(f"bundle {bundle.root.name} has no TensorRT engine (export with --trt)")
     return TrtVision(*engine_for_here(bundle))
 
 

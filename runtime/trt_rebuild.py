@@ -47,8 +47,8 @@ def engine_for_here(bundle) -> tuple[Path, dict]:
     if not bundle.has(SOURCE):
         raise BackendUnavailable(f"bundle {bundle.root.name} has no fp16 vision graph to build an engine from "
                                  "(export it with --trt or --precision fp16)")
-    key = engine_key()
-    tag = hashlib.sha256(json.dumps({"graph": _graph_digest(bundle), **key}, sort_keys=True).encode()).hexdigest()
+    key, graph = engine_key(), _graph_digest(bundle)
+    tag = hashlib.sha256(json.dumps({"graph": graph, **key}, sort_keys=True).encode()).hexdigest()
     folder = cache_root() / tag[:24]
     engine, meta_path = folder / "vision_fp16.engine", folder / "engine.json"
     if engine.is_file() and meta_path.is_file():
@@ -60,7 +60,7 @@ def engine_for_here(bundle) -> tuple[Path, dict]:
           f"(batch {profile['min']}..{profile['max']}; this takes minutes, later runs reuse it)", file=sys.stderr)
     meta = build_engine(bundle.path(SOURCE), engine, min_batch=profile["min"], opt_batch=profile["opt"],
                         max_batch=profile["max"], timing_cache_path=folder / "timing.cache")
-    meta = {**meta, "precision": "fp16", "graph_sha256": _graph_digest(bundle)}
+    meta = {**meta, "precision": "fp16", "graph_sha256": graph}
     tmp = meta_path.with_name(".engine.json.partial")
     tmp.write_text(json.dumps(meta, indent=1))
     os.replace(tmp, meta_path)  # written last: an engine without its metadata is rebuilt, never trusted
