@@ -43,7 +43,7 @@ def one_line_errors(fn):
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="Precision of the vision graph (fp16: for GPU execution).")
 @click.option("--llm-quant", type=click.Choice(["none", "int8", "int4", "fp16"]), default="none", show_default=True,
-              help="LLM graphs: none (fp32), int8 (dynamic, CPU), int4 (weight-only blockwise), fp16 (GPU).")
+              help="LLM graphs: none (fp32), int8 (CPU: dynamic INT8 GEMMs, 8-bit MatMulNBits decode step), int4 (weight-only blockwise), fp16 (GPU).")
 @click.option("--trt", is_flag=True, help="Also build a TensorRT FP16 engine of the vision graph (needs TensorRT + GPU).")
 @click.option("--no-onnx", is_flag=True, help="Write only the PyTorch weights (no ONNX graphs).")
 @click.option("--max-batch", type=int, default=8, show_default=True, help="Largest vision batch (TensorRT profile max).")
@@ -95,9 +95,12 @@ def export_main(checkpoint, llm_dir, preset, out, precision, llm_quant, trt, no_
 @click.option("--rebuild-trt", is_flag=True, help="If the bundle's TensorRT engine was built for another GPU or "
               "TensorRT version (or it has none), build one here from its fp16 vision graph, cached in "
               "$MEDBLIP_TRT_CACHE or ~/.cache/medblip-edge/trt (minutes, once). Without it: fall back to ONNX Runtime.")
+@click.option("--huge-pages/--no-huge-pages", default=True, show_default=True,
+              help="On CPU, move the loaded weights onto 2 MiB pages (Linux 6.1+ MADV_COLLAPSE; left alone where "
+              "THP is set to never). Token decoding streams them faster.")
 @one_line_errors
 def infer_main(scans, bundle_dir, backend, device, precision, patient_text, question, out_path, resume,
-               timeout_s, workers, include_paths, rebuild_trt):
+               timeout_s, workers, include_paths, rebuild_trt, huge_pages):
     """Diagnose NIfTI scans with a bundle: one JSON object per scan (JSON Lines).
 
     SCANS are NIfTI files, folders of them, or a CSV with columns scan,patient_text.
@@ -110,7 +113,8 @@ def infer_main(scans, bundle_dir, backend, device, precision, patient_text, ques
     failed = run_infer(InferOptions(
         scans=list(scans), bundle=bundle_dir, backend=backend, device=device, precision=precision,
         patient_text=patient_text, question=question, out=out_path, resume=resume, timeout_s=timeout_s,
-        workers=workers, include_paths=include_paths, rebuild_trt=rebuild_trt))
+        workers=workers, include_paths=include_paths, rebuild_trt=rebuild_trt,
+        huge_pages=huge_pages))
     sys.exit(1 if failed else 0)
 
 

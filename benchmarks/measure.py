@@ -130,7 +130,7 @@ def measure_pipeline(open_pipe, scan: Path, plan: Plan) -> tuple[dict, object]:
                                                                                      s.data["classify"])]))
             else:
                 throughput.append(_throughput(pipe, volume, b, plan))
-        info = {"chosen": pipe.chosen, "precision": pipe.precision}
+        info = {"chosen": pipe.chosen, "precision": pipe.precision, "huge_pages": pipe.huge_pages.as_json()}
     return {"model_load_s": round(load_s, 3), "stages_ms": s.summary(), "throughput": throughput,
             "memory": mem.result, "decode_steps": plan.decode_steps, **info}, pipe
 

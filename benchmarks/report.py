@@ -56,10 +56,17 @@ def _mem(m: dict) -> str:
 
 
 def _quant_bytes() -> str:
-    def one(q) -> str:
-        return f"{q.bits / 8:g} B" + (f" + an fp32 scale per {q.block}" if hasattr(q, "block") else "")
+    return ", ".join(f"{name} {q.gemm.bytes_text} (decode step: {q.gemv.bytes_text})" for name, q in QUANTIZERS.items())
 
-    return ", ".join(f"{name} {one(q.gemm)} (decode step: {one(q.gemv)})" for name, q in QUANTIZERS.items())
+
+def _pages(rows: list[dict]) -> list[str]:
+    """Which rows run on weights moved onto 2 MiB pages at load (Pipeline.from_bundle does; the reference does not)."""
+    moved = [f"{_label(r)} {r['huge_pages']['huge_page_bytes'] / 2**20:.0f} MiB" for r in rows
+             if r.get("huge_pages", {}).get("huge_page_bytes")]
+    if not moved:
+        return []
+    return ["", "Weights moved onto 2 MiB pages at load (runtime/hugepages.py): " + ", ".join(moved) +
+            "; the reference keeps the pages it was given, as the training code would."]
 
 
 def _summary(rows: list[dict]) -> list[str]:
@@ -135,9 +142,13 @@ def _limits(limits: dict) -> list[str]:
         out.append(f"- int8 ceiling used for the int8 rows: {i8['how']}")
     out.append(f"- fastest precision that ran: **{mm['fastest']}**")
     m = limits["memory"]
-    out.append(f"- memory bandwidth: {_rate(m['bytes_per_s'])}B/s used for floors (copy {_rate(m['copy_bytes_per_s'])}"
-               f"B/s counting read + write, sum {_rate(m['read_bytes_per_s'])}B/s, matrix-vector "
-               f"{_rate(m['matvec_bytes_per_s'])}B/s; {m['how']})")
+    out.append(f"- memory bandwidth: {_rate(m['bytes_per_s'])}B/s used for floors ({m['how']})")
+    for pages, r in (("4 KiB pages", m), ("2 MiB pages", m.get("huge_page_rates"))):
+        if r:
+            out.append(f"  - on {pages}: copy {_rate(r['copy_bytes_per_s'])}B/s counting read + write, sum "
+                       f"{_rate(r['read_bytes_per_s'])}B/s, matrix-vector {_rate(r['matvec_bytes_per_s'])}B/s")
+    if m.get("huge_pages") and not m.get("huge_page_rates"):
+        out.append(f"  - not measured on 2 MiB pages: {m['huge_pages']}")
     out.append("- each ceiling is the better of two measurements, at the start and at the end of the run")
     return out
 
@@ -170,7 +181,7 @@ def markdown(res: dict) -> str:
               "Quality: label agreement and largest differences of the probabilities and log-likelihoods of the "
               f"three answers against the fp32 torch backend on the {rows[0]['agreement']['cases']} evaluation cases "
               "(the export's fixed volumes + patient texts).", ""]
-    lines += _summary(rows) + ["", "## Per stage", ""] + _stages(rows)
+    lines += _summary(rows) + _pages(rows) + ["", "## Per stage", ""] + _stages(rows)
     lines += ["", "## Throughput vs vision batch", ""] + _throughput(rows)
     lines += ["", "## Floors", "", "Measured ceilings of this machine, in the same run:", ""] + _limits(res["limits"])
     lines += ["", "Floor = max(FLOPs / matmul ceiling at the stage's precision, bytes / bandwidth): weights read once "

@@ -1,17 +1,23 @@
 """T5 decoder graphs written op by op with ONNX Runtime's fused kernels (fp32; quantized afterwards).
 
-Same inputs and outputs as the traced graphs in graphs_t5.py (one cache tensor per layer, so no
-slicing or stacking of the whole cache per token), under a quarter of the nodes. Per decoder layer:
+Same outputs as the traced graphs in graphs_t5.py (one cache tensor per layer, so no slicing or
+stacking of the whole cache per token), under a quarter of the nodes. Per decoder layer:
 
   SkipSimplifiedLayerNormalization   residual add + T5 RMSNorm in one kernel
-  MatMul [d, 3*inner] -> Split        q, k, v in one weight read
-  MultiHeadAttention                 past K/V in, present K/V out, relative-position bias, scale 1
+  MatMul [d, 3*inner]                 q, k, v in one weight read
+  self-attention                      step: GroupQueryAttention on the packed q|k|v, the cache updated in
+                                      place; prefill: Split -> MultiHeadAttention (no cache yet)
   MatMul o
   SkipSimplifiedLayerNormalization
   MatMul q -> MultiHeadAttention     cross-attention over the cached encoder K/V (BNSH)
   MatMul o
   SkipSimplifiedLayerNormalization
   MatMul [d, 2*ff] -> Split -> act(gate) * up -> MatMul wo      (gated FFN; plain FFN: one MatMul)
+
+The step graph takes `past_len` (tokens already cached) and per-layer caches `past_k_i`/`past_v_i`
+[batch, heads, capacity, head_dim] with capacity >= past_len + 1. Bound as both input and output
+(`present_k_i`), GroupQueryAttention writes the new token's K/V at position past_len in place and
+attends over the first past_len + 1; run without that binding it returns caches of past_len + 1.
 
 The relative-position bias is a [distance, head] table computed from the module's own bucketing
 (decoder buckets are unidirectional and saturate at max_distance), gathered once per call.
@@ -65,10 +71,10 @@ class T5DecoderWriter:
 
     # -- pieces -----------------------------------------------------------------
 
-    def _bias(self, w: GraphWriter, ids: str, past: str | None) -> str:
+    def _bias(self, w: GraphWriter, ids: str, past_len: str | None) -> str:
         """[1,H,T,P+T] relative-position bias + causal mask for queries at positions P..P+T-1."""
         t = w.op("Gather", [w.op("Shape", [ids]), w.const(1)], axis=0)
-        p = w.op("Gather", [w.op("Shape", [past]), w.const(2)], axis=0) if past else w.const(0)
+        p = past_len or w.const(0)
         end = w.op("Add", [p, t])
         q_pos = w.op("Range", [p, end, w.const(1)])
         k_pos = w.op("Range", [w.const(0), end, w.const(1)])
@@ -80,6 +86,26 @@ class T5DecoderWriter:
         masked = w.op("Where", [w.op("Less", [dist, w.const(0)]), w.const(np.finfo(np.float32).min, "float32"),
                                 w.const(0.0, "float32")])
         return w.op("Unsqueeze", [w.op("Add", [bias, masked]), w.const([0])])
+
+    @staticmethod
+    def _lengths(w: GraphWriter, ids: str, past_len: str) -> tuple[str, str]:
+        """GroupQueryAttention's (seqlens_k [B] int32: index of the new token, total_sequence_length int32)."""
+        batch = w.op("Slice", [w.op("Shape", [ids]), w.const([0]), w.const([1])])
+        seqlens = w.op("Cast", [w.op("Expand", [w.op("Unsqueeze", [past_len, w.const([0])]), batch])], to=6)
+        return seqlens, w.op("Cast", [w.op("Add", [past_len, w.const(1)])], to=6)
+
+    def _self_attention(self, w: GraphWriter, qkv: str, bias: str, i: int, cache: tuple | None) -> str:
+        """Step (`cache` = (past_k, past_v, seqlens, total)): GroupQueryAttention, present_k/v_i updated in
+        place when bound to the past buffers. Prefill: Split + MultiHeadAttention, present = this call's K/V."""
+        names = [f"l{i}.self_attention", f"present_k_{i}", f"present_v_{i}"]
+        if cache is None:
+            q, k, v = w.op("Split", [qkv], n_out=3, axis=-1, num_outputs=3)
+            return w.op("MultiHeadAttention", [q, k, v, "", "", bias, "", ""], domain=MS_DOMAIN,
+                        num_heads=self.heads, scale=1.0, names=names)[0]
+        past_k, past_v, seqlens, total = cache
+        inputs = [qkv, "", "", past_k, past_v, seqlens, total, "", "", "", bias]  # cos/sin/position ids unused
+        return w.op("GroupQueryAttention", inputs, domain=MS_DOMAIN, num_heads=self.heads,
+                    kv_num_heads=self.heads, scale=1.0, names=names)[0]
 
     def _norm(self, w: GraphWriter, x: str, delta: str | None, ln, scale: float = 1.0, name: str = "") -> tuple:
         """-> (RMSNorm(x + delta) * weight, x + delta); delta None: the norm of x alone."""
@@ -107,21 +133,21 @@ class T5DecoderWriter:
         L, H, dk = self.layers, self.heads, self.dk
         w = GraphWriter("t5_decoder_step" if with_past else "t5_decoder_prefill")
         ids = w.input("decoder_ids", "int64", ["batch", "seq"] if not with_past else ["batch", 1])
+        past_len = w.input("past_len", "int64", []) if with_past else None
         kv = {n: [w.input(f"{n}_{i}", "float32", ["batch", H, axis, dk]) for i in range(L)]
-              for n, axis in (("past_k", "past"), ("past_v", "past"), ("cross_k", "src"), ("cross_v", "src"))
+              for n, axis in (("past_k", "capacity"), ("past_v", "capacity"), ("cross_k", "src"), ("cross_v", "src"))
               if with_past or n.startswith("cross")}
         x = w.op("Gather", [w.weight("embed_tokens", _np(self.t5.decoder.embed_tokens.weight)), ids], axis=0)
-        bias = self._bias(w, ids, kv["past_k"][0] if with_past else None)
+        bias = self._bias(w, ids, past_len)
+        lengths = self._lengths(w, ids, past_len) if with_past else None
         delta = None
         for i, blk in enumerate(self.t5.decoder.block):
             sa, ca, ff = blk.layer[0], blk.layer[1], blk.layer[2]
             h, x = self._norm(w, x, delta, sa.layer_norm, name=f"l{i}.sa_norm")
             att = sa.SelfAttention
-            q, k, v = w.op("Split", [_linear(w, h, f"l{i}.qkv", att.q, att.k, att.v)], n_out=3, axis=-1,
-                           num_outputs=3)
-            cache = [kv["past_k"][i], kv["past_v"][i]] if with_past else ["", ""]
-            y, _, _ = w.op("MultiHeadAttention", [q, k, v, "", "", bias, *cache], domain=MS_DOMAIN, num_heads=H,
-                           scale=1.0, names=[f"l{i}.self_attention", f"present_k_{i}", f"present_v_{i}"])
+            qkv = _linear(w, h, f"l{i}.qkv", att.q, att.k, att.v)
+            cache = (kv["past_k"][i], kv["past_v"][i], *lengths) if with_past else None
+            y = self._self_attention(w, qkv, bias, i, cache)
             h, x = self._norm(w, x, _linear(w, y, f"l{i}.sa_o", att.o), ca.layer_norm, name=f"l{i}.ca_norm")
             att = ca.EncDecAttention
             y = w.op("MultiHeadAttention", [_linear(w, h, f"l{i}.ca_q", att.q), kv["cross_k"][i], kv["cross_v"][i]],
@@ -132,7 +158,7 @@ class T5DecoderWriter:
         h, _ = self._norm(w, x, delta, self.t5.decoder.final_layer_norm, scale=scale, name="final_norm")
         w.op("MatMul", [h, w.weight("lm_head", _np(self.t5.lm_head.weight).T)], names=["logits"])
         w.output("logits", "float32", ["batch", "seq" if not with_past else 1, self.cfg.vocab_size])
-        total = "seq" if not with_past else "past_plus_1"
+        total = "seq" if not with_past else "present_length"
         for name in layer_names(("present_k", "present_v"), L):
             w.output(name, "float32", ["batch", H, total, dk])
         return w.save(path)

@@ -15,7 +15,7 @@ from .onnx_export import EXTERNAL_DATA_BYTES, OPSET
 
 MS_DOMAIN = "com.microsoft"
 IR_VERSION = 10  # ONNX Runtime 1.2x reads IR <= 10/11; the onnx package would stamp a newer one
-DTYPES = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64}
+DTYPES = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64, "int32": TensorProto.INT32}
 
 
 class GraphWriter:

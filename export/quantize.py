@@ -49,6 +49,10 @@ class BlockQuant:
         """Bytes read per weight: the integer plus its share of the block's fp32 scale."""
         return self.bits / 8 + 4 / self.block
 
+    @property
+    def bytes_text(self) -> str:
+        return f"{self.bits / 8:g} B + an fp32 scale per {self.block}"
+
     def describe(self) -> str:
         return f"MatMulNBits {self.bits}-bit, block {self.block}, symmetric, accuracy level {ACCURACY_LEVEL}"
 
@@ -70,6 +74,7 @@ class DynamicInt8:
 
     bits: int = 8
     bytes_per_weight: float = 1.0  # per-channel scales: one float per output row, negligible
+    bytes_text: str = "1 B"
 
     def describe(self) -> str:
         return "dynamic INT8 (per-channel weights, DynamicQuantizeMatMul)"

@@ -11,7 +11,6 @@ from torch import nn
 
 from .checkpoint import to_training_key
 from .config import MedBlipConfig
-from .llm import family
 from .medblip import MedBlip
 from .tokenizer_build import TRAINERS
 

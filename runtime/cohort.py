@@ -93,6 +93,7 @@ class InferOptions:
     workers: int = 2
     include_paths: bool = False
     rebuild_trt: bool = False
+    huge_pages: bool = True
 
 
 # ------------------------------------------------------------------ progress
@@ -153,9 +154,11 @@ def run_infer(opts: InferOptions) -> int:
     items = expand_scans(opts.scans, opts.include_paths)
 
     pipe = _pipeline.Pipeline.from_bundle(opts.bundle, backend=opts.backend, device=opts.device,
-                                          precision=opts.precision, rebuild_trt=opts.rebuild_trt)
+                                          precision=opts.precision, rebuild_trt=opts.rebuild_trt,
+                                          huge_pages=opts.huge_pages)
     why = f" ({pipe.chosen['why']})" if pipe.chosen.get("why") else ""  # e.g. why TensorRT was passed over
-    print(f"backend: vision={pipe.chosen['vision']} llm={pipe.chosen['llm']}{why}", file=sys.stderr, flush=True)
+    pages = f"; {pipe.huge_pages.describe()}" if opts.device == "cpu" else ""
+    print(f"backend: vision={pipe.chosen['vision']} llm={pipe.chosen['llm']}{why}{pages}", file=sys.stderr, flush=True)
 
     # -- the sink, and what --resume finds there
     old_rows: list[OldRow] = []

@@ -8,15 +8,17 @@ from typing import Any
 import numpy as np
 
 from .llm_base import LlmBackend, decoder_inputs, pad_candidates, sum_logprobs
+from .ort_cache import step_cache
 from .ort_graph import OrtGraph, host
 
 
 @dataclass
 class OrtState:
     next_logits: np.ndarray  # [V]
-    k: Any = None  # self-attention cache (OrtValues, on the device): GPT-2 [L,1,H,P,dk]; T5 L x [1,H,P,dk]
+    k: Any = None  # GPT-2 self-attention cache (OrtValues, on the device): [L,1,H,P,dk]
     v: Any = None
     cross: dict | None = None  # T5 only: {"cross_k_i": [1,H,S,dk], "cross_v_i": ...} from the encoder
+    cache: Any = None  # T5 only: the decode step's per-layer caches (ort_cache.InPlaceKV or GrowingKV)
 
 
 class _OrtLlm(LlmBackend):
@@ -45,22 +47,17 @@ class OrtT5Llm(_OrtLlm):
         outputs = self.graphs["t5_decoder_step"].outputs
         self.layers = sum(name.startswith("present_k_") for name in outputs)
 
-    def _cache(self, outputs: list) -> tuple[list, list]:
-        """Decoder outputs [logits, present_k_0.., present_v_0..] -> (keys, values)."""
-        return outputs[1:1 + self.layers], outputs[1 + self.layers:]
-
     def prefill(self, prompt_ids, visual) -> OrtState:
         enc = self.graphs["t5_encoder"]
         out = enc(prompt_ids=np.array([prompt_ids], np.int64), visual=self._visual(visual))
         cross = dict(zip(enc.outputs[1:], out[1:]))
         dec = self.graphs["t5_decoder_prefill"](decoder_ids=np.array([[self.start]], np.int64), **cross)
-        return OrtState(host(dec[0])[0, -1], *self._cache(dec), cross)
+        keys, values = dec[1:1 + self.layers], dec[1 + self.layers:]  # [logits, present_k_0.., present_v_0..]
+        cache = step_cache(self.graphs["t5_decoder_step"], keys, values, cross, length=1)
+        return OrtState(host(dec[0])[0, -1], cross=cross, cache=cache)
 
     def step(self, state: OrtState, token: int) -> np.ndarray:
-        past = {f"past_{kv}_{i}": t for kv, ts in (("k", state.k), ("v", state.v)) for i, t in enumerate(ts)}
-        out = self.graphs["t5_decoder_step"](decoder_ids=np.array([[token]], np.int64), **past, **state.cross)
-        state.k, state.v = self._cache(out)
-        return host(out[0])[0, -1]
+        return state.cache.step(token)
 
     def score(self, state: OrtState, candidates) -> np.ndarray:
         labels, mask = pad_candidates(candidates, pad=0)

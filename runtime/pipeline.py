@@ -18,6 +18,7 @@ from ..model.prompts import DIAGNOSIS_QUESTION
 from ..preprocess import PreprocessSpec, load_volume, to_model_input
 from .bundle import Bundle, sha256_file
 from .factory import make_backends
+from .hugepages import HugePages, new_memory_on_huge_pages
 from .scan_inputs import scan_name
 from .tasks import Tasks
 
@@ -40,23 +41,31 @@ def _ms(t0: float) -> float:
 class Pipeline:
     """`Pipeline.from_bundle(dir)(scan)` -> one result dict (the JSON row of `medblip-infer`)."""
 
-    def __init__(self, bundle: Bundle, vision, llm, chosen: dict):
+    def __init__(self, bundle: Bundle, vision, llm, chosen: dict, huge_pages: HugePages | None = None):
         self.bundle, self.vision, self.llm, self.chosen = bundle, vision, llm, chosen
+        self.huge_pages = huge_pages or HugePages(skipped="not requested")
         self.tokenizer = bundle.tokenizer()
         self.tasks = Tasks(family(bundle.config.variant), self.tokenizer, bundle.manifest["generation"]["max_new_tokens"])
         self.spec = PreprocessSpec(**bundle.manifest["preprocess"])
 
     @classmethod
     def from_bundle(cls, path, backend: str = "auto", device: str = "cpu", precision: str | None = None,
-                    verify: bool = True, threads: int | None = None, rebuild_trt: bool = False) -> "Pipeline":
+                    verify: bool = True, threads: int | None = None, rebuild_trt: bool = False,
+                    huge_pages: bool = True) -> "Pipeline":
         """Open + verify a bundle and pick backends (`auto`: TensorRT > ONNX Runtime > PyTorch, as available).
 
         rebuild_trt: if the bundle's TensorRT engine cannot run here (another GPU or TensorRT version, or
         none shipped), build one for this machine into a cache folder instead of falling back.
+        huge_pages: on CPU, move the weights just loaded onto 2 MiB pages (see hugepages.py; decode steps
+        stream them faster). `pipe.huge_pages` says what was moved, or why nothing was.
         """
         bundle = Bundle.open(path, verify=verify)
-        vision, llm, chosen = make_backends(bundle, backend, device, precision, threads, rebuild_trt)
-        return cls(bundle, vision, llm, chosen)
+        skip = None if huge_pages else "turned off"
+        if device != "cpu":
+            skip = "weights on the GPU"
+        with new_memory_on_huge_pages(skip) as moved:
+            vision, llm, chosen = make_backends(bundle, backend, device, precision, threads, rebuild_trt)
+        return cls(bundle, vision, llm, chosen, moved)
 
     # -- stages ---------------------------------------------------------------
 

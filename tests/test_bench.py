@@ -59,7 +59,10 @@ def test_machine_and_limits(results):
     mm = results["limits"]["matmul"]
     assert mm["fp32"]["flops_per_s"] > 0 and mm["fastest"] in mm
     assert all("flops_per_s" in v or "error" in v for k, v in mm.items() if k != "fastest")
-    assert results["limits"]["memory"]["bytes_per_s"] > 0
+    mem = results["limits"]["memory"]
+    assert mem["bytes_per_s"] > 0 and mem["huge_pages"]
+    if "huge_page_rates" in mem:  # measured on 2 MiB pages too: the floor uses the best of both
+        assert mem["bytes_per_s"] >= max(mem["huge_page_rates"].values())
 
 
 def test_rows_have_speed_quality_and_floors(results):
@@ -82,6 +85,7 @@ def test_rows_have_speed_quality_and_floors(results):
             assert f["ratio"] is None or f["ratio"] > 0
         assert r["throughput"] and all(t["batch"] >= 1 and t["scans_per_s"] > 0 for t in r["throughput"])
         assert r["memory"]["rss_peak_mib"] > 0 and r["model_load_s"] >= 0
+        assert r["is_reference"] or r["huge_pages"]["huge_page_bytes"] >= 0
     for r in rows[1:]:
         assert r["stages_ms"]["prefill"]["n"] >= 1 and r["stages_ms"]["ttft"]["p50"] > 0
     assert rows[1]["agreement"]["max_abs_prob_diff"] == 0.0  # torch fp32 is the quality baseline itself
@@ -109,7 +113,8 @@ def test_decode_variants_times_every_weight_format(tmp_path):
     res = json.loads((out / "decode_variants.json").read_text())
     rows = {r["variant"]: r for r in res["rows"]}
     formats = ("fp32", "int8-dynamic", "int8-block32", "int8-block128", "int4-block32", "int4-block128")
-    assert set(rows) == {f"{g} {f}" for g in ("traced", "fused") for f in formats}
+    shipped = {f"fused {res['shipped'][k]} (4 KiB pages)" for k in ("int8", "int4")}
+    assert set(rows) == {f"{g} {f}" for g in ("traced", "fused") for f in formats} | shipped
     assert all(r["p50"] > 0 and r["floor_ms"] > 0 and r["n"] == 2 for r in rows.values())
     assert rows["fused fp32"]["nodes"] * 2 < rows["traced fp32"]["nodes"]
     assert rows[f"fused {res['shipped']['int8']}"]["vs_shipped_int8"] == 1.0

@@ -10,10 +10,13 @@ import pytest
 import torch
 from medblip_edge.export.graphs_t5 import T5DecoderPrefillGraph, T5DecoderStepGraph
 from medblip_edge.export.graphs_t5_fused import T5DecoderWriter
+from medblip_edge.export.llm_graphs import t5_graphs
 from medblip_edge.export.onnx_export import ort_session
 from medblip_edge.export.quantize import QUANTIZERS
 from medblip_edge.model.config import preset
 from medblip_edge.model.llm import family
+from medblip_edge.runtime.ort_cache import GrowingKV, InPlaceKV, step_cache
+from medblip_edge.runtime.ort_graph import OrtGraph
 
 # (name, config overrides): the presets' FLAN-T5 layout, original T5's plain (ungated) FFN with a tied
 # (scaled) head, and FLAN-T5's own tanh GELU
@@ -76,21 +79,54 @@ def test_fused_decoder_graphs_match_traced_modules(tmp_path, name, overrides):
         nxt = rng.integers(0, 97, (2, 1)).astype(np.int64)
         with torch.no_grad():
             want = T5DecoderStepGraph(t5)(*map(torch.from_numpy, (nxt, pk, pv, ck, cv)))
-        got = step.run(None, {"decoder_ids": nxt, **_feeds(past_k=pk, past_v=pv, cross_k=ck, cross_v=cv)})
-        assert got[1].shape == (2, 2, past + 1, 32)
+        feeds = {"decoder_ids": nxt, "past_len": np.array(past, np.int64)}
+        got = step.run(None, {**feeds, **_feeds(past_k=pk, past_v=pv, cross_k=ck, cross_v=cv)})
+        assert got[1].shape == (2, 2, past + 1, 32)  # not bound in place: caches one token longer come back
         assert _max_err(got, want) < 1e-4, (name, past)
 
 
+def test_in_place_caches_step_like_the_traced_module(tmp_path, monkeypatch):
+    """The runtime's InPlaceKV over the fused step (buffers bound as past and present, grown when full) and its
+    GrowingKV over the traced step both follow the traced PyTorch module token by token."""
+    t5 = _t5({})
+    T5DecoderWriter(t5).write(tmp_path / "step.onnx", with_past=True)
+    monkeypatch.setattr(InPlaceKV, "INITIAL_CAPACITY", 4)  # room for 2 x 3 cached = 6; 9 after 6 steps: grows
+    rng = np.random.default_rng(2)
+    ck, cv, pk, pv = _kv(rng, t5, 1, 7), _kv(rng, t5, 1, 7), _kv(rng, t5, 1, 3), _kv(rng, t5, 1, 3)
+    graph = OrtGraph(tmp_path / "step.onnx")
+    cache = step_cache(graph, list(pk), list(pv), _feeds(cross_k=ck, cross_v=cv), length=3)
+    assert isinstance(cache, InPlaceKV)
+    # the traced step graph (what fp16 bundles ship) through the other cache kind, on the same tokens
+    traced_spec = next(g for g in t5_graphs(t5, t5.config.d_model, 4) if g.name == "t5_decoder_step")
+    traced = OrtGraph(traced_spec.export(tmp_path / "traced.onnx", fused=False)[0])
+    growing = step_cache(traced, list(pk), list(pv), _feeds(cross_k=ck, cross_v=cv), length=3)
+    assert isinstance(growing, GrowingKV)
+    for token in rng.integers(0, 97, 6):
+        got, got_traced = cache.step(int(token)), growing.step(int(token))
+        with torch.no_grad():
+            want, k, v = T5DecoderStepGraph(t5)(*map(torch.from_numpy, (np.array([[token]]), pk, pv, ck, cv)))
+        pk, pv = k.numpy(), v.numpy()
+        assert np.abs(got - want.numpy()[0, -1]).max() < 1e-4
+        assert np.abs(got_traced - want.numpy()[0, -1]).max() < 1e-4
+    assert cache.length == 9 and cache.capacity == 12
+    layers = t5.config.num_decoder_layers
+    held = np.stack(cache._contents())  # [2L, 1, H, capacity, dk]
+    np.testing.assert_allclose(held[:layers, :, :, :9], pk, atol=1e-5)
+    np.testing.assert_allclose(held[layers:, :, :, :9], pv, atol=1e-5)
+    assert not held[:, :, :, 9:].any()  # positions not yet written stay empty
+
+
 def test_fused_step_is_a_few_kernels_per_layer(tmp_path):
-    """Per layer: 3 norms, 6 matmuls, 2 attention kernels, 2 Splits, act and Mul; no cache copies."""
+    """Per layer: 3 norms, 6 matmuls, 2 attention kernels, 1 Split (gated FFN), act and Mul; no cache copies."""
     t5 = _t5({})
     T5DecoderWriter(t5).write(tmp_path / "step.onnx", with_past=True)
     ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "step.onnx")).graph.node)
     layers = t5.config.num_decoder_layers
-    assert ops["MultiHeadAttention"] == 2 * layers
+    assert ops["GroupQueryAttention"] == layers and ops["MultiHeadAttention"] == layers
+    assert ops["Split"] == layers
     assert ops["SkipSimplifiedLayerNormalization"] == 3 * layers  # layer 0's first norm has no residual
     assert ops["MatMul"] == 6 * layers + 1
-    assert sum(ops.values()) <= 15 * layers + 20, ops  # + embedding, position bias, final norm, head
+    assert sum(ops.values()) <= 14 * layers + 26, ops  # + embedding, position bias, final norm, head
     assert ops["Concat"] == 0 and ops["Gather"] <= 4, ops  # no per-layer cache slicing or stacking
     for name, quant in QUANTIZERS.items():  # every weight MatMul, the LM head included, is quantized
         dst = tmp_path / f"{name}.onnx"

@@ -92,6 +92,17 @@ def test_auto_backend_picks_ort_and_says_so():
     assert pipe.chosen == {"vision": "ort", "llm": "ort"}
 
 
+def test_huge_pages_change_no_number(mni_path):
+    """Weights moved onto 2 MiB pages at load (the default on CPU) give bit-identical rows."""
+    b = tiny_onnx_bundle("tiny", "int8")
+    on, off = (Pipeline.from_bundle(b, backend="ort", huge_pages=flag) for flag in (True, False))
+    assert off.huge_pages.skipped == "turned off" and off.huge_pages.bytes == 0
+    assert on.huge_pages.skipped != "turned off"
+    rows = [p(mni_path, patient_text="MMSE 25. ", question="Is there atrophy?") for p in (on, off)]
+    assert rows[0]["probabilities"] == rows[1]["probabilities"] and rows[0]["answer"] == rows[1]["answer"]
+    assert Pipeline.from_bundle(b, backend="ort", device="cpu").huge_pages.skipped != "turned off"
+
+
 def test_missing_backend_is_a_one_line_error(tiny_bundle):
     with pytest.raises(BackendUnavailable) as e:
         Pipeline.from_bundle(tiny_onnx_bundle("tiny", "none"), backend="trt")
@@ -112,6 +123,7 @@ def test_cli_torch_and_ort_same_labels(mni_path, infer_cmd):
         row = json.loads(r.stdout.strip().splitlines()[-1])
         labels[be] = row["label"]
         assert row["backend"]["vision"] == be
+        assert "pages" in r.stderr.splitlines()[0]  # backend line: what went onto 2 MiB pages, or why not
     assert labels["torch"] == labels["ort"]
 
 
