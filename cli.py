@@ -43,7 +43,8 @@ def one_line_errors(fn):
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="Precision of the vision graph (fp16: for GPU execution).")
 @click.option("--llm-quant", type=click.Choice(["none", "int8", "int4", "fp16"]), default="none", show_default=True,
-              help="LLM graphs: none (fp32), int8 (CPU: dynamic INT8 GEMMs, 8-bit MatMulNBits decode step), int4 (weight-only blockwise), fp16 (GPU).")
+              help="LLM graphs: none (fp32), int8 (CPU: dynamic INT8 GEMMs, 8-bit MatMulNBits decode step), "
+              "int4 (weight-only blockwise), fp16 (GPU).")
 @click.option("--trt", is_flag=True, help="Also build a TensorRT FP16 engine of the vision graph (needs TensorRT + GPU).")
 @click.option("--no-onnx", is_flag=True, help="Write only the PyTorch weights (no ONNX graphs).")
 @click.option("--max-batch", type=int, default=8, show_default=True, help="Largest vision batch (TensorRT profile max).")
