@@ -1,13 +1,13 @@
 """How a T5 decode-step graph keeps its per-layer self-attention caches between tokens.
 
-Two graph layouts, told apart by their inputs (see export/graphs_t5_fused.py):
-
-- `InPlaceKV` (graphs with a `past_len` input: the fused step, GroupQueryAttention): per-layer
+- `InPlaceKV` (graphs with a `past_len` input: the fused step, GroupQueryAttention; on CPU): per-layer
   buffers with room to grow are bound as both `past_*` and `present_*`, the kernel writes the new
   token's K/V at position `past_len`, and the binding is made once; per token only the token id and
   its position are rebound. Nothing is copied or allocated per token; full buffers double.
-- `GrowingKV` (traced graphs, fp16 included): each call returns caches one token longer, which
-  become the next call's inputs.
+- `GrowingKV` (traced graphs, fp16 included, and any step on another device): each call returns
+  caches one token longer, which become the next call's inputs. ONNX Runtime's CUDA kernel of
+  GroupQueryAttention is fp16/bf16 only, so an fp32-activation fused step on the CUDA provider runs
+  that node on the CPU provider, where a device buffer cannot be updated in place.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from .ort_graph import OrtGraph, bind_input, host
 
 def step_cache(graph: OrtGraph, keys: list, values: list, cross: dict, length: int):
     """The cache object for this step graph: caches [B,H,length,dk] per layer from the prefill."""
-    kind = InPlaceKV if "past_len" in graph.inputs else GrowingKV
+    kind = InPlaceKV if "past_len" in graph.inputs and graph.device == "cpu" else GrowingKV
     return kind(graph, keys, values, cross, length)
 
 
@@ -29,6 +29,8 @@ class GrowingKV:
 
     def step(self, token: int) -> np.ndarray:
         past = {f"past_{kv}_{i}": t for kv, ts in (("k", self.keys), ("v", self.values)) for i, t in enumerate(ts)}
+        if "past_len" in self.graph.inputs:
+            past["past_len"] = np.array(self.length, np.int64)
         out = self.graph(decoder_ids=np.array([[token]], np.int64), **past, **self.cross)
         layers = len(self.keys)
         self.keys, self.values = out[1:1 + layers], out[1 + layers:]

@@ -101,8 +101,11 @@ def test_in_place_caches_step_like_the_traced_module(tmp_path, monkeypatch):
     traced = OrtGraph(traced_spec.export(tmp_path / "traced.onnx", fused=False)[0])
     growing = step_cache(traced, list(pk), list(pv), _feeds(cross_k=ck, cross_v=cv), length=3)
     assert isinstance(growing, GrowingKV)
+    # and the fused step fed caches that grow (how it runs off the CPU, see ort_cache)
+    growing_fused = GrowingKV(graph, list(pk), list(pv), _feeds(cross_k=ck, cross_v=cv), length=3)
     for token in rng.integers(0, 97, 6):
         got, got_traced = cache.step(int(token)), growing.step(int(token))
+        assert np.abs(growing_fused.step(int(token)) - got).max() < 1e-5
         with torch.no_grad():
             want, k, v = T5DecoderStepGraph(t5)(*map(torch.from_numpy, (np.array([[token]]), pk, pv, ck, cv)))
         pk, pv = k.numpy(), v.numpy()
