@@ -110,7 +110,7 @@ def bandwidth(device: str, quick: bool) -> dict:
     out = {"how": f"torch copy_, sum and mv over {mib} MiB float32 on {device}, best of {reps}", **rates}
     if device == "cpu":
         moved = [collapse_buffer(t.data_ptr(), t.nbytes) for t in (src, dst)]
-        out["huge_pages"] = moved[0].describe().replace("of weights ", "")
+        out["huge_pages"] = moved[0].as_json()
         if not moved[0].skipped:
             out["huge_page_rates"] = _stream_rates(src, dst, device, reps)
             rates = {k: max(v, out["huge_page_rates"][k]) for k, v in rates.items()}

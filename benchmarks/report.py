@@ -147,8 +147,8 @@ def _limits(limits: dict) -> list[str]:
         if r:
             out.append(f"  - on {pages}: copy {_rate(r['copy_bytes_per_s'])}B/s counting read + write, sum "
                        f"{_rate(r['read_bytes_per_s'])}B/s, matrix-vector {_rate(r['matvec_bytes_per_s'])}B/s")
-    if m.get("huge_pages") and not m.get("huge_page_rates"):
-        out.append(f"  - not measured on 2 MiB pages: {m['huge_pages']}")
+    if m.get("huge_pages", {}).get("skipped"):
+        out.append(f"  - not measured on 2 MiB pages: {m['huge_pages']['skipped']}")
     out.append("- each ceiling is the better of two measurements, at the start and at the end of the run")
     return out
 

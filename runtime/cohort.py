@@ -158,7 +158,8 @@ def run_infer(opts: InferOptions) -> int:
                                           huge_pages=opts.huge_pages)
     why = f" ({pipe.chosen['why']})" if pipe.chosen.get("why") else ""  # e.g. why TensorRT was passed over
     pages = f"; {pipe.huge_pages.describe()}" if opts.device == "cpu" else ""
-    print(f"backend: vision={pipe.chosen['vision']} llm={pipe.chosen['llm']}{why}{pages}", file=sys.stderr, flush=True)
+    print(f"backend: vision={pipe.chosen['vision']} llm={pipe.chosen['llm']}{why}{pages}", file=sys.stderr,
+          flush=True)
 
     # -- the sink, and what --resume finds there
     old_rows: list[OldRow] = []
