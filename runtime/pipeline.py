@@ -62,7 +62,7 @@ class Pipeline:
         bundle = Bundle.open(path, verify=verify)
         skip = None if huge_pages else "turned off"
         if device != "cpu":
-            skip = "weights on the GPU"
+            skip = f"weights on {device}, not in host memory"
         with new_memory_on_huge_pages(skip) as moved:
             vision, llm, chosen = make_backends(bundle, backend, device, precision, threads, rebuild_trt)
         return cls(bundle, vision, llm, chosen, moved)
