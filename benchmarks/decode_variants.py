@@ -36,11 +36,9 @@ SRC = 45  # encoder tokens: a short prompt + 32 visual tokens
 
 def _formats() -> dict:
     """name -> (quantizer or None for fp32, bytes per weight)."""
-    out = {"fp32": (None, 4.0), "int8-dynamic": (DynamicInt8(), 1.0)}
-    for bits, block in ((8, 32), (8, 128), (4, 32), (4, 128)):
-        q = BlockQuant(bits, block)
-        out[f"int{bits}-block{block}"] = (q, q.bytes_per_weight)
-    return out
+    quantizers = {"int8-dynamic": DynamicInt8(),
+                  **{f"int{b}-block{k}": BlockQuant(b, k) for b, k in ((8, 32), (8, 128), (4, 32), (4, 128))}}
+    return {"fp32": (None, 4.0), **{name: (q, q.bytes_per_weight) for name, q in quantizers.items()}}
 
 
 def _graphs(bundle_path: Path, work: Path) -> dict[str, Path]:

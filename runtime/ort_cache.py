@@ -47,6 +47,8 @@ class InPlaceKV:
 
     def _allocate(self, capacity: int, keys: list[np.ndarray], values: list[np.ndarray]) -> None:
         """Fresh buffers holding the first `length` positions of `keys`/`values`, and the binding over them."""
+        import onnxruntime as ort
+
         def buffer(cached: np.ndarray) -> np.ndarray:
             b, h, _, dk = cached.shape
             out = np.zeros((b, h, capacity, dk), np.float32)
@@ -54,21 +56,22 @@ class InPlaceKV:
             return out
 
         self.capacity = capacity
-        self._host = [buffer(t) for t in keys + values]  # on CPU the OrtValues below share this memory
-        caches = [self.graph.ortvalue(t) for t in self._host]
+        self._host = [buffer(t) for t in keys + values]
+        caches = [ort.OrtValue.ortvalue_from_numpy(t) for t in self._host]  # share the arrays' memory (CPU)
         layers = len(keys)
         binding = self.graph.session.io_binding()
-        binding.bind_output("logits", self.graph.device)  # first bound, so get_outputs()[0]
+        binding.bind_output("logits", "cpu")  # first bound, so get_outputs()[0]
         for name, value in self.cross.items():
             bind_input(binding, name, value)
         for i, (k, v) in enumerate(zip(caches[:layers], caches[layers:])):
             for kv, value in (("k", k), ("v", v)):
                 binding.bind_ortvalue_input(f"past_{kv}_{i}", value)
                 binding.bind_ortvalue_output(f"present_{kv}_{i}", value)  # same buffer: updated in place
-        self._caches, self._binding = caches, binding
+        self._binding = binding
 
     def _contents(self) -> list[np.ndarray]:
-        return [host(c) for c in self._caches]
+        """Every layer's K buffer, then every V buffer: what the kernel has written in place."""
+        return self._host
 
     def step(self, token: int) -> np.ndarray:
         if self.length + 1 > self.capacity:

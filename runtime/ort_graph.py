@@ -9,9 +9,8 @@ import numpy as np
 from ..errors import BackendUnavailable
 
 
-def ort_providers(device: str) -> tuple[list, str, int]:
-    """-> (execution providers, OrtValue device name, device index) for 'cpu' or 'cuda[:N]'; one-line error
-    if unavailable."""
+def ort_providers(device: str) -> tuple[list[str], str]:
+    """-> (execution providers, OrtValue device name) for 'cpu' or 'cuda[:N]'; one-line error if unavailable."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -21,8 +20,8 @@ def ort_providers(device: str) -> tuple[list, str, int]:
             raise BackendUnavailable("onnxruntime has no CUDA execution provider here "
                                      "(pip install medblip-edge[gpu] for onnxruntime-gpu, and a CUDA GPU)")
         index = int(device.split(":")[1]) if ":" in device else 0
-        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"], "cuda", index
-    return ["CPUExecutionProvider"], "cpu", 0
+        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"], "cuda"
+    return ["CPUExecutionProvider"], "cpu"
 
 
 class OrtGraph:
@@ -37,7 +36,7 @@ class OrtGraph:
     def __init__(self, path: Path, device: str = "cpu", threads: int | None = None, spin: bool = False):
         import onnxruntime as ort
 
-        providers, self.device, self.device_id = ort_providers(device)
+        providers, self.device = ort_providers(device)
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
@@ -47,12 +46,6 @@ class OrtGraph:
         self.session = ort.InferenceSession(str(path), so, providers=providers)
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
-
-    def ortvalue(self, array: np.ndarray):
-        """An OrtValue on this graph's device (on CPU it shares `array`'s memory)."""
-        import onnxruntime as ort
-
-        return ort.OrtValue.ortvalue_from_numpy(array, self.device, self.device_id)
 
     def __call__(self, **feeds):
         binding = self.session.io_binding()
