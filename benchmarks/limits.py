@@ -60,6 +60,10 @@ def _ort_matmul_integer(n: int, reps: int) -> dict:
     return {"how": f"onnxruntime MatMulInteger {n}x{n} u8 x s8->int32", "flops_per_s": 2 * n**3 / s}
 
 
+PROBE_N = 512  # a product this size takes well under a second even on an emulated path
+CEILING_BUDGET_S = 5.0  # per ceiling measurement: longer means the path is too slow to be anyone's ceiling
+
+
 def _try(fn, *args) -> dict:
     try:
         return fn(*args)
@@ -67,18 +71,37 @@ def _try(fn, *args) -> dict:
         return {"how": getattr(fn, "__name__", "?"), "error": str(e).splitlines()[0][:200]}
 
 
+def _bounded(fn, n: int, reps: int, *args, budget_s: float = CEILING_BUDGET_S) -> dict:
+    """`fn(n, *args, reps)` unless a PROBE_N-sized probe says it would take longer than `budget_s`.
+
+    Some CPUs run a precision through an emulated path (torch's int8 or bf16 GEMM without AVX-512 ran at
+    under 2 GOP/s on an AVX2-only EPYC: about a minute per 2048^3 product); the probe catches that within
+    a second, and the ceiling is reported as skipped, with the probe's rate, instead of being measured.
+    """
+    probe = _try(fn, PROBE_N, *args, 2)
+    if "flops_per_s" not in probe:
+        return probe
+    projected = 2 * n**3 * (reps + 1) / probe["flops_per_s"]
+    if projected > budget_s:
+        return {"how": probe["how"].replace(f"{PROBE_N}x{PROBE_N}", f"{n}x{n}"),
+                "skipped": f"a {PROBE_N}x{PROBE_N} probe ran at {probe['flops_per_s'] / 1e9:.2f} GFLOP/s: "
+                           f"{n}x{n} x{reps + 1} would take ~{projected:.0f} s (budget {budget_s:.0f} s)",
+                "probe_flops_per_s": probe["flops_per_s"]}
+    return _try(fn, n, *args, reps)
+
+
 def matmul_ceilings(device: str, quick: bool) -> dict:
     """{precision: {how, flops_per_s | error}} plus `fastest`: the precision that ran fastest."""
     cuda = device.startswith("cuda")
     n, reps = (4096 if cuda else 2048), (3 if quick else 5)  # a GPU needs bigger products to reach its peak
-    out = {"fp32": _try(_torch_mm, n, torch.float32, device, reps),
-           "bf16": _try(_torch_mm, n, torch.bfloat16, device, reps)}
+    out = {"fp32": _bounded(_torch_mm, n, reps, torch.float32, device),
+           "bf16": _bounded(_torch_mm, n, reps, torch.bfloat16, device)}
     if cuda:
-        out["fp16"] = _try(_torch_mm, n, torch.float16, device, reps)
-        out["int8"] = _try(_torch_int_mm, n, device, reps)
+        out["fp16"] = _bounded(_torch_mm, n, reps, torch.float16, device)
+        out["int8"] = _bounded(_torch_int_mm, n, reps, device)
     else:
-        torch_i8 = _try(_torch_int_mm, n, device, reps)
-        ort_i8 = _try(_ort_matmul_integer, n, reps)
+        torch_i8 = _bounded(_torch_int_mm, n, reps, device)
+        ort_i8 = _bounded(_ort_matmul_integer, n, reps)
         out["int8_torch"], out["int8_ort"] = torch_i8, ort_i8
         # the INT8 ceiling for the ORT rows: ONNX Runtime's integer GEMM (their MatMulNBits kernels multiply in int8)
         out["int8"] = ort_i8 if "flops_per_s" in ort_i8 else torch_i8
