@@ -25,6 +25,7 @@ import torch
 
 from ..export.evalset import PATIENT_TEXTS, eval_volumes
 from ..model.config import preset
+from ..model.llm import family
 from ..model.prompts import LABELS
 from ..model.random_init import random_model, write_llm_folder
 from ..runtime.llm_static_t5 import CudaGraphT5Llm
@@ -81,9 +82,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = write_llm_folder(preset(args.preset), Path(tmp))
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(tmp)
+        tok = family(cfg.variant).read_tokenizer(tmp)
     with torch.device(dev):
         model = random_model(cfg).eval()
     say(f"built {args.preset} with random weights on {dev}")

@@ -7,8 +7,6 @@ Positions are 0..n-1 over [prompt ; visual ; generated] (the reference's cumsum(
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,8 +16,14 @@ class _Gpt2(nn.Module):
     def __init__(self, gpt2):
         super().__init__()
         self.gpt2 = gpt2
-        self.heads = gpt2.config.n_head
+        cfg = gpt2.config
+        self.heads = cfg.n_head
         self.act = gpt2.transformer.h[0].mlp.act
+        # Attention score scale per layer, as GPT-2's config asks: 1/sqrt(head_dim), and for BioMedLM
+        # (scale_attn_by_inverse_layer_idx) also 1/(layer index + 1).
+        head_dim = cfg.n_embd // cfg.n_head
+        base = head_dim ** -0.5 if cfg.scale_attn_weights else 1.0
+        self.scales = [base / (i + 1 if cfg.scale_attn_by_inverse_layer_idx else 1) for i in range(cfg.n_layer)]
         # The LM head is tied to the token embedding; a graph-local copy keeps the two initializers apart,
         # so weight quantization of the head's MatMul cannot rewrite the embedding Gather's table.
         self.head = nn.Parameter(gpt2.lm_head.weight.detach().clone(), requires_grad=False)
@@ -43,7 +47,7 @@ class _Gpt2(nn.Module):
                 k, v = torch.cat([past_k[i], k], dim=2), torch.cat([past_v[i], v], dim=2)
             ks.append(k)
             vs.append(v)
-            scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1]) + mask
+            scores = torch.matmul(q, k.transpose(-1, -2)) * self.scales[i] + mask
             w = F.softmax(scores.float(), dim=-1).to(v.dtype)
             a = torch.matmul(w, v).transpose(1, 2).reshape(b, t, d)
             x = x + blk.attn.c_proj(a)

@@ -78,15 +78,14 @@ def export_bundle(opts: ExportOptions, quiet: bool = False) -> dict:
             progress.note(f"{report.loaded} keys loaded, {len(report.unused)} unused at inference "
                           f"(contrastive heads, Q-Former text path, buffers)")
         fam = family(model.cfg.variant)
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(llm_dir))
+        tokenizer = fam.read_tokenizer(llm_dir)
         with progress.step("PyTorch weights, tokenizer and the fp32 reference on the evaluation set"):
             save_weights(model, writer.path("torch/weights.safetensors"), report.dtypes)
             writer.add("torch", "torch/weights.safetensors", kind="torch-weights", precision="as stored",
                        parity={"reference": True})
-            tokenizer.save_pretrained(str(writer.path("tokenizer/x").parent))
-            writer.add("tokenizer", "tokenizer", kind="tokenizer")
+            tokenizer.save(writer.path("tokenizer/x").parent)
+            writer.add("tokenizer", "tokenizer/tokenizer.json", kind="tokenizer", runs_with="tokenizers",
+                       clean_up_tokenization_spaces=tokenizer.clean_up_spaces)
             ref = ReferenceEval.run(model, tokenizer, opts.eval_cases)
         ctx = {"model": model, "tokenizer": tokenizer, "family": fam, "ref": ref, "writer": writer,
                "opts": opts, "progress": progress, "work": Path(work)}

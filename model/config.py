@@ -89,6 +89,8 @@ def _gpt2(n_embd, layers, heads, vocab=28896, n_positions=1024):
         "vocab_size": vocab, "n_positions": n_positions, "activation_function": "gelu_new",
         "layer_norm_epsilon": 1e-5, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
         "bos_token_id": 0, "eos_token_id": 0, "tie_word_embeddings": True,
+        # BioMedLM's config divides each layer's attention scores by (layer index + 1) as well
+        "scale_attn_by_inverse_layer_idx": True, "scale_attn_weights": True, "reorder_and_upcast_attn": False,
     }
 
 

@@ -13,6 +13,14 @@ import re
 import torch
 from torch import nn
 
+from .tokenizer import TextTokenizer, read_bpe_vocab, read_tokenizer_json
+
+
+# Attention as the published code computes it (transformers 4.33's eager matmul-softmax-matmul): with it the
+# fp32 first-step logits equal the published code's bit for bit (tests/test_official_parity.py); the fused
+# SDPA kernel differs in the last bits, enough to move a 16-token answer's log-likelihood by 5e-4.
+EAGER = "eager"
+
 
 class LlmFamily:
     """Interface; see T5Family and Gpt2Family."""
@@ -38,11 +46,17 @@ class LlmFamily:
         """Checkpoint keys under the LLM prefix that are not weights (legacy buffers)."""
         return False
 
-    def prompt_ids(self, tokenizer, text: str) -> list[int]:
+    def read_tokenizer(self, folder) -> TextTokenizer:
+        """The LLM folder's tokenizer as the published code ran it (model/tokenizer.py)."""
         raise NotImplementedError
 
+    def prompt_ids(self, tokenizer, text: str) -> list[int]:
+        """Prompt ids as the published `generate` tokenizes them."""
+        return tokenizer.encode(text)
+
     def answer_ids(self, tokenizer, text: str) -> list[int]:
-        raise NotImplementedError
+        """Answer ids as the published training forward tokenizes its targets."""
+        return tokenizer.encode(text)
 
     def embed_tokens(self, model: nn.Module) -> nn.Embedding:
         return model.get_input_embeddings()
@@ -65,6 +79,7 @@ class T5Family(LlmFamily):
 
         conf = T5Config(**{k: v for k, v in cfg.items() if k not in ("model_type", "architectures")})
         conf.dense_act_fn = "gelu"  # MedBLIP's override: exact GELU, not FLAN-T5's gelu_new
+        conf._attn_implementation = EAGER
         tied = cfg.get("tie_word_embeddings", True)
         # transformers 5 always ties lm_head to the shared embedding when built from a
         # config; FLAN-T5's head is separate, and only a tied head scales the decoder output.
@@ -89,11 +104,9 @@ class T5Family(LlmFamily):
                 p.data = p.data.to(dtype)
         return model
 
-    def prompt_ids(self, tokenizer, text: str) -> list[int]:
-        return tokenizer(text).input_ids  # tokenizer defaults: appends </s>
-
-    def answer_ids(self, tokenizer, text: str) -> list[int]:
-        return tokenizer(text).input_ids  # training targets end with </s>
+    def read_tokenizer(self, folder) -> TextTokenizer:
+        # T5TokenizerFast: appends </s> to prompts and answers alike
+        return read_tokenizer_json(folder, ("</s>", "<unk>", "<pad>"))
 
 
 class Gpt2Family(LlmFamily):
@@ -111,6 +124,7 @@ class Gpt2Family(LlmFamily):
         from transformers import GPT2Config, GPT2LMHeadModel
 
         conf = GPT2Config(**{k: v for k, v in cfg.items() if k not in ("model_type", "architectures")})
+        conf._attn_implementation = EAGER
         return GPT2LMHeadModel(conf).eval()
 
     def hidden_size(self, cfg: dict) -> int:
@@ -122,11 +136,11 @@ class Gpt2Family(LlmFamily):
     def is_buffer_key(self, key: str) -> bool:
         return bool(self._BUFFER.match(key))
 
-    def prompt_ids(self, tokenizer, text: str) -> list[int]:
-        return tokenizer(text, truncation=True, max_length=self.max_prompt_tokens).input_ids
+    def read_tokenizer(self, folder) -> TextTokenizer:
+        return read_bpe_vocab(folder)  # the slow GPT2Tokenizer: appends nothing
 
-    def answer_ids(self, tokenizer, text: str) -> list[int]:
-        return tokenizer(text).input_ids  # nothing appended, as in training
+    def prompt_ids(self, tokenizer, text: str) -> list[int]:
+        return tokenizer.encode(text)[: self.max_prompt_tokens]  # truncation=True, max_length=100 (right side)
 
 
 FAMILIES: dict[str, LlmFamily] = {f.name: f for f in (T5Family(), Gpt2Family())}

@@ -1,4 +1,8 @@
-"""Train small tokenizers offline, in the same on-disk formats as FLAN-T5 (SentencePiece) and GPT-2 (byte-level BPE)."""
+"""Train small tokenizers offline and write them as FLAN-T5's and BioMedLM's folders hold theirs.
+
+T5: a SentencePiece unigram `spiece.model` plus the `tokenizer.json` that transformers 4.x's converter
+derives from it (the layout of FLAN-T5's hub folder). GPT-2: byte-level BPE `vocab.json` + `merges.txt`.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,9 @@ import random
 from pathlib import Path
 
 from .prompts import ANSWERS, DIAGNOSIS_QUESTION, build_prompt
+from .tokenizer import TextTokenizer, read_bpe_vocab, read_tokenizer_json
+
+T5_SPECIALS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 in every T5 vocabulary
 
 
 def corpus(n: int = 400, seed: int = 0) -> list[str]:
@@ -24,10 +31,32 @@ def corpus(n: int = 400, seed: int = 0) -> list[str]:
     return out
 
 
-def train_t5_tokenizer(out_dir: Path, vocab_size: int = 256) -> "object":
-    """A real spiece.model (unigram; <pad>=0, </s>=1, <unk>=2) loaded as a transformers T5Tokenizer and saved."""
+def t5_tokenizer_json(spiece_model: Path):
+    """spiece.model -> `tokenizers.Tokenizer` laid out as transformers 4.x's T5 converter writes it: the
+    unigram pieces, the model's precompiled normalizer then runs of spaces collapsed, Metaspace with a
+    prefix space (a trailing space stays a `▁` token), `</s>` appended, the three specials marked special."""
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(spiece_model.read_bytes())
+    vocab = [(p.piece, p.score) for p in proto.pieces]
+    tok = Tokenizer(models.Unigram(vocab, proto.trainer_spec.unk_id, False))
+    collapse = normalizers.Replace(Regex(" {2,}"), " ")
+    charsmap = proto.normalizer_spec.precompiled_charsmap
+    tok.normalizer = normalizers.Sequence([normalizers.Precompiled(charsmap), collapse] if charsmap else [collapse])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    eos = [p.piece for p in proto.pieces].index("</s>")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", eos)])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in T5_SPECIALS])
+    return tok
+
+
+def train_t5_tokenizer(out_dir: Path, vocab_size: int = 256) -> TextTokenizer:
+    """A real spiece.model (unigram; <pad>=0, </s>=1, <unk>=2) and its tokenizer.json in `out_dir`."""
     import sentencepiece as spm
-    from transformers import T5Tokenizer
 
     out_dir.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
@@ -36,24 +65,20 @@ def train_t5_tokenizer(out_dir: Path, vocab_size: int = 256) -> "object":
         pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, hard_vocab_limit=False,
         minloglevel=2)
     (out_dir / "spiece.model").write_bytes(buf.getvalue())
-    tok = T5Tokenizer.from_pretrained(str(out_dir), extra_ids=0)
-    tok.save_pretrained(str(out_dir))
-    return tok
+    TextTokenizer(t5_tokenizer_json(out_dir / "spiece.model")).save(out_dir)
+    return read_tokenizer_json(out_dir)
 
 
-def train_gpt2_tokenizer(out_dir: Path, vocab_size: int = 384) -> "object":
-    """A byte-level BPE (vocab.json + merges.txt, <|endoftext|>=0) loaded as a transformers GPT2Tokenizer and saved."""
+def train_gpt2_tokenizer(out_dir: Path, vocab_size: int = 384) -> TextTokenizer:
+    """A byte-level BPE (vocab.json + merges.txt, <|endoftext|>=0) in `out_dir`."""
     from tokenizers import ByteLevelBPETokenizer
-    from transformers import GPT2Tokenizer
 
     out_dir.mkdir(parents=True, exist_ok=True)
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(corpus(), vocab_size=vocab_size, min_frequency=2,
                             special_tokens=["<|endoftext|>"], show_progress=False)
     bpe.save_model(str(out_dir))
-    tok = GPT2Tokenizer.from_pretrained(str(out_dir))
-    tok.save_pretrained(str(out_dir))
-    return tok
+    return read_bpe_vocab(out_dir)
 
 
 TRAINERS = {"t5": train_t5_tokenizer, "gpt2": train_gpt2_tokenizer}

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from ..errors import BundleError
 from ..model.config import MedBlipConfig
+from ..model.tokenizer import TextTokenizer
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the tokenizer is one tokenizer.json run by `tokenizers` (model/tokenizer.py)
 MANIFEST = "manifest.json"
 
 
@@ -41,8 +42,10 @@ class Bundle:
             raise BundleError(f"{MANIFEST}: not valid JSON ({e})", code="bad_manifest")
         version = manifest.get("schema_version")
         if version != SCHEMA_VERSION:
-            raise BundleError(f"{MANIFEST}: unknown schema_version {version!r} (this runtime reads {SCHEMA_VERSION})",
-                              code="unknown_schema")
+            older = isinstance(version, int) and version < SCHEMA_VERSION
+            raise BundleError(f"{MANIFEST}: {'older' if older else 'unknown'} schema_version {version!r} (this runtime "
+                              f"reads {SCHEMA_VERSION})" + ("; export the bundle again with this medblip-export"
+                                                            if older else ""), code="unknown_schema")
         bundle = cls(root, manifest)
         if verify:
             bundle.verify()
@@ -88,7 +91,6 @@ class Bundle:
         except KeyError:
             raise BundleError(f"bundle has no {artifact} artifact ({role})", code="missing_artifact")
 
-    def tokenizer(self):
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(self.root / self.artifacts["tokenizer"]["files"]["main"]))
+    def tokenizer(self) -> TextTokenizer:
+        entry = self.artifacts["tokenizer"]
+        return TextTokenizer.load(self.path("tokenizer"), entry["clean_up_tokenization_spaces"])

@@ -39,16 +39,21 @@ class ReferencePipeline:
         return ids, out.logits[0][0].float()
 
     @torch.no_grad()
-    def answer_loglik(self, visual: torch.Tensor, patient_text: str, answer: str) -> float:
-        """Sum log p(answer | scan, prompt): one full forward pass for this answer alone."""
+    def answer_logits(self, visual: torch.Tensor, patient_text: str, answer: str) -> torch.Tensor:
+        """Logits predicting each token of `answer` given scan and prompt [L, V]: one full forward pass for
+        this answer alone, as the training forward computes it."""
         emb = self._embeds(visual, patient_text, DIAGNOSIS_QUESTION)
         target = torch.tensor([self.family.answer_ids(self.tokenizer, answer)], device=visual.device)
         if self.family.is_encoder_decoder:
-            logits = self.model.llm(inputs_embeds=emb, labels=target).logits[0]  # [L, V]
-        else:
-            full = torch.cat([emb, self.model.embed_prompt(target)], dim=1)
-            logits = self.model.llm(inputs_embeds=full).logits[0, emb.shape[1] - 1: -1]  # predicts each answer token
-        return float(torch.log_softmax(logits.float(), -1).gather(-1, target[0][:, None]).sum())
+            return self.model.llm(inputs_embeds=emb, labels=target).logits[0].float()  # [L, V]
+        full = torch.cat([emb, self.model.embed_prompt(target)], dim=1)
+        return self.model.llm(inputs_embeds=full).logits[0, emb.shape[1] - 1: -1].float()  # predicts each token
+
+    def answer_loglik(self, visual: torch.Tensor, patient_text: str, answer: str) -> float:
+        """Sum log p(answer | scan, prompt)."""
+        target = torch.tensor(self.family.answer_ids(self.tokenizer, answer), device=visual.device)
+        logits = self.answer_logits(visual, patient_text, answer)
+        return float(torch.log_softmax(logits, -1).gather(-1, target[:, None]).sum())
 
     @torch.no_grad()
     def diagnose(self, volume: torch.Tensor, patient_text: str = "") -> dict:
@@ -56,4 +61,4 @@ class ReferencePipeline:
         visual = self.model.visual_tokens(volume)
         ids, _ = self.generate(visual, patient_text)
         ll = [self.answer_loglik(visual, patient_text, ANSWERS[k]) for k in LABELS]
-        return {**diagnosis(ll), "generated": self.tokenizer.decode(ids, skip_special_tokens=True).strip()}
+        return {**diagnosis(ll), "generated": self.tokenizer.decode(ids).strip()}

@@ -43,4 +43,4 @@ class Tasks:
     def ask(self, llm, visual, patient_text: str = "", question: str = DIAGNOSIS_QUESTION,
             max_new_tokens: int | None = None) -> str:
         ids = self.ask_ids(llm, visual, patient_text, question, max_new_tokens)
-        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return self.tokenizer.decode(ids).strip()

@@ -20,7 +20,7 @@ from medblip_edge.export.onnx_export import compare, ort_session
 from medblip_edge.export.reference_eval import ReferenceEval
 from medblip_edge.export.run import ExportOptions, export_bundle
 from medblip_edge.model.weights import load_weights
-from medblip_edge.runtime.bundle import Bundle, sha256_file
+from medblip_edge.runtime.bundle import SCHEMA_VERSION, Bundle, sha256_file
 from medblip_edge.runtime.factory import make_backends
 
 CASES = [("tiny", "none"), ("tiny", "int4"), ("tiny-biomedlm", "int8"), ("tiny-biomedlm", "fp16")]
@@ -40,7 +40,7 @@ def reference(bundle):
 
 def test_manifest_lists_every_file_with_its_hash(bundle):
     m = bundle.manifest
-    assert m["schema_version"] == 1 and m["random_weights"] is True
+    assert m["schema_version"] == SCHEMA_VERSION and m["random_weights"] is True
     assert {"torch", "tokenizer", "vision_onnx", "llm_onnx"} <= set(m["artifacts"])
     for art in m["artifacts"].values():
         for rel, digest in art["sha256"].items():
