@@ -6,8 +6,13 @@ import numpy as np
 import torch
 
 from ..export.evalset import eval_volumes
+from ..export.fidelity import (CONTINUATION_TOKENS, TokenLogits, greedy_tokens, log_softmax, margins, teacher_forced,
+                               token_fidelity)
 from ..model.prompts import ANSWERS, LABELS
+from ..runtime.llm_base import pad_candidates
 from ..runtime.tasks import diagnosis
+
+CONTINUATION_CASES = 2  # cases that also get a greedy continuation, teacher-forced on every row
 
 
 def eval_cases(manifest: dict) -> tuple[torch.Tensor, list[tuple[int, str]]]:
@@ -24,29 +29,57 @@ def _as_arrays(rows: list[dict]) -> dict:
 
 
 @torch.inference_mode()
-def pipeline_results(pipe, volumes: torch.Tensor, cases) -> dict:
-    """Pipeline verbs (vision at batch 1, classify) over every case -> labels, probabilities [n,3], log-liks [n,3]."""
+def continuations(pipe, volumes: torch.Tensor, cases) -> list[list[int]]:
+    """The baseline's greedy continuation (EOS not stopping it) for the first cases, [] for the rest."""
+    out = []
+    for k, (i, text) in enumerate(cases):
+        if k >= CONTINUATION_CASES:
+            out.append([])
+            continue
+        state = pipe.llm.prefill(pipe.tasks.prompt_ids(text), pipe.visual_tokens(volumes[i:i + 1]))
+        out.append(greedy_tokens(pipe.llm, state, CONTINUATION_TOKENS))
+    return out
+
+
+@torch.inference_mode()
+def pipeline_results(pipe, volumes: torch.Tensor, cases, conts: list[list[int]]) -> dict:
+    """Pipeline verbs (vision at batch 1, classify) over every case -> labels, probabilities [n,3], log-liks [n,3],
+    and the teacher-forced logits on the answers and the continuations `conts`."""
     visual = {i: pipe.visual_tokens(volumes[i:i + 1]) for i in sorted({i for i, _ in cases})}
-    return _as_arrays([pipe.classify(visual[i], text) for i, text in cases])
+    tasks = pipe.tasks
+    return {**_as_arrays([pipe.classify(visual[i], text) for i, text in cases]),
+            "logits": [teacher_forced(pipe.llm, tasks.prompt_ids(text), visual[i], tasks.answer_ids, cont)
+                       for (i, text), cont in zip(cases, conts)]}
 
 
 @torch.no_grad()
 def reference_results(ref, volumes: torch.Tensor, cases) -> dict:
-    """The reference's diagnoses over every case: its one-pass-per-answer log-likelihoods, which decide
-    diagnose()'s label and probabilities (its generated text does not, so generate is not rerun here)."""
-    rows = []
+    """The reference's diagnoses over every case: its one-pass-per-answer logits, which decide diagnose()'s
+    label and probabilities (its generated text does not, so generate is not rerun here)."""
+    rows, logits = [], []
     visual = {i: ref.model.visual_tokens(volumes[i:i + 1]) for i in sorted({i for i, _ in cases})}
+    answer_ids = [ref.family.answer_ids(ref.tokenizer, ANSWERS[k]) for k in LABELS]
+    ids, mask = pad_candidates(answer_ids, pad=0)
     for i, text in cases:
-        rows.append(diagnosis([ref.answer_loglik(visual[i], text, ANSWERS[k]) for k in LABELS]))
-    return _as_arrays(rows)
+        per = [ref.answer_logits(visual[i], text, ANSWERS[k]).cpu().numpy() for k in LABELS]  # [L_k, V] each
+        padded = np.zeros((len(per), ids.shape[1], per[0].shape[-1]), np.float32)
+        for k, lg in enumerate(per):
+            padded[k, : len(lg)] = lg
+        logits.append(TokenLogits(padded, mask, np.zeros((0, padded.shape[-1]), np.float32)))
+        rows.append(diagnosis([float(log_softmax(lg)[np.arange(len(a)), a].sum()) for lg, a in zip(per, answer_ids)]))
+    return {**_as_arrays(rows), "logits": logits}
 
 
 def agreement(results: dict, baseline: dict, vs: str) -> dict:
-    """Label agreement and max |prob| / |log-likelihood| differences of `results` against `baseline`."""
+    """Label agreement, |prob| / |log-likelihood| differences and per-token fidelity of `results` against
+    `baseline`, with the baseline's margin between its two best answers (how far a label is from flipping)."""
     labels = [a == b for a, b in zip(results["labels"], baseline["labels"])]
+    d_ll = np.abs(results["log_likelihoods"] - baseline["log_likelihoods"])
     return {"vs": vs, "cases": len(labels), "label_agreement": float(np.mean(labels)),
             "max_abs_prob_diff": float(np.abs(results["probabilities"] - baseline["probabilities"]).max()),
-            "max_abs_loglik_diff": float(np.abs(results["log_likelihoods"] - baseline["log_likelihoods"]).max())}
+            "max_abs_loglik_diff": float(d_ll.max()), "mean_abs_loglik_diff": float(d_ll.mean()),
+            "min_margin_nats": float(margins(baseline["log_likelihoods"]).min()),
+            "tokens": token_fidelity(baseline["logits"], results["logits"])}
 
 
 def manifest_agreement(results: dict, manifest: dict) -> dict:

@@ -84,6 +84,24 @@ def _summary(rows: list[dict]) -> list[str]:
                    "scans/s", "peak RSS (rise)", "labels agree", "max Δprob", "max Δloglik"], out)
 
 
+def _fidelity(rows: list[dict]) -> list[str]:
+    """Per-token quality, teacher-forced on the baseline's tokens: these move where label agreement cannot."""
+    def part(t: dict) -> str:
+        if not t.get("positions"):
+            return "-"
+        return f"{t['top1_agreement']:.3f} / {t['kl_mean']:.2g} / {t['kl_max']:.2g} ({t['positions']})"
+
+    body = []
+    for r in rows:
+        a = r["agreement"]
+        t = a.get("tokens", {})
+        body.append([_label(r), f"{a['label_agreement']:.2f}", f"{a['min_margin_nats']:.3g}",
+                     f"{a['max_abs_loglik_diff']:.2g}", f"{a['mean_abs_loglik_diff']:.2g}",
+                     part(t.get("answers", {})), part(t.get("continuation", {}))])
+    return _table(["row", "labels agree", "smallest margin (nats)", "max Δloglik", "mean Δloglik",
+                   "answers: top-1 / KL mean / KL max (positions)", "continuation: top-1 / KL mean / KL max"], body)
+
+
 def _stages(rows: list[dict]) -> list[str]:
     body = []
     for r in rows:
@@ -136,7 +154,7 @@ def _limits(limits: dict) -> list[str]:
         if k == "fastest" or (k == "int8" and any(mm.get(o) == v for o in ("int8_ort", "int8_torch"))):
             continue
         out.append(f"- matmul {k}: " + (f"{_rate(v['flops_per_s'])}FLOP/s ({v['how']})" if "flops_per_s" in v
-                                        else f"did not run ({v.get('error', '?')})"))
+                                        else f"not measured ({v.get('skipped') or v.get('error', '?')})"))
     i8 = mm.get("int8", {})
     if "flops_per_s" in i8:
         out.append(f"- int8 ceiling used for the int8 rows: {i8['how']}")
@@ -181,7 +199,14 @@ def markdown(res: dict) -> str:
               "Quality: label agreement and largest differences of the probabilities and log-likelihoods of the "
               f"three answers against the fp32 torch backend on the {rows[0]['agreement']['cases']} evaluation cases "
               "(the export's fixed volumes + patient texts).", ""]
-    lines += _summary(rows) + _pages(rows) + ["", "## Per stage", ""] + _stages(rows)
+    lines += _summary(rows) + _pages(rows)
+    lines += ["", "## Quality per token", "",
+              "Teacher-forced on the baseline's tokens: the three answers as classify scores them, and a "
+              f"greedy continuation of the prompt (EOS not stopping it) on the first evaluation cases as ask decodes "
+              "it. top-1: the share of positions where the row's most likely next token is the baseline's; KL: "
+              "KL(baseline || row) in nats per position. The smallest margin is the baseline's gap between its two "
+              "best answers over the cases: a label flips only when log-likelihoods move by about that much.", ""]
+    lines += _fidelity(rows) + ["", "## Per stage", ""] + _stages(rows)
     lines += ["", "## Throughput vs vision batch", ""] + _throughput(rows)
     lines += ["", "## Floors", "", "Measured ceilings of this machine, in the same run:", ""] + _limits(res["limits"])
     lines += ["", "Floor = max(FLOPs / matmul ceiling at the stage's precision, bytes / bandwidth): weights read once "

@@ -30,7 +30,7 @@ from .costs import row_floors, stage_costs
 from .limits import best_of, measure_limits
 from .machine import OtherLoad, machine_info
 from .measure import STAGE_NOTES, Plan, measure_pipeline, measure_reference
-from .quality import agreement, eval_cases, manifest_agreement, pipeline_results, reference_results
+from .quality import agreement, continuations, eval_cases, manifest_agreement, pipeline_results, reference_results
 
 BACKENDS = ("torch", "ort", "trt")
 QUICK = {"iters": 3, "warmup": 1, "max_batch": 2, "decode_steps": 8}
@@ -100,6 +100,7 @@ def _row_specs(opts: BenchOptions, bundles: list[Bundle]) -> tuple[list[dict], l
     if "torch" not in opts.backends:  # the quality baseline is the fp32 torch backend, whatever is benchmarked
         rows.insert(0, {"name": "torch fp32", "backend": "torch", "precision": "fp32", "bundle": bundles[0],
                         "quality_only": True})
+    rows.sort(key=lambda r: r["name"] != "torch fp32")  # the baseline first: its continuations are everyone's
     return rows, skipped
 
 
@@ -162,7 +163,9 @@ def _collect(opts: BenchOptions, bundles: list[Bundle], scan: Path, plan: Plan) 
                 row = {"chosen": pipe.chosen, "precision": pipe.precision}
             else:
                 row, pipe = measure_pipeline(_open_pipeline(spec, opts.device), scan, plan)
-            results[spec["name"]] = pipeline_results(pipe, volumes, cases)
+            if spec["name"] == "torch fp32":
+                conts = continuations(pipe, volumes, cases)
+            results[spec["name"]] = pipeline_results(pipe, volumes, cases, conts)
         except MedblipError as e:  # a backend this machine lacks: say so in the report, keep going
             skipped.append({"name": spec["name"], "reason": str(e)})
             continue

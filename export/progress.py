@@ -44,7 +44,11 @@ def summary_table(artifacts: dict) -> str:
     rows = [("artifact", "size", "precision", "parity vs PyTorch fp32")]
     for name, a in artifacts.items():
         parity = a.get("parity") or {}
-        text = ", ".join(f"{k}={_fmt(v)}" for k, v in parity.items() if not isinstance(v, (dict, list)))
+        shown = {k: v for k, v in parity.items() if not isinstance(v, (dict, list))}
+        tokens = parity.get("tokens") or {}
+        if tokens.get("positions"):  # per-token fidelity: top-1 agreement and KL against fp32
+            shown.update(top1=tokens["top1_agreement"], kl_mean=tokens["kl_mean"], kl_max=tokens["kl_max"])
+        text = ", ".join(f"{k}={_fmt(v)}" for k, v in shown.items())
         rows.append((name, _size(a.get("bytes", 0)), str(a.get("precision", "-")), text or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]

@@ -11,6 +11,9 @@ from ..model.prompts import LABELS
 from ..runtime.llm_torch import TORCH_LLMS
 from ..runtime.tasks import Tasks
 from .evalset import eval_cases, eval_volumes
+from .fidelity import CONTINUATION_TOKENS, TokenLogits, greedy_tokens, margins, teacher_forced, token_fidelity
+
+CONTINUATION_CASES = 2  # cases that also get a greedy continuation (60 decode steps each, per artifact)
 
 
 @dataclass
@@ -22,6 +25,8 @@ class ReferenceEval:
     loglik: np.ndarray  # [n_cases, 3] sum log p of each answer
     labels: list
     greedy_ids: list  # per case, the greedy answer tokens to the diagnosis question
+    continuations: list  # per case, CONTINUATION_TOKENS greedy tokens not stopped by EOS ([] past the first cases)
+    logits: list  # per case, the fp32 TokenLogits on the answers and the continuation
     tasks: Tasks
 
     @classmethod
@@ -33,16 +38,30 @@ class ReferenceEval:
         llm = TORCH_LLMS[model.cfg.variant](model.llm, "fp32")
         cases = eval_cases(n)
         labels, probs, loglik = _diagnose_all(tasks, llm, visual, cases)
-        greedy = [tasks.ask_ids(llm, visual[i:i + 1], text) for i, text in cases[:2]]
-        return cls(volumes, visual, cases, probs, loglik, labels, greedy, tasks)
+        greedy = [tasks.ask_ids(llm, visual[i:i + 1], text) for i, text in cases[:CONTINUATION_CASES]]
+        conts = [greedy_tokens(llm, llm.prefill(tasks.prompt_ids(text), visual[i:i + 1]), CONTINUATION_TOKENS)
+                 if k < CONTINUATION_CASES else [] for k, (i, text) in enumerate(cases)]
+        ref = cls(volumes, visual, cases, probs, loglik, labels, greedy, conts, [], tasks)
+        ref.logits = ref.token_logits(llm)
+        return ref
+
+    def token_logits(self, llm, visual: torch.Tensor | None = None) -> list[TokenLogits]:
+        """Teacher-forced logits of a backend on every case's answers and continuation."""
+        visual = self.visual if visual is None else visual
+        return [teacher_forced(llm, self.tasks.prompt_ids(text), visual[i:i + 1], self.tasks.answer_ids, cont)
+                for (i, text), cont in zip(self.cases, self.continuations)]
 
     def compare(self, llm, visual: torch.Tensor | None = None) -> dict:
-        """Run an LLM backend (optionally on other visual tokens) over the cases -> agreement figures."""
+        """Run an LLM backend (optionally on other visual tokens) over the cases -> agreement and fidelity."""
         visual = self.visual if visual is None else visual
         labels, probs, loglik = _diagnose_all(self.tasks, llm, visual, self.cases)
+        d_ll = np.abs(loglik - self.loglik)
         return {"label_agreement": float(np.mean([a == b for a, b in zip(labels, self.labels)])),
                 "max_abs_prob_diff": float(np.abs(probs - self.probabilities).max()),
-                "max_abs_loglik_diff": float(np.abs(loglik - self.loglik).max()),
+                "max_abs_loglik_diff": float(d_ll.max()), "mean_abs_loglik_diff": float(d_ll.mean()),
+                "loglik_diff": {k: float(d) for k, d in zip(LABELS, (loglik - self.loglik).max(axis=0))},
+                "min_margin_nats": float(margins(self.loglik).min()),
+                "tokens": token_fidelity(self.logits, self.token_logits(llm, visual)),
                 "cases": len(self.cases)}
 
     def greedy_match(self, llm) -> bool:
@@ -52,8 +71,10 @@ class ReferenceEval:
 
     def as_manifest(self) -> dict:
         return {"volumes": "export.evalset.eval_volumes(n, size, seed=1234)", "cases": [
-            {"volume": i, "patient_text": t, "label": lab, "probabilities": dict(zip(LABELS, map(float, p)))}
-            for (i, t), lab, p in zip(self.cases, self.labels, self.probabilities)]}
+            {"volume": i, "patient_text": t, "label": lab, "probabilities": dict(zip(LABELS, map(float, p))),
+             "log_likelihoods": dict(zip(LABELS, map(float, ll))), "margin_nats": float(m)}
+            for (i, t), lab, p, ll, m in zip(self.cases, self.labels, self.probabilities, self.loglik,
+                                             margins(self.loglik))]}
 
 
 def _diagnose_all(tasks: Tasks, llm, visual: torch.Tensor, cases) -> tuple[list, np.ndarray, np.ndarray]:

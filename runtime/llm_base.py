@@ -20,8 +20,14 @@ class LlmBackend(ABC):
         """Run the prompt + visual tokens [1, Q, d_llm] once; returns a state with `next_logits` [V]."""
 
     @abstractmethod
+    def candidate_logits(self, state, candidates: list[list[int]]) -> np.ndarray:
+        """Logits predicting each token of each candidate continuation, one batched pass -> [n, L, V] float32
+        (candidates right-padded to the longest, L; positions past a candidate's end are padding)."""
+
     def score(self, state, candidates: list[list[int]]) -> np.ndarray:
         """Sum of log-probabilities of each candidate token sequence, one batched pass -> [n] float64."""
+        ids, mask = pad_candidates(candidates, pad=0)
+        return sum_logprobs(self.candidate_logits(state, candidates), ids, mask)
 
     @abstractmethod
     def step(self, state, token: int):

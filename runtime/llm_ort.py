@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .llm_base import LlmBackend, decoder_inputs, pad_candidates, sum_logprobs
+from .llm_base import LlmBackend, decoder_inputs, pad_candidates
 from .ort_cache import step_cache
 from .ort_graph import OrtGraph, host
 
@@ -59,12 +59,11 @@ class OrtT5Llm(_OrtLlm):
     def step(self, state: OrtState, token: int) -> np.ndarray:
         return state.cache.step(token)
 
-    def score(self, state: OrtState, candidates) -> np.ndarray:
-        labels, mask = pad_candidates(candidates, pad=0)
+    def candidate_logits(self, state: OrtState, candidates) -> np.ndarray:
+        labels, _ = pad_candidates(candidates, pad=0)
         n = len(candidates)
         cross = {name: np.repeat(host(t), n, axis=0) for name, t in state.cross.items()}  # [n,H,S,dk] each
-        logits = host(self.graphs["t5_decoder_prefill"](decoder_ids=decoder_inputs(labels, self.start), **cross)[0])
-        return sum_logprobs(logits, labels, mask)
+        return host(self.graphs["t5_decoder_prefill"](decoder_ids=decoder_inputs(labels, self.start), **cross)[0])
 
 
 class OrtGpt2Llm(_OrtLlm):
@@ -81,13 +80,13 @@ class OrtGpt2Llm(_OrtLlm):
                                                            past_k=state.k, past_v=state.v)
         return host(logits)[0, -1]
 
-    def score(self, state: OrtState, candidates) -> np.ndarray:
-        ids, mask = pad_candidates(candidates, pad=0)
+    def candidate_logits(self, state: OrtState, candidates) -> np.ndarray:
+        ids, _ = pad_candidates(candidates, pad=0)
         n = len(candidates)
         k, v = (np.repeat(host(t), n, axis=1) for t in (state.k, state.v))  # prefix cache for each candidate
         logits = host(self.graphs["gpt2_step"](ids=ids, past_k=k, past_v=v)[0])  # [n,L,V]
-        prev = np.concatenate([np.broadcast_to(state.next_logits, (n, 1, logits.shape[-1])), logits[:, :-1]], axis=1)
-        return sum_logprobs(prev, ids, mask)
+        # token j is predicted by the logits before it: the prefix's last for j = 0
+        return np.concatenate([np.broadcast_to(state.next_logits, (n, 1, logits.shape[-1])), logits[:, :-1]], axis=1)
 
 
 ORT_LLMS = {"t5": OrtT5Llm, "gpt2": OrtGpt2Llm}

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..export.graphs_t5 import T5DecoderPrefillGraph, T5EncoderGraph, _T5Decoder, attend, ffn, rms_norm, \
     split_heads
-from .llm_base import LlmBackend, decoder_inputs, pad_candidates, sum_logprobs
+from .llm_base import LlmBackend, decoder_inputs, pad_candidates
 
 
 class StaticT5Step(_T5Decoder):
@@ -131,10 +131,10 @@ class CudaGraphT5Llm(LlmBackend):
         return self.out[0]
 
     @torch.inference_mode()
-    def score(self, state: StaticState, candidates) -> np.ndarray:
-        labels, mask = pad_candidates(candidates, pad=0)
+    def candidate_logits(self, state: StaticState, candidates) -> np.ndarray:
+        labels, _ = pad_candidates(candidates, pad=0)
         n = len(candidates)
         dec_in = decoder_inputs(labels, self.start)
         ck, cv = (t.expand(-1, n, -1, -1, -1) for t in (state.cross_k, state.cross_v))
         logits, _, _ = self.prefill_graph(torch.as_tensor(dec_in, device=self.device), ck, cv)
-        return sum_logprobs(logits.float().cpu().numpy(), labels, mask)
+        return logits.float().cpu().numpy()

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .llm_base import LlmBackend, decoder_inputs, pad_candidates, sum_logprobs
+from .llm_base import LlmBackend, decoder_inputs, pad_candidates
 
 
 @dataclass
@@ -60,13 +60,13 @@ class TorchT5Llm(_TorchLlm):
         return out.logits[0, -1].float()
 
     @torch.inference_mode()
-    def score(self, state: T5State, candidates) -> np.ndarray:
-        labels, mask = pad_candidates(candidates, pad=0)
+    def candidate_logits(self, state: T5State, candidates) -> np.ndarray:
+        labels, _ = pad_candidates(candidates, pad=0)
         start = self.llm.config.decoder_start_token_id
         dec_in = decoder_inputs(labels, start)
         enc = state.encoder_out.expand(len(candidates), -1, -1)  # [n, S, d]
         logits = self.llm(encoder_outputs=(enc,), decoder_input_ids=self._ids(dec_in)).logits  # [n, L, V]
-        return sum_logprobs(logits.float().cpu().numpy(), labels, mask)
+        return logits.float().cpu().numpy()
 
 
 class TorchGpt2Llm(_TorchLlm):
@@ -88,8 +88,8 @@ class TorchGpt2Llm(_TorchLlm):
         return out.logits[0, -1].float()
 
     @torch.inference_mode()
-    def score(self, state: Gpt2State, candidates) -> np.ndarray:
-        ids, mask = pad_candidates(candidates, pad=0)
+    def candidate_logits(self, state: Gpt2State, candidates) -> np.ndarray:
+        ids, _ = pad_candidates(candidates, pad=0)
         n, length = ids.shape
         cache = copy.deepcopy(state.cache)
         cache.batch_repeat_interleave(n)
@@ -97,7 +97,7 @@ class TorchGpt2Llm(_TorchLlm):
         logits = self.llm(input_ids=self._ids(ids), position_ids=pos, past_key_values=cache).logits  # [n, L, V]
         # token j is predicted by the logits before it: the prefix's last for j = 0
         prev = torch.cat([state.next_logits.to(logits.dtype)[None, None].expand(n, 1, -1), logits[:, :-1]], dim=1)
-        return sum_logprobs(prev.float().cpu().numpy(), ids, mask)
+        return prev.float().cpu().numpy()
 
 
 TORCH_LLMS = {"t5": TorchT5Llm, "gpt2": TorchGpt2Llm}
