@@ -40,8 +40,10 @@ def one_line_errors(fn):
               "(tiny, tiny-biomedlm, small, small-biomedlm, paper-t5, paper-biomedlm). Marked random_weights.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle folder to write "
               "(replaced atomically: a failed export leaves the old one in place).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
-              help="Precision of the vision graph (fp16: for GPU execution).")
+@click.option("--precision", type=click.Choice(["fp32", "int8", "fp16"]), default="fp32", show_default=True,
+              help="Vision graph: fp32; int8 (CPU: the ViT's matmuls as dynamic INT8, its fidelity measured against "
+              "fp32: visual-token error, and labels, next tokens and KL downstream); fp16 (adds an fp16 graph "
+              "for GPUs and TensorRT).")
 @click.option("--llm-quant", type=click.Choice(["none", "int8", "int4", "fp16"]), default="none", show_default=True,
               help="LLM graphs: none (fp32), int8 (CPU: dynamic INT8 GEMMs, 8-bit MatMulNBits decode step), "
               "int4 (weight-only blockwise), fp16 (GPU).")

@@ -37,7 +37,7 @@ def continuations(pipe, volumes: torch.Tensor, cases) -> list[list[int]]:
             out.append([])
             continue
         state = pipe.llm.prefill(pipe.tasks.prompt_ids(text), pipe.visual_tokens(volumes[i:i + 1]))
-        out.append(greedy_tokens(pipe.llm, state, CONTINUATION_TOKENS))
+        out.append(greedy_tokens(pipe.llm, state, CONTINUATION_TOKENS)[0])
     return out
 
 

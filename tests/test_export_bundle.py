@@ -17,7 +17,7 @@ import torch
 from bundles import tiny_onnx_bundle
 from medblip_edge.errors import BundleError, MedblipError
 from medblip_edge.export.onnx_export import compare, ort_session
-from medblip_edge.export.reference_eval import ReferenceEval
+from medblip_edge.export.reference_eval import EvalBudget, ReferenceEval
 from medblip_edge.export.run import ExportOptions, export_bundle
 from medblip_edge.model.weights import load_weights
 from medblip_edge.runtime.bundle import SCHEMA_VERSION, Bundle, sha256_file
@@ -35,7 +35,8 @@ def bundle(request):
 def reference(bundle):
     """A fresh fp32 PyTorch reference, recomputed from the bundle's own weights."""
     model = load_weights(bundle.config, bundle.path("torch"))
-    return ReferenceEval.run(model, bundle.tokenizer(), len(bundle.manifest["evaluation"]["cases"]))
+    budget = EvalBudget(**bundle.manifest["evaluation"]["budget"])
+    return ReferenceEval.run(model, bundle.tokenizer(), budget)
 
 
 def test_manifest_lists_every_file_with_its_hash(bundle):
@@ -70,7 +71,10 @@ def test_llm_graphs_match_manifest(bundle, reference):
     assert fresh["max_abs_prob_diff"] == pytest.approx(art["parity"]["max_abs_prob_diff"], abs=1e-6)
     if art["precision"] == "fp32":
         assert reference.greedy_match(llm), "fp32 ONNX greedy tokens must equal PyTorch's"
-        assert fresh["max_abs_prob_diff"] < 1e-4 and fresh["max_abs_loglik_diff"] < 1e-3
+        # fp32 rounding, relative to the answers' log-likelihoods (random T5 attention without score scaling
+        # is sharp: on one draw the written decoder alone moves an 18-token answer's -88 nats by 1.5e-3)
+        assert fresh["max_abs_prob_diff"] < 1e-4
+        assert fresh["max_abs_loglik_diff"] < 1e-4 * (1 + np.abs(reference.loglik).max())
     else:
         fp32 = art["parity"]["fp32_onnx"]
         assert fp32["greedy_tokens_identical"] and fp32["max_abs_prob_diff"] < 1e-4

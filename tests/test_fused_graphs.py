@@ -10,7 +10,7 @@ import pytest
 import torch
 from medblip_edge.export.graphs_t5 import T5DecoderPrefillGraph, T5DecoderStepGraph
 from medblip_edge.export.graphs_t5_fused import T5DecoderWriter
-from medblip_edge.export.llm_graphs import t5_graphs
+from medblip_edge.export.llm_graphs import traced_t5_step
 from medblip_edge.export.onnx_export import ort_session
 from medblip_edge.export.quantize import QUANTIZERS
 from medblip_edge.model.config import preset
@@ -97,8 +97,7 @@ def test_in_place_caches_step_like_the_traced_module(tmp_path, monkeypatch):
     cache = step_cache(graph, list(pk), list(pv), _feeds(cross_k=ck, cross_v=cv), length=3)
     assert isinstance(cache, InPlaceKV)
     # the traced step graph (what fp16 bundles ship) through the other cache kind, on the same tokens
-    traced_spec = next(g for g in t5_graphs(t5, t5.config.d_model, 4) if g.name == "t5_decoder_step")
-    traced = OrtGraph(traced_spec.export(tmp_path / "traced.onnx", fused=False)[0])
+    traced = OrtGraph(traced_t5_step(t5, tmp_path / "traced.onnx")[0])
     growing = step_cache(traced, list(pk), list(pv), _feeds(cross_k=ck, cross_v=cv), length=3)
     assert isinstance(growing, GrowingKV)
     # and the fused step fed caches that grow (how it runs off the CPU, see ort_cache)
