@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..model.prompts import LABELS
-from ..model.stored import fp32_compute
+from ..model.stored import fp32_compute, release_module
 from ..runtime.llm_base import pad_candidates, sum_logprobs
 from ..runtime.llm_torch import TORCH_LLMS
 from ..runtime.tasks import Tasks, diagnosis
@@ -64,6 +64,7 @@ class ReferenceEval:
         with fp32_compute(model):
             volumes = eval_volumes(budget.cases, model.cfg.vision.image_size)
             visual = torch.cat([model.visual_tokens(volumes[i:i + 1]) for i in range(budget.cases)]).float()
+            release_module(model)  # the image half's pages: not needed again here
             tasks = Tasks(model.family, tokenizer, model.family.max_new_tokens)
             llm = TORCH_LLMS[model.cfg.variant](model.llm, "fp32")
             cases = eval_cases(budget.cases)

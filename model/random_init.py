@@ -69,7 +69,7 @@ class _Init:
         unit is back on the meta device."""
         done: set[int] = set()
         for name, unit, whole in units(self.model):
-            owners = list(unit.modules()) if whole else [unit]
+            owners = _post_order(unit) if whole else [unit]
             todo = [(m, k, p) for m in owners for k, p in m._parameters.items()
                     if p is not None and id(p) not in done]
             if not todo:
@@ -101,6 +101,12 @@ class _Init:
                 std = None if p is None else self.override.get(original.get(id(p)))
                 if std is not None:
                     nn.init.normal_(p, std=std)
+
+
+def _post_order(module: nn.Module) -> list[nn.Module]:
+    """Children before their parent, as nn.Module.apply visits them: a parent's init rule (T5Attention's
+    per-projection stds) must win over the generic one its Linear children get."""
+    return [m for child in module.children() for m in _post_order(child)] + [module]
 
 
 @torch.no_grad()

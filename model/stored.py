@@ -154,37 +154,48 @@ def _low(t) -> bool:
 @contextmanager
 def fp32_compute(model: nn.Module):
     """Forward passes of `model` in fp32 while its weights stay as stored: each unit's weights are upcast
-    when it is entered and the fp32 copies dropped when it returns."""
-    handles = []
+    when it is entered and the fp32 copies dropped when it returns. The copies go into buffers kept for the
+    context's duration (one per weight position in a block, reused by every block of that shape), so a
+    decode step converts weights without allocating and faulting in fresh pages each time."""
+    handles, scratch = [], {}
     for _, unit, whole in units(model):
         if not any(_low(p) for p in (unit.parameters() if whole else unit._parameters.values())):
             continue
-        handles.append(unit.register_forward_pre_hook(_upcast(whole)))
+        handles.append(unit.register_forward_pre_hook(_upcast(whole, scratch)))
         handles.append(unit.register_forward_hook(_restore, always_call=True))
     try:
         yield model
     finally:
         for h in handles:
             h.remove()
+        scratch.clear()
 
 
-def _upcast(whole: bool):
+def _upcast(whole: bool, scratch: dict):
     def hook(unit, args):
         saved = []
-        for m in (unit.modules() if whole else [unit]):
+        for prefix, m in (unit.named_modules() if whole else [("", unit)]):
             for store in (m._parameters, m._buffers):
                 for name, t in store.items():
-                    if _low(t):
-                        saved.append((store, name, t))
-                        up = t.detach().float()
-                        store[name] = nn.Parameter(up, requires_grad=False) if isinstance(t, nn.Parameter) else up
+                    if not _low(t):
+                        continue
+                    key = (type(unit).__name__, prefix, name, tuple(t.shape))
+                    buf = scratch.get(key)
+                    if buf is None or buf[1]:  # none yet, or in use by a unit still running
+                        buf = scratch[key] = [torch.empty(t.shape, dtype=torch.float32), False]
+                    buf[0].copy_(t.detach())
+                    buf[1] = True
+                    saved.append((store, name, t, buf))
+                    up = buf[0]
+                    store[name] = nn.Parameter(up, requires_grad=False) if isinstance(t, nn.Parameter) else up
         unit._medblip_stored = saved
 
     return hook
 
 
 def _restore(unit, args, output):
-    for store, name, t in getattr(unit, "_medblip_stored", ()):
+    for store, name, t, buf in getattr(unit, "_medblip_stored", ()):
         store[name] = t
+        buf[1] = False
     unit._medblip_stored = []
     return output

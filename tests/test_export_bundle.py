@@ -71,10 +71,7 @@ def test_llm_graphs_match_manifest(bundle, reference):
     assert fresh["max_abs_prob_diff"] == pytest.approx(art["parity"]["max_abs_prob_diff"], abs=1e-6)
     if art["precision"] == "fp32":
         assert reference.greedy_match(llm), "fp32 ONNX greedy tokens must equal PyTorch's"
-        # fp32 rounding, relative to the answers' log-likelihoods (random T5 attention without score scaling
-        # is sharp: on one draw the written decoder alone moves an 18-token answer's -88 nats by 1.5e-3)
-        assert fresh["max_abs_prob_diff"] < 1e-4
-        assert fresh["max_abs_loglik_diff"] < 1e-4 * (1 + np.abs(reference.loglik).max())
+        assert fresh["max_abs_prob_diff"] < 1e-4 and fresh["max_abs_loglik_diff"] < 1e-3
     else:
         fp32 = art["parity"]["fp32_onnx"]
         assert fp32["greedy_tokens_identical"] and fp32["max_abs_prob_diff"] < 1e-4
