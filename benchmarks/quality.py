@@ -6,13 +6,12 @@ import numpy as np
 import torch
 
 from ..export.evalset import eval_volumes
-from ..export.fidelity import (CONTINUATION_TOKENS, TokenLogits, greedy_tokens, log_softmax, margins, teacher_forced,
+from ..export.fidelity import (TokenLogits, greedy_tokens, log_softmax, margins, teacher_forced,
                                token_fidelity)
 from ..model.prompts import ANSWERS, LABELS
 from ..runtime.llm_base import pad_candidates
 from ..runtime.tasks import diagnosis
 
-CONTINUATION_CASES = 2  # cases that also get a greedy continuation, teacher-forced on every row
 
 
 def eval_cases(manifest: dict) -> tuple[torch.Tensor, list[tuple[int, str]]]:
@@ -29,15 +28,18 @@ def _as_arrays(rows: list[dict]) -> dict:
 
 
 @torch.inference_mode()
-def continuations(pipe, volumes: torch.Tensor, cases) -> list[list[int]]:
-    """The baseline's greedy continuation (EOS not stopping it) for the first cases, [] for the rest."""
+def continuations(pipe, volumes: torch.Tensor, cases, manifest: dict) -> list[list[int]]:
+    """The baseline's greedy continuation (EOS not stopping it) for the first cases, [] for the rest; how many
+    and how long as the export's evaluation budget (fewer at the paper's sizes)."""
+    budget = manifest["evaluation"]["budget"]
+    n, length = budget["continuation_cases"], budget["continuation_tokens"]
     out = []
     for k, (i, text) in enumerate(cases):
-        if k >= CONTINUATION_CASES:
+        if k >= n:
             out.append([])
             continue
         state = pipe.llm.prefill(pipe.tasks.prompt_ids(text), pipe.visual_tokens(volumes[i:i + 1]))
-        out.append(greedy_tokens(pipe.llm, state, CONTINUATION_TOKENS)[0])
+        out.append(greedy_tokens(pipe.llm, state, length)[0])
     return out
 
 
