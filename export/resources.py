@@ -25,9 +25,8 @@ def rss_bytes() -> int:
 
 
 class Meter:
-    """`with Meter() as m: ...` -> m.result = {"seconds", "peak_rss_mib"}; Meter.peak_mib: the largest peak seen."""
+    """`with Meter() as m: ...` -> m.result = {"seconds", "peak_rss_mib"}."""
 
-    peak_mib = 0.0
     INTERVAL_S = 0.02
 
     def __enter__(self) -> "Meter":
@@ -45,5 +44,4 @@ class Meter:
         self._stop.set()
         self._thread.join()
         mib = round(max(self._peak, rss_bytes()) / 2**20, 1)
-        Meter.peak_mib = max(Meter.peak_mib, mib)
         self.result = {"seconds": round(time.perf_counter() - self._t0, 1), "peak_rss_mib": mib}

@@ -117,7 +117,7 @@ def export_bundle(opts: ExportOptions, quiet: bool = False) -> dict:
             "generation": {"strategy": "greedy", "max_new_tokens": fam.max_new_tokens},
             "max_batch": opts.max_batch,
             "evaluation": ref.as_manifest(),
-            "export": {"steps": progress.records, "peak_rss_mib": Meter.peak_mib,
+            "export": {"steps": progress.records, "peak_rss_mib": max(r["peak_rss_mib"] for r in progress.records),
                        "seconds": round(sum(r["seconds"] for r in progress.records), 1)},
             "versions": versions(),
             "notes": notes,

@@ -69,7 +69,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, releas
         f.write(struct.pack("<Q", len(blob)) + blob)
         for t in tensors.values():
             if t.numel():
-                f.write(memoryview(t.detach().contiguous().view(torch.uint8).reshape(-1).numpy()))
+                f.write(memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
             pending.append(t)
             pending_bytes += t.numel() * t.element_size()
             if release_after and pending_bytes > RELEASE_BATCH:

@@ -182,3 +182,37 @@ def test_paper_preset_sizes_match_the_paper():
     assert (t5.qformer.hidden, t5.qformer.layers, t5.qformer.num_query, t5.qformer.heads) == (768, 12, 32, 12)
     assert t5.llm["d_model"] == 2048 and PRESETS["paper-biomedlm"].llm["n_embd"] == 2560
     assert torch.tensor(0).dtype == torch.int64
+
+
+def test_manifest_records_time_memory_and_bytes_per_artifact(bundle):
+    m = bundle.manifest
+    for name in ("torch", "vision_onnx", "llm_onnx"):
+        art = m["artifacts"][name]
+        assert art["bytes"] > 0 and art["resources"]["seconds"] >= 0 and art["resources"]["peak_rss_mib"] > 0
+    steps = m["export"]["steps"]
+    assert len(steps) >= 5 and m["export"]["peak_rss_mib"] == max(s["peak_rss_mib"] for s in steps)
+    budget = m["evaluation"]["budget"]
+    assert budget["cases"] == len(m["evaluation"]["cases"]) and budget["continuation_tokens"] == 60
+    llm = m["artifacts"]["llm_onnx"]
+    shared = [rel for rel in llm["sha256"] if rel.endswith(".data")]
+    assert len(shared) == 1, "the LLM graphs share one weight file"
+
+
+def test_int8_vision_graph_records_its_fidelity(tmp_path):
+    """--precision int8: the ViT's matmuls as dynamic INT8, its error on the visual tokens and what it does to
+    the answers (the fp32 LLM run on its tokens) in the manifest; the runtime reads the precision from there."""
+    import onnx
+
+    from medblip_edge.runtime.pipeline import Pipeline
+
+    out = tmp_path / "b"
+    m = export_bundle(ExportOptions(out=out, preset="tiny", precision="int8", max_batch=4), quiet=True)
+    vision = m["artifacts"]["vision_onnx"]
+    assert vision["precision"] == "int8" and 0.95 <= vision["parity"]["cosine"] < 1
+    down = vision["parity"]["downstream"]
+    assert 0 <= down["label_agreement"] <= 1 and down["tokens"]["positions"] > 0 and "kl_mean" in down["tokens"]
+    graph = onnx.load(str(out / vision["files"]["main"]), load_external_data=False).graph
+    depth = m["model"]["config"]["vision"]["depth"]
+    assert sum(n.op_type == "DynamicQuantizeMatMul" for n in graph.node) == 1 + 4 * depth  # stem + 4 per block
+    pipe = Pipeline.from_bundle(out, backend="ort")
+    assert pipe.precision["vision"] == "int8"
