@@ -23,7 +23,7 @@ from ..model.llm import family
 from ..model.prompts import ANSWERS, DIAGNOSIS_QUESTION, PROMPT_TEMPLATE
 from ..model.random_init import write_random_checkpoint
 from ..model.stored import release_module
-from ..model.weights import save_weights
+from ..model.weights import load_weights, save_weights
 from ..preprocess import PreprocessSpec
 from .bundle_writer import BundleWriter
 from .progress import Progress, summary_table
@@ -88,6 +88,9 @@ def export_bundle(opts: ExportOptions, quiet: bool = False) -> dict:
             tokenizer.save(writer.path("tokenizer/x").parent)
         writer.add("torch", "torch/weights.safetensors", kind="torch-weights", precision="as stored",
                    parity={"reference": True}, resources=meter.result)
+        if random_weights:  # the same tensors are in the bundle now: map those, and free the disk the preset used
+            model = load_weights(model.cfg, writer.path("torch/weights.safetensors"), dtype=None)
+            Path(ckpt).unlink()
         writer.add("tokenizer", "tokenizer/tokenizer.json", kind="tokenizer", runs_with="tokenizers",
                    clean_up_tokenization_spaces=tokenizer.clean_up_spaces)
         budget = EvalBudget.for_model(model, opts.eval_cases)
