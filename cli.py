@@ -99,9 +99,18 @@ def export_main(checkpoint, llm_dir, preset, out, precision, llm_quant, trt, no_
 @click.option("--huge-pages/--no-huge-pages", default=True, show_default=True,
               help="On CPU, move the loaded weights onto 2 MiB pages (Linux 6.1+ MADV_COLLAPSE; left alone where "
               "THP is set to never). Token decoding streams them faster.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this process. ray: a Ray cluster (Ray Data): reading as tasks on any node, the model as "
+              "an actor pool; needs the serve extra (pip install -e '.[serve]').")
+@click.option("--address", default=None, help="--engine ray: join this Ray cluster (e.g. 10.0.0.5:6379; scan paths "
+              "must be readable on every node) instead of starting a local one on 127.0.0.1.")
+@click.option("--ray-actors", type=int, default=None, help="--engine ray: model actors [default: one per GPU with "
+              "--device cuda, else 1].")
+@click.option("--threads", type=int, default=None, help="--engine ray: compute threads per model actor [default: "
+              "half the cluster's CPUs, the other half read].")
 @one_line_errors
 def infer_main(scans, bundle_dir, backend, device, precision, patient_text, question, out_path, resume,
-               timeout_s, workers, include_paths, rebuild_trt, huge_pages):
+               timeout_s, workers, include_paths, rebuild_trt, huge_pages, engine, address, ray_actors, threads):
     """Diagnose NIfTI scans with a bundle: one JSON object per scan (JSON Lines).
 
     SCANS are NIfTI files, folders of them, or a CSV with columns scan,patient_text.
@@ -111,11 +120,19 @@ def infer_main(scans, bundle_dir, backend, device, precision, patient_text, ques
     """
     from .runtime.cohort import InferOptions, run_infer
 
-    failed = run_infer(InferOptions(
+    opts = InferOptions(
         scans=list(scans), bundle=bundle_dir, backend=backend, device=device, precision=precision,
         patient_text=patient_text, question=question, out=out_path, resume=resume, timeout_s=timeout_s,
         workers=workers, include_paths=include_paths, rebuild_trt=rebuild_trt,
-        huge_pages=huge_pages))
+        huge_pages=huge_pages)
+    if engine == "ray":
+        from .serve.cohort_ray import RayOptions, run_infer_ray
+
+        failed = run_infer_ray(opts, RayOptions(address=address, actors=ray_actors, threads=threads))
+    else:
+        if address or ray_actors or threads:
+            raise MedblipError("--address, --ray-actors and --threads go with --engine ray", code="usage")
+        failed = run_infer(opts)
     sys.exit(1 if failed else 0)
 
 
