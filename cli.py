@@ -212,7 +212,7 @@ def serve_main(bundle_dir, host, port, replicas, threads, preprocess_workers, ma
       medblip-serve --bundle demo-bundle --port 8000
       curl -F scan=@scan.nii.gz -F patient_text="74 year old female. " localhost:8000/v1/infer
     """
-    from .serve.replica import ReplicaConfig
+    from .serve.config import ReplicaConfig
     from .serve.server import ServeOptions, run_from_command_line
 
     run_from_command_line(ServeOptions(

@@ -8,7 +8,7 @@ agent and runtime-env agent bind to it. It must be set before Ray starts its pro
 inherit it. One listener ignores it: a Serve replica's inter-deployment gRPC server, bound to
 [::] in Ray's code; `serve/replica.py` moves that one onto the loopback address too.
 
-The dashboard is off. Ray's own logs go to a private temporary folder that is removed on stop.
+Token authentication is on (RAY_AUTH_MODE=token unless set). The dashboard is off. Ray's own logs go to a private temporary folder that is removed on stop.
 Joining (`address`) uses the cluster as it is: nothing is started, and stopping only disconnects.
 """
 
@@ -60,7 +60,10 @@ class Cluster:
 def start(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None,
           metrics_port: int | None = None, log_to_driver: bool = True) -> Cluster:
     """Join the Ray cluster at `address`, or start a local one on 127.0.0.1 (dashboard off)."""
-    if address is None:
+    # token authentication, explicitly: the token is ~/.ray/auth_token (made when a local cluster starts without
+    # one); a driver joining a cluster only sends it when the mode is set
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if address is None or address.split(":")[0] in (LOOPBACK, "localhost"):
         loopback_only_env()
     import ray
 
@@ -125,3 +128,20 @@ def connected(address: str | None = None, **kwargs):
         yield cluster
     finally:
         stop(cluster)
+
+
+def main() -> None:
+    """`python -m medblip_edge.serve.ray_cluster`: a local cluster on 127.0.0.1 for `--address`, held until stdin
+    closes (its address is the one line on stdout), then stopped with all its processes."""
+    cluster = start(log_to_driver=False)
+    print(cluster.address, flush=True)
+    try:
+        sys.stdin.read()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop(cluster)
+
+
+if __name__ == "__main__":
+    main()

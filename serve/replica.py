@@ -20,33 +20,18 @@ import asyncio
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 from ray import serve
 
 from ..errors import ScanError
 from ..runtime.results_io import error_row, scrub, sha_or_none
+from .config import ReplicaConfig
 from .upload import RequestError, read_upload
 
 # stable HTTP status per kind of failure (scan errors: the scan was read and refused)
 STATUS_SCAN_ERROR = 422
 STATUS_TIMEOUT = 504
-
-
-@dataclass
-class ReplicaConfig:
-    bundle: str
-    backend: str = "auto"
-    device: str = "cpu"
-    precision: str | None = None
-    threads: int | None = None  # compute threads of the model (ONNX Runtime / torch intra-op)
-    huge_pages: bool = True
-    preprocess_workers: int = 2
-    max_batch: int = 4
-    batch_wait_ms: float = 10.0
-    max_body_mb: float = 1024.0
-    timeout_s: float = 120.0
 
 
 def _grpc_on_loopback() -> None:

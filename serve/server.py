@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..errors import MedblipError
 from . import ray_cluster
-from .replica import ReplicaConfig
+from .config import ReplicaConfig
 
 APP = "medblip"
 
@@ -119,7 +119,7 @@ def run_server(opts: ServeOptions, stop: threading.Event | None = None, on_start
             info = {"url": f"{base}/v1/infer", "ready": f"{base}/v1/ready", "live": f"{base}/-/healthz",
                     "metrics": f"http://127.0.0.1:{opts.metrics_port}/metrics" if cluster.owned else None,
                     "replicas": replicas, "threads": threads, "backend": ready["backend"],
-                    "max_batch": ready["max_batch"], "ray": cluster.address, "startup_s": round(time.monotonic() - t0, 1)}
+                    "max_batch": ready["max_batch"], "ray": cluster.address, "ray_logs": cluster.temp_dir, "startup_s": round(time.monotonic() - t0, 1)}
             print(json.dumps(info), flush=True)
             log(f"serve: ready at {info['url']} in {info['startup_s']} s; SIGTERM or Ctrl-C stops it")
             while not stop.wait(0.5):

@@ -82,12 +82,15 @@ class _Parts:
         self.file = None
         self.scan: Path | None = None
         self.text: dict[str, bytearray] = {}
-        self.error: RequestError | None = None
+        self.complete = False  # the closing boundary was read
 
     def callbacks(self) -> dict:
         return {"on_part_begin": self.begin, "on_header_field": self.header_field, "on_header_value": self.header_value,
                 "on_header_end": self.header_end, "on_headers_finished": self.headers_done,
-                "on_part_data": self.data, "on_part_end": self.end}
+                "on_part_data": self.data, "on_part_end": self.end, "on_end": self.done}
+
+    def done(self):
+        self.complete = True
 
     def begin(self):
         self.headers, self.field, self.value, self.current = {}, b"", b"", None
@@ -172,10 +175,10 @@ async def read_upload(request, max_bytes: int) -> Upload:
         finally:
             if parts.file is not None:
                 parts.file.close()
+        if not parts.complete:
+            raise RequestError(400, "bad_multipart", "the multipart/form-data body ends before its closing boundary")
         if parts.scan is None:
             raise RequestError(400, "missing_scan", "no 'scan' file part in the form")
-        if parts.current is not None:
-            raise RequestError(400, "bad_multipart", "the multipart/form-data body ends inside a part")
         return Upload(parts.scan, _text(parts, "patient_text") or "", _text(parts, "question"))
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
