@@ -199,3 +199,18 @@ def test_near_tie_cases_sit_at_a_decision_edge(bundle):
     cfg = bundle.config
     d_llm = cfg.llm.get("d_model") or cfg.llm.get("n_embd")
     assert np.load(bundle.path("evaluation")).shape == (len(near), cfg.qformer.num_query, d_llm)
+
+
+@pytest.mark.parametrize("preset,quant", [("tiny", "int4"), ("tiny-biomedlm", "int4"), ("tiny-biomedlm", "int8")])
+def test_quantized_graphs_leave_no_fp32_weight_matrix_multiply(preset, quant):
+    """Every weight a MatMul or Gemm multiplies by is quantized (GPT-2's Conv1D projections once traced to Gemm,
+    which the 4-bit quantizer skips, so an INT4 BioMedLM kept them all in fp32)."""
+    import onnx
+
+    b = Bundle.open(tiny_onnx_bundle(preset, quant))
+    for name in b.artifacts["llm_onnx"]["graphs"]:
+        m = onnx.load(str(b.path("llm_onnx", name)), load_external_data=False)
+        fp32 = {i.name for i in m.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2}
+        plain = [x for n in m.graph.node if n.op_type in ("MatMul", "Gemm") for x in n.input if x in fp32]
+        assert not plain, (name, plain[:3])
+        assert any(n.op_type in ("MatMulNBits", "DynamicQuantizeMatMul", "MatMulInteger") for n in m.graph.node)
