@@ -24,24 +24,23 @@ def _reference(job: dict) -> dict:
     from ..runtime.bundle import Bundle
     from ..runtime.reference import ReferencePipeline
     from .measure import measure_reference
-    from .quality import eval_cases, reference_results
+    from .quality import eval_set, reference_results
 
     bundle, plan = Bundle.open(job["bundle"], verify=False), job["plan"]
-    volumes, cases = eval_cases(bundle.manifest)
     opener = lambda: ReferencePipeline(load_weights(bundle.config, bundle.path("torch"), torch.float32, plan.device),
                                        bundle.tokenizer())
     row, ref = measure_reference(opener, Path(job["scan"]), bundle.manifest["preprocess"]["size"], plan)
-    return {"row": row, "results": reference_results(ref, volumes.to(plan.device), cases)}
+    return {"row": row, "results": reference_results(ref, eval_set(bundle), plan.device)}
 
 
 def _pipeline(job: dict) -> dict:
     from ..runtime.bundle import Bundle
     from ..runtime.pipeline import Pipeline
     from .measure import measure_pipeline
-    from .quality import continuations, eval_cases, pipeline_results
+    from .quality import continuations, eval_set, pipeline_results
 
     bundle, plan = Bundle.open(job["bundle"], verify=False), job["plan"]
-    volumes, cases = eval_cases(bundle.manifest)
+    evalset = eval_set(bundle)
     opener = lambda: Pipeline.from_bundle(job["bundle"], job["backend"], plan.device, job["precision"])
     if job.get("quality_only"):
         pipe, row = opener(), None
@@ -49,8 +48,8 @@ def _pipeline(job: dict) -> dict:
         row, pipe = measure_pipeline(opener, Path(job["scan"]), plan)
     conts = job.get("continuations")
     if conts is None:  # the baseline: its own greedy continuations are every row's teacher-forced tokens
-        conts = continuations(pipe, volumes, cases, bundle.manifest)
-    out = {"row": row, "results": pipeline_results(pipe, volumes, cases, conts), "continuations": conts}
+        conts = continuations(pipe, evalset)
+    out = {"row": row, "results": pipeline_results(pipe, evalset, conts), "continuations": conts}
     if row is None:
         out["chosen"], out["precision"] = pipe.chosen, pipe.precision
     return out

@@ -8,6 +8,7 @@ GBs, so fewer cases and a shorter continuation are checked there; the budget use
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -17,9 +18,11 @@ from ..model.prompts import LABELS
 from ..model.stored import fp32_compute, release_module
 from ..runtime.llm_base import pad_candidates, sum_logprobs
 from ..runtime.llm_torch import TORCH_LLMS
+from ..runtime.reference import ReferencePipeline
 from ..runtime.tasks import Tasks, diagnosis
 from .evalset import eval_cases, eval_volumes
 from .fidelity import CONTINUATION_TOKENS, TokenLogits, follow, greedy_tokens, margins, token_fidelity
+from .near_ties import near_tie
 
 PAPER_LLM_PARAMETERS = 1e9  # LLMs this large get the paper-size budget
 
@@ -30,14 +33,17 @@ class EvalBudget:
     continuation_cases: int  # the first of them also get a greedy continuation ...
     continuation_tokens: int  # ... this long (EOS not stopping it)
     why: str
+    near_ties: int = 0  # cases made to sit at a decision's edge (near_ties.py), from the first volumes
 
     @classmethod
-    def for_model(cls, model, cases: int | None = None) -> "EvalBudget":
+    def for_model(cls, model, cases: int | None = None, near_ties: int = 2) -> "EvalBudget":
         llm = sum(p.numel() for p in model.llm.parameters())
         if llm >= PAPER_LLM_PARAMETERS:
             return cls(cases or 2, 1, 16, f"paper size ({llm / 1e9:.2f} B LLM parameters): each fp32 reference "
-                                         "decode step upcasts the stored decoder, so 1 continuation of 16 tokens")
-        return cls(cases or 4, 2, CONTINUATION_TOKENS, "full: 60-token continuations, the published T5 limit")
+                                         "decode step upcasts the stored decoder, so 1 continuation of 16 tokens; "
+                                         "no near-tie cases (their gradient steps would need the model in fp32)")
+        return cls(cases or 4, 2, CONTINUATION_TOKENS, "full: 60-token continuations, the published T5 limit",
+                   min(near_ties, cases or 4))
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -46,8 +52,8 @@ class EvalBudget:
 @dataclass
 class ReferenceEval:
     volumes: torch.Tensor  # [n,1,S,S,S]
-    visual: torch.Tensor  # [n,Q,d_llm] fp32
-    cases: list  # (volume index, patient text)
+    visual: torch.Tensor  # [n + k,Q,d_llm] fp32: the volumes' visual tokens, then k near-tie cases' (near_ties.py)
+    cases: list  # (row of `visual`, patient text)
     probabilities: np.ndarray  # [n_cases, 3]
     loglik: np.ndarray  # [n_cases, 3] sum log p of each answer
     labels: list
@@ -56,72 +62,114 @@ class ReferenceEval:
     tasks: Tasks
     eos: int
     budget: EvalBudget
+    near_ties: list  # per near-tie case: {"from_volume", "steps"}
 
     @classmethod
-    @torch.inference_mode()
-    def run(cls, model, tokenizer, budget: EvalBudget) -> "ReferenceEval":
-        """The fp32 model's answers; `model` may hold its weights as stored (computed in fp32 per block)."""
-        with fp32_compute(model):
+    def run(cls, model, tokenizer, budget: EvalBudget, near_visual: torch.Tensor | None = None) -> "ReferenceEval":
+        """The fp32 model's answers on the budget's volumes x patient texts, plus budget.near_ties cases made from
+        the first ones (or, given `near_visual` [k,Q,d] from a bundle, those cases' visual tokens as they were made).
+        `model` may hold its weights as stored (computed in fp32 per block)."""
+        with torch.inference_mode(), fp32_compute(model):
             volumes = eval_volumes(budget.cases, model.cfg.vision.image_size)
             visual = torch.cat([model.visual_tokens(volumes[i:i + 1]) for i in range(budget.cases)]).float()
             release_module(model)  # the image half's pages: not needed again here
+        cases = eval_cases(budget.cases)
+        near, info = _near_ties(model, tokenizer, visual, cases, budget.near_ties, near_visual)
+        cases += [(budget.cases + j, text) for j, (_, text) in enumerate(cases[:len(near)])]
+        return cls._measure(model, tokenizer, budget, volumes, torch.cat([visual, *near]), cases, info)
+
+    @classmethod
+    @torch.inference_mode()
+    def _measure(cls, model, tokenizer, budget, volumes, visual, cases, info) -> "ReferenceEval":
+        with fp32_compute(model):
             tasks = Tasks(model.family, tokenizer, model.family.max_new_tokens)
             llm = TORCH_LLMS[model.cfg.variant](model.llm, "fp32")
-            cases = eval_cases(budget.cases)
             lengths = [budget.continuation_tokens if k < budget.continuation_cases else 0 for k in range(len(cases))]
             logits, conts = _run_cases(tasks, llm, visual, cases, lengths)
         loglik = _logliks(logits, tasks)
         rows = [diagnosis(ll) for ll in loglik]
         probs = np.array([[r["probabilities"][k] for k in LABELS] for r in rows])
         return cls(volumes, visual, cases, probs, loglik, [r["label"] for r in rows], conts, logits, tasks,
-                   llm.eos_token_id, budget)
+                   llm.eos_token_id, budget, info)
+
+    @property
+    def volume_visual(self) -> torch.Tensor:
+        """[n,Q,d] the evaluation volumes' visual tokens (what a vision artifact must reproduce)."""
+        return self.visual[:len(self.volumes)]
+
+    @property
+    def near_tie_visual(self) -> torch.Tensor:
+        """[k,Q,d] the near-tie cases' visual tokens (the bundle keeps them for the benchmark)."""
+        return self.visual[len(self.volumes):]
 
     def compare(self, llm, visual: torch.Tensor | None = None) -> dict:
-        """Run an LLM backend (optionally on other visual tokens) over the cases -> agreement and fidelity.
+        """Run an LLM backend over the cases -> agreement and fidelity. Given other visual tokens for the
+        volumes (a vision artifact's, [n,Q,d]), only the volumes' cases are compared.
 
         One prefill per case: the three answers scored from it (what `classify` computes) and the reference's
         continuation teacher-forced from it. greedy_tokens_identical: every top-1 along the reference's greedy
         answer (up to EOS or the generation limit, within the continuation checked) agrees, so free-running
         greedy decoding gives the same answer."""
         visual = self.visual if visual is None else visual
-        cand, _ = _run_cases(self.tasks, llm, visual, self.cases, self.continuations)
+        keep = [c for c, (i, _) in enumerate(self.cases) if i < len(visual)]
+        cand, _ = _run_cases(self.tasks, llm, visual, [self.cases[c] for c in keep],
+                             [self.continuations[c] for c in keep])
         loglik = _logliks(cand, self.tasks)
         rows = [diagnosis(ll) for ll in loglik]
         probs = np.array([[r["probabilities"][k] for k in LABELS] for r in rows])
-        d_ll = np.abs(loglik - self.loglik)
-        return {"label_agreement": float(np.mean([r["label"] == b for r, b in zip(rows, self.labels)])),
-                "max_abs_prob_diff": float(np.abs(probs - self.probabilities).max()),
+        ref_ll = self.loglik[keep]
+        d_ll = np.abs(loglik - ref_ll)
+        return {"label_agreement": float(np.mean([r["label"] == self.labels[c] for r, c in zip(rows, keep)])),
+                "max_abs_prob_diff": float(np.abs(probs - self.probabilities[keep]).max()),
                 "max_abs_loglik_diff": float(d_ll.max()), "mean_abs_loglik_diff": float(d_ll.mean()),
-                "loglik_diff": {k: float(d) for k, d in zip(LABELS, (loglik - self.loglik).max(axis=0))},
-                "min_margin_nats": float(margins(self.loglik).min()),
-                "greedy_tokens_identical": self._greedy_identical(cand),
-                "tokens": token_fidelity(self.logits, cand), "cases": len(self.cases)}
+                "loglik_diff": {k: float(d) for k, d in zip(LABELS, (loglik - ref_ll).max(axis=0))},
+                "min_margin_nats": float(margins(ref_ll).min()),
+                "greedy_tokens_identical": self._greedy_identical(cand, keep),
+                "tokens": token_fidelity([self.logits[c] for c in keep], cand), "cases": len(keep)}
 
     def _answer(self, tokens: list[int], with_eos: bool = False) -> list[int]:
         """A continuation as `ask` returns it: cut at the generation limit and at EOS (kept if `with_eos`)."""
         out = tokens[:self.tasks.max_new_tokens]
         return out[:out.index(self.eos) + with_eos] if self.eos in out else out
 
-    def _greedy_identical(self, cand: list[TokenLogits]) -> bool:
-        for tokens, c in zip(self.continuations, cand):
-            answer = self._answer(tokens, with_eos=True)  # predicting the EOS itself is part of the answer
-            if any(int(c.continuation[j].argmax()) != t for j, t in enumerate(answer)):
+    def _greedy_identical(self, cand: list[TokenLogits], keep: list[int]) -> bool:
+        for c, logits in zip(keep, cand):
+            answer = self._answer(self.continuations[c], with_eos=True)  # predicting the EOS is part of the answer
+            if any(int(logits.continuation[j].argmax()) != t for j, t in enumerate(answer)):
                 return False
         return True
 
     def greedy_match(self, llm) -> bool:
         """Identical free-running greedy answers on the continuation cases (as medblip-infer --question runs)."""
-        n = self.budget.continuation_cases
-        return all(self.tasks.ask_ids(llm, self.visual[i:i + 1], text) == self._answer(tokens)
+        n = self.budget.continuation_cases  # a continuation shorter than the answer checks the answer's start
+        return all(self.tasks.ask_ids(llm, self.visual[i:i + 1], text)[:len(tokens)] == self._answer(tokens)
                    for (i, text), tokens in list(zip(self.cases, self.continuations))[:n])
 
     def as_manifest(self) -> dict:
+        """Cases name their volume, or (near ties) their row in the bundle's evaluation/near_ties.npy."""
+        n, out = len(self.volumes), []
+        for (i, t), lab, p, ll, m in zip(self.cases, self.labels, self.probabilities, self.loglik,
+                                         margins(self.loglik)):
+            where = {"volume": i} if i < n else {"near_tie": i - n, **self.near_ties[i - n]}
+            out.append({**where, "patient_text": t, "label": lab, "probabilities": dict(zip(LABELS, map(float, p))),
+                        "log_likelihoods": dict(zip(LABELS, map(float, ll))), "margin_nats": float(m)})
         return {"volumes": "export.evalset.eval_volumes(n, size, seed=1234)", "budget": self.budget.as_dict(),
-                "cases": [{"volume": i, "patient_text": t, "label": lab,
-                           "probabilities": dict(zip(LABELS, map(float, p))),
-                           "log_likelihoods": dict(zip(LABELS, map(float, ll))), "margin_nats": float(m)}
-                          for (i, t), lab, p, ll, m in zip(self.cases, self.labels, self.probabilities, self.loglik,
-                                                           margins(self.loglik))]}
+                "cases": out}
+
+
+def _near_ties(model, tokenizer, visual: torch.Tensor, cases, k: int, given: torch.Tensor | None):
+    """-> ([1,Q,d] visual tokens per near-tie case, [{"from_volume", "steps"}]): made by gradient steps on an fp32
+    copy of the model (stored low-precision weights cannot be upcast in place under autograd), or as given."""
+    if given is not None:
+        return [given[j:j + 1] for j in range(len(given))], [{"from_volume": i, "steps": None}
+                                                             for i, _ in cases[:len(given)]]
+    if not k:
+        return [], []
+    fp32 = copy.deepcopy(model).float()
+    ref = ReferencePipeline(fp32, tokenizer)
+    made = [near_tie(ref, visual[i:i + 1], text) for i, text in cases[:k]]
+    del fp32, ref
+    return [v for v, _, _ in made], [{"from_volume": i, "steps": steps} for (i, _), (_, _, steps) in zip(cases, made)]
 
 
 def _run_cases(tasks: Tasks, llm, visual: torch.Tensor, cases, continuations) -> tuple[list[TokenLogits], list]:

@@ -14,6 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import MedblipError
@@ -47,6 +48,7 @@ class ExportOptions:
     min_batch: int = 1
     opt_batch: int = 1
     eval_cases: int | None = None  # None: the budget for the model's size (reference_eval.EvalBudget)
+    near_ties: int = 2  # evaluation cases made to sit at a decision's edge (export/near_ties.py); none at paper size
     seed: int = 0
 
 
@@ -93,11 +95,15 @@ def export_bundle(opts: ExportOptions, quiet: bool = False) -> dict:
             Path(ckpt).unlink()
         writer.add("tokenizer", "tokenizer/tokenizer.json", kind="tokenizer", runs_with="tokenizers",
                    clean_up_tokenization_spaces=tokenizer.clean_up_spaces)
-        budget = EvalBudget.for_model(model, opts.eval_cases)
-        with progress.step(f"fp32 reference on the evaluation set ({budget.cases} cases, {budget.continuation_cases} "
-                           f"x {budget.continuation_tokens}-token continuation)"):
+        budget = EvalBudget.for_model(model, opts.eval_cases, opts.near_ties)
+        with progress.step(f"fp32 reference on the evaluation set ({budget.cases} cases + {budget.near_ties} near "
+                           f"ties, {budget.continuation_cases} x {budget.continuation_tokens}-token continuation)"):
             ref = ReferenceEval.run(model, tokenizer, budget)
             release_module(model)
+        if len(ref.near_tie_visual):  # LLM inputs of the near-tie cases, for the benchmark's quality rows
+            np.save(writer.path("evaluation/near_ties.npy"), ref.near_tie_visual.numpy())
+            writer.add("evaluation", "evaluation/near_ties.npy", kind="evaluation-inputs",
+                       shape=list(ref.near_tie_visual.shape))
         ctx = {"model": model, "tokenizer": tokenizer, "family": fam, "ref": ref, "writer": writer,
                "opts": opts, "progress": progress, "work": Path(work)}
         notes = []

@@ -75,7 +75,7 @@ class VisionOnnxStep:
     @staticmethod
     def _check(visual: np.ndarray, ref, precision: str) -> dict:
         """Visual tokens against the fp32 reference's; fail if out of tolerance."""
-        parity = {**compare(visual, ref.visual.numpy()), "volumes": len(ref.volumes)}
+        parity = {**compare(visual, ref.volume_visual.numpy()), "volumes": len(ref.volumes)}
         tol = VISION_TOL[precision]
         if parity["max_abs_err"] > tol["max_abs_err"] or parity["cosine"] < tol["cosine"]:
             raise MedblipError(f"vision ONNX ({precision}) disagrees with PyTorch: {parity}", code="parity_failed")

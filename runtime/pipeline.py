@@ -38,6 +38,27 @@ def _ms(t0: float) -> float:
     return round((time.perf_counter() - t0) * 1000.0, 3)
 
 
+def read_scan(scan: str | Path, spec: PreprocessSpec, sha256: str | None = None,
+              may_preprocess=None) -> PreparedScan | None:
+    """Read + preprocess one file for a bundle's preprocessing spec; raises ScanError on bad input.
+
+    Needs no model: cluster readers call it on nodes that hold none. `sha256`: the file's digest if
+    already known. `may_preprocess()`: asked after reading, before the torch preprocessing starts; False
+    gives None (a cohort run's scan abandoned for its time limit).
+    """
+    path = Path(scan)
+    t0 = time.perf_counter()
+    loaded = load_volume(path)
+    load_ms = _ms(t0)
+    digest = sha256 or sha256_file(path)
+    if may_preprocess is not None and not may_preprocess():
+        return None
+    t1 = time.perf_counter()
+    volume = to_model_input(loaded.array, spec.size)  # [1,1,S,S,S]
+    return PreparedScan(scan_name(path), digest, volume, list(loaded.warnings),
+                        {"load": load_ms, "preprocess": _ms(t1)})
+
+
 class Pipeline:
     """`Pipeline.from_bundle(dir)(scan)` -> one result dict (the JSON row of `medblip-infer`)."""
 
@@ -70,22 +91,8 @@ class Pipeline:
     # -- stages ---------------------------------------------------------------
 
     def prepare(self, scan: str | Path, sha256: str | None = None, may_preprocess=None) -> PreparedScan | None:
-        """Read + preprocess one file; raises ScanError on bad input.
-
-        `sha256`: the file's digest if already known. `may_preprocess()`: asked after reading, before the
-        torch preprocessing starts; False gives None (a cohort run's scan abandoned for its time limit).
-        """
-        path = Path(scan)
-        t0 = time.perf_counter()
-        loaded = load_volume(path)
-        load_ms = _ms(t0)
-        digest = sha256 or sha256_file(path)
-        if may_preprocess is not None and not may_preprocess():
-            return None
-        t1 = time.perf_counter()
-        volume = to_model_input(loaded.array, self.spec.size)  # [1,1,S,S,S]
-        return PreparedScan(scan_name(path), digest, volume, list(loaded.warnings),
-                            {"load": load_ms, "preprocess": _ms(t1)})
+        """Read + preprocess one file; raises ScanError on bad input (see `read_scan`)."""
+        return read_scan(scan, self.spec, sha256, may_preprocess)
 
     def visual_tokens(self, volumes: torch.Tensor) -> torch.Tensor:
         """volumes [B,1,S,S,S] -> visual tokens [B, Q, d_llm]."""

@@ -178,3 +178,32 @@ def test_bundles_of_one_preset_share_identical_files(tmp_path):
     from medblip_edge.runtime.bundle import Bundle
 
     Bundle.open(b)  # still verifies
+
+
+def test_export_quality_figures_move_for_int8_and_not_for_fp32(tmp_path):
+    """The per-token figures can fail: fp32 graphs agree with the reference to float rounding on every
+    position, INT8 weights move log-likelihoods and next-token distributions measurably."""
+    from medblip_edge.benchmarks.export_quality import main
+
+    main(["--presets", "tiny", "--formats", "int8", "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "quality.json").read_text())
+    fp32, int8 = res["rows"]
+    assert fp32["format"] == "fp32 (ONNX)" and int8["format"] == "int8"
+    assert fp32["top1_answers"] == fp32["top1_continuation"] == 1.0 and fp32["kl_max"] < 1e-6
+    assert fp32["positions"] == int8["positions"] > 60  # answers of every case + a 60-token continuation
+    assert int8["kl_mean"] > 1e-4 and int8["max_abs_loglik_diff"] > 1e-2
+    assert int8["min_margin_nats"] > 0 and int8["label_agreement"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+    assert "| tiny | int8 |" in (tmp_path / "quality.md").read_text()
+
+
+def test_ceiling_probe_skips_slow_paths_but_always_keeps_fp32():
+    """A ceiling the probe says would overrun its budget is skipped with the probe's rate; fp32, which every
+    floor may fall back to, is then the probe's own measurement instead (a busy or slow CPU still gets floors)."""
+    import torch
+
+    from medblip_edge.benchmarks.limits import PROBE_N, _bounded, _torch_mm
+
+    skipped = _bounded(_torch_mm, 2048, 3, torch.float32, "cpu", budget_s=1e-6)
+    assert "flops_per_s" not in skipped and skipped["probe_flops_per_s"] > 0 and "probe" in skipped["skipped"]
+    kept = _bounded(_torch_mm, 2048, 3, torch.float32, "cpu", budget_s=1e-6, required=True)
+    assert kept["flops_per_s"] > 0 and f"{PROBE_N}x{PROBE_N}" in kept["how"] and "probe" in kept["note"]
