@@ -1,6 +1,6 @@
 """How far an LLM backend's next-token distributions are from the fp32 reference's, on the same tokens.
 
-Label agreement alone saturates on random weights (one answer wins by tens of nats), so every artifact is
+Label agreement alone saturates on random weights (one answer wins by several to tens of nats), so every artifact is
 also measured per token, teacher-forced on the reference's tokens: the three answers (as `classify` scores
 them, one batched pass) and a greedy continuation of the prompt (as `ask` decodes it, step by step, EOS not
 stopping it). Per position: does the top-1 token agree, and KL(reference || candidate) in nats.

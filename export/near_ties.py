@@ -1,7 +1,7 @@
 """Evaluation cases at a decision's edge: visual tokens moved until the fp32 reference's two best answers are
 within a fraction of a nat of each other.
 
-With random weights the three answers' log-likelihoods differ by 20+ nats (they differ in length by several
+With random weights the three answers' log-likelihoods differ by several to tens of nats (they differ in length by several
 tokens, each costing about log V), so no format could flip a label on the regular cases and label agreement
 would measure nothing. From a regular case's visual tokens, gradient steps on those tokens alone (the model
 is frozen) shrink the gap between the reference's two best answers below NEAR_TIE_NATS; a format whose
