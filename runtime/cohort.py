@@ -2,8 +2,9 @@
 
 How a run goes
 --------------
-The SCANS arguments are expanded first (`scan_inputs.expand_scans`), so a bad CSV stops
-the run before the bundle is loaded. A pool of `workers` reader threads then reads and
+The SCANS arguments are expanded first (`scan_inputs.expand_scans`: folders walked for
+NIfTI files and DICOM series, one scan per series), so a bad CSV stops the run before
+the bundle is loaded; what the walk skipped is counted on stderr. A pool of `workers` reader threads then reads and
 preprocesses scans ahead of the model (at most `max_batch + workers` scans are read and
 not yet used, which bounds memory at about that many 224^3 float32 volumes). The main
 thread takes finished scans in input order, puts consecutive ready ones into one vision
@@ -55,27 +56,29 @@ stderr).
 
 Privacy
 -------
-Rows and messages name a scan by its file name and SHA-256 only; with `include_paths`
-rows get a `path` (absolute, symlinks not resolved). Patient text is never written.
+Rows and messages name a scan by its file name (a DICOM series: its folder's name and
+the short hash of its series UID) and SHA-256 only; with `include_paths` rows get a
+`path` (absolute, symlinks not resolved). Patient text and DICOM tag values are never
+written.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import MedblipError, ScanError
+from ..preprocess.dicom_series import describe_skipped
 from . import pipeline as _pipeline
-from .scan_inputs import expand_scans
-
-
 from .prefetch import Prefetcher, Task, prepare_scan
-from .results_io import (FileSink, OldRow, ResumeIndex, Sink, StdoutSink, abspath, error_row, out_format,
-                         read_old_rows, replace_file, scrub, sha_or_none)
+from .results_io import (FileSink, OldRow, ResumeIndex, Sink, StdoutSink, abspath, digest_or_none, error_row,
+                         out_format, read_old_rows, replace_file, scrub)
+from .scan_inputs import ScanItem, expand_scans
 
 
 @dataclass
@@ -148,10 +151,35 @@ def _check(opts: InferOptions) -> None:
         raise MedblipError("--resume needs --out (the results file to continue)", code="usage")
 
 
+def _expand(opts: InferOptions, stream=None) -> list[ScanItem]:
+    """expand_scans with a file count on a terminal while folders are walked, and one line saying what was skipped."""
+    stream = stream or sys.stderr
+    tty = getattr(stream, "isatty", lambda: False)()
+    last = [0.0]
+
+    def on_file(n: int) -> None:
+        now = time.monotonic()
+        if tty and now - last[0] > 0.2:
+            last[0] = now
+            stream.write(f"\rreading folders: {n} files examined ")
+            stream.flush()
+
+    skipped: Counter = Counter()
+    items = expand_scans(opts.scans, opts.include_paths, skipped, on_file)
+    if tty and last[0]:
+        stream.write("\r\033[K")
+    n_series = sum(item.found is not None for item in items)
+    if n_series or skipped:
+        parts = [f"{n_series} DICOM series"] + ([f"skipped {describe_skipped(skipped)}"] if skipped else [])
+        stream.write(f"inputs: {len(items)} scans; {'; '.join(parts)}\n")
+        stream.flush()
+    return items
+
+
 def run_infer(opts: InferOptions) -> int:
     """Run every scan; returns the number of scans whose row is an error (resumed rows included)."""
     _check(opts)
-    items = expand_scans(opts.scans, opts.include_paths)
+    items = _expand(opts)
 
     pipe = _pipeline.Pipeline.from_bundle(opts.bundle, backend=opts.backend, device=opts.device,
                                           precision=opts.precision, rebuild_trt=opts.rebuild_trt,
@@ -184,21 +212,22 @@ def run_infer(opts: InferOptions) -> int:
 
     def work(task: Task):
         item = task.item
+        scan = item.scan()
         sha = None
         if index is not None:
-            sha = sha_or_none(item.path)
-            found = index.reserve(abspath(item.path), item.name, sha)
+            sha = digest_or_none(scan)
+            found = index.reserve(abspath(item.path), item.name, sha, item.series)
             if found is not None:
                 return ("skip", found)
         try:
-            return ("prepared", prepare_scan(pipe, item.path, sha, task, prefetch.stopped))
+            return ("prepared", prepare_scan(pipe, scan, sha, task, prefetch.stopped))
         except ScanError as e:
-            row = error_row(item.name, sha or sha_or_none(item.path), e.code, scrub(str(e), item.path))
+            row = error_row(item.name, sha or digest_or_none(scan), e.code, scrub(str(e), item.path), item.series)
         except MemoryError:
-            row = error_row(item.name, sha or sha_or_none(item.path), "out_of_memory",
-                            "not enough memory to read and preprocess this scan")
+            row = error_row(item.name, sha or digest_or_none(scan), "out_of_memory",
+                            "not enough memory to read and preprocess this scan", item.series)
         except OSError as e:  # e.g. the file vanished between reading and hashing
-            row = error_row(item.name, None, "unreadable", f"cannot read {item.name}: {e.strerror or e}")
+            row = error_row(item.name, None, "unreadable", f"cannot read {item.name}: {e.strerror or e}", item.series)
         return ("error", row)
 
     tasks = [Task(i, item) for i, item in enumerate(items)]
@@ -244,7 +273,8 @@ def run_infer(opts: InferOptions) -> int:
                         k += 1
                     elif kind == "timeout":
                         row = error_row(item.name, None, "timeout",
-                                        f"reading + preprocessing took more than {opts.timeout_s:g} s: {item.name}")
+                                        f"reading + preprocessing took more than {opts.timeout_s:g} s: {item.name}",
+                                        item.series)
                     else:
                         row = value
                     if opts.include_paths:
