@@ -75,7 +75,7 @@ def _stack(frames: list[Frame], headers: list[FileHeader]) -> tuple[list[Frame],
     median = float(np.median(gaps))
     same = int(np.count_nonzero(gaps <= GAP_TOL * median)) if median > 1e-6 else len(gaps)
     if same:
-        raise ScanError(f"series has {same + 1 if median <= 1e-6 else same} slice positions used twice: not one "
+        raise ScanError(f"{same} pair{'s' if same != 1 else ''} of neighbouring slices share a position: not one "
                         "volume (a repeated acquisition or a copied file?)", code="duplicate_slices")
     off = np.flatnonzero(np.abs(gaps - median) > GAP_TOL * median)
     if off.size:
