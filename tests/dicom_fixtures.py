@@ -220,6 +220,15 @@ def edit(path: Path, **values) -> None:
     ds.save_as(path)
 
 
+def renumber(folder: Path) -> Path:
+    """Give a copied series its own SeriesInstanceUID (copies of one series in one tree are one series with every
+    slice twice)."""
+    new = uid(f"{folder}.renumbered")
+    for f in files(folder):
+        edit(f, SeriesInstanceUID=new)
+    return folder
+
+
 def files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file())
 
