@@ -86,19 +86,32 @@ def test_folder_with_several_series_as_one_scan_is_an_error(study, tiny_bundle):
     assert e.value.code == "several_series"
 
 
-def test_csv_rows_may_name_series_folders(study, tiny_bundle, infer_cmd, tmp_path):
+def test_csv_rows_name_series_folders_and_resume_matches_series(study, tiny_bundle, tmp_path, capsys):
+    """In process (run_infer, as the CLI calls it): a CSV naming series folders, --out CSV, then --resume of a
+    folder walk whose rows share folders (SE06_MR2's three series): nothing is run again, the file is unchanged."""
+    import csv
+
+    from medblip_edge.runtime.cohort import InferOptions, run_infer
+
     listing = tmp_path / "cohort.csv"
     listing.write_text(f"scan,patient_text\n{study / 'SE01_T1'},Age 70.\n{study / 'SE06_MR2'},Age 71.\n"
                        f"{study / 'SE04_enhanced' / 'IM0001'},Age 72.\n")
     out = tmp_path / "rows.csv"
-    proc = run(infer_cmd, str(listing), "--bundle", str(tiny_bundle), "--out", str(out))
-    assert proc.returncode == 1, proc.stderr
-    import csv
-
+    assert run_infer(InferOptions(scans=[listing], bundle=tiny_bundle, backend="torch", out=out)) == 1
     rows = list(csv.DictReader(out.open()))
     assert [(r["scan"], r["error_code"]) for r in rows] == [("SE01_T1", ""), ("SE06_MR2", "several_series"),
                                                             ("IM0001", "")]
-    assert rows[0]["orientation"] == "RAS" and len(rows[0]["series"]) == 12
+    assert rows[0]["orientation"] == "RAS" and len(rows[0]["series"]) == 12 and rows[1]["series"] == ""
+
+    walked = tmp_path / "walked.jsonl"
+    opts = InferOptions(scans=[study / "SE06_MR2", study / "SE07_localizer"], bundle=tiny_bundle, backend="torch",
+                        out=walked, include_paths=True)
+    assert run_infer(opts) == 4
+    before = walked.read_bytes()
+    opts.resume = True
+    assert run_infer(opts) == 4
+    assert walked.read_bytes() == before
+    assert "4 already in the output" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- what a converter changes

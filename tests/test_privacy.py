@@ -180,21 +180,22 @@ def test_dicom_secrets_really_are_in_the_files(private_dicom):
 
 
 def test_no_dicom_tag_value_in_outputs_and_logs(private_dicom, tiny_bundle, infer_cmd, tmp_path):
-    d, secrets = private_dicom
-    out = tmp_path / "rows.csv"
-    runs = [run(infer_cmd, "--bundle", str(tiny_bundle), str(d)),
-            run(infer_cmd, "--bundle", str(tiny_bundle), "--out", str(out), str(d / "cohort.csv"),
-                str(d / "enhanced" / "IM0001"))]
-    rows = [json.loads(line) for line in runs[0].stdout.splitlines()]
-    assert [(r["scan"], r.get("error", {}).get("code")) for r in rows] == [
-        ("enhanced", None), ("series01", None), ("series02_gap", "slice_gap")]
     import pydicom
+
     from medblip_edge.preprocess.dicom_series import uid_hash
 
+    d, secrets = private_dicom
+    out = tmp_path / "rows.jsonl"
+    proc = run(infer_cmd, "--bundle", str(tiny_bundle), "--out", str(out), str(d), str(d / "cohort.csv"),
+               str(d / "enhanced" / "IM0001"))
+    text = proc.stdout + proc.stderr + out.read_text()
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, text
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["scan"], r.get("error", {}).get("code")) for r in rows] == [
+        ("enhanced", None), ("series01", None), ("series02_gap", "slice_gap"),  # the folder walk
+        ("series01", None), ("series02_gap", "slice_gap"), ("IM0001", None)]  # the CSV, the multi-frame file
     uid = str(pydicom.dcmread(sorted((d / "series01").iterdir())[0]).SeriesInstanceUID)
     assert rows[1]["series"] == uid_hash(uid) and uid in secrets
-    text = "".join(p.stdout + p.stderr for p in runs) + out.read_text()
-    assert all(p.returncode == 1 and "Traceback" not in p.stderr for p in runs), text
     for secret in secrets + [str(d), FOLDER]:
         assert secret not in text, f"{secret!r} leaked"
 
