@@ -25,7 +25,6 @@ from ..errors import ScanError
 
 CODECS_EXTRA = "dicom-codecs"
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
-ENHANCED_MR_CLASSES = {"1.2.840.10008.5.1.4.1.1.4.1", "1.2.840.10008.5.1.4.1.1.4.4"}  # Enhanced, Legacy Converted
 _SAFE_MODALITIES = {"CT", "PT", "NM", "US", "CR", "DX", "MG", "XA", "RF", "OT", "SC", "RTDOSE", "RTIMAGE", "SEG", "OP",
                     "SM", "IO", "PX", "ES", "XC", "GM", "OCT"}
 # Non-image objects, by SOP class UID prefix: what the skip counts call them.
@@ -35,7 +34,7 @@ _PIXEL_TAGS = {0x7FE00010: "Pixel Data", 0x7FE00008: "Float Pixel Data", 0x7FE00
 _LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
 _PROBE_TAGS = ["SOPClassUID", "SeriesInstanceUID", "Rows", "Columns"]
 _HEADER_TAGS = _PROBE_TAGS + [
-    "Modality", "SamplesPerPixel", "PhotometricInterpretation", "NumberOfFrames", "BitsAllocated", "BitsStored",
+    "Modality", "SamplesPerPixel", "PhotometricInterpretation", "NumberOfFrames", "BitsAllocated",
     "PixelRepresentation", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "RescaleSlope",
     "RescaleIntercept", "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
 ]
@@ -98,8 +97,8 @@ def probe(path) -> tuple[str, str | None]:
     try:
         ds, f = _dcmread(path, "file", specific_tags=_PROBE_TAGS)
         f.close()
-    except ScanError:
-        return "unreadable file", None
+    except ScanError as e:
+        return ("unreadable file" if e.code == "unreadable" else "damaged DICOM file"), None
     sop = str(ds.file_meta.get("MediaStorageSOPClassUID", "") or ds.get("SOPClassUID", "") or "")
     if sop == DICOMDIR_CLASS:
         return "DICOMDIR", None
@@ -137,8 +136,12 @@ class FileHeader:
 
 
 def _floats(value, n: int) -> tuple[float, ...] | None:
+    """A DS value (n numbers) as finite floats; None if absent or malformed (never a guess from part of it)."""
+    items = [value] if n == 1 else value
+    if value is None or isinstance(items, (str, bytes)):
+        return None
     try:
-        out = tuple(float(v) for v in (value if n > 1 else [value]))
+        out = tuple(float(v) for v in items)
     except (TypeError, ValueError):
         return None
     return out if len(out) == n and all(math.isfinite(v) for v in out) else None
@@ -162,9 +165,13 @@ def _frame(file: int, index: int, what: str, position, orientation, spacing, slo
         raise ScanError(f"{what}: image orientation is not two perpendicular unit vectors", code="missing_geometry")
     if not all(s > 0 for s in spacing):
         raise ScanError(f"{what}: pixel spacing is not positive", code="missing_geometry")
-    slope, intercept = _floats(slope, 1), _floats(intercept, 1)
-    return Frame(file, index, position, orientation, spacing, slope[0] if slope else 1.0,
-                 intercept[0] if intercept else 0.0)
+    scale = []
+    for name, raw, default in (("rescale slope", slope, 1.0), ("rescale intercept", intercept, 0.0)):
+        value = _floats(raw, 1)
+        if value is None and raw is not None and str(raw).strip():
+            raise ScanError(f"{what}: {name} is not one finite number", code="bad_header")
+        scale.append(value[0] if value else default)
+    return Frame(file, index, position, orientation, spacing, *scale)
 
 
 def _classic_frame(ds, file: int, what: str) -> Frame:

@@ -87,8 +87,9 @@ def write_series(img, folder: Path, *, series_uid: str | None = None, rescale: t
                  compressor: str | None = None, tags: dict | None = None, name="IM{:04d}") -> Path:
     """Write a 3D SimpleITK image as one MR series, one file per z slice (SimpleITK's writer).
 
-    rescale=(slope, intercept): the stored int16 values v are written with those tags, so readers give
-    v * slope + intercept. compressor: SimpleITK's "JPEG" (lossless, process 14 SV1) or "JPEG2000" (lossless).
+    rescale=(slope, intercept): the image's values v are written as int16 round((v * slope + intercept - intercept)
+    / slope) with those tags, so readers give v * slope + intercept; GDCM then writes each slice as a single-frame
+    Enhanced MR file (the rescale in its functional groups), not as MR Image Storage. compressor: SimpleITK's "JPEG" (lossless, process 14 SV1) or "JPEG2000" (lossless).
     tags: extra DICOM tags ("gggg|eeee" -> value) put on every slice.
     """
     sitk = _sitk()
@@ -125,6 +126,15 @@ def write_series(img, folder: Path, *, series_uid: str | None = None, rescale: t
         writer.SetFileName(str(folder / name.format(k + 1)))
         writer.Execute(sl)
     return folder
+
+
+def with_rescale(src: Path, dst: Path, slope: str, intercept: str) -> Path:
+    """A classic MR Image Storage copy of a series with Rescale Slope/Intercept added at the top level of every
+    file (what scanners write; SimpleITK's writer refuses a non-integer slope for integer pixels)."""
+    copy_series(src, dst)
+    for f in files(dst):
+        edit(f, RescaleSlope=slope, RescaleIntercept=intercept, RescaleType="US")
+    return dst
 
 
 def transcode(src: Path, dst: Path, syntax: str, **kw) -> Path:

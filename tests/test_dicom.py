@@ -31,6 +31,7 @@ SYNTAXES = {  # fixture name -> transfer syntax UID it must be stored in
     "int16": "1.2.840.10008.1.2",
     "rescaled": "1.2.840.10008.1.2",
     "rescaled_int": "1.2.840.10008.1.2",
+    "rescaled_classic": "1.2.840.10008.1.2",
     "jpeg_lossless": "1.2.840.10008.1.2.4.70",
     "j2k_lossless": "1.2.840.10008.1.2.4.90",
     "j2k_lossy": "1.2.840.10008.1.2.4.91",
@@ -52,6 +53,7 @@ def series(tmp_path_factory) -> dict[str, Path]:
         out = {"int16": good,
                "rescaled": fx.write_series(img, root / "rescaled", rescale=(2.5, -100.0)),  # SimpleITK: float64
                "rescaled_int": fx.write_series(img, root / "rescaled_int", rescale=(2.0, -1024.0)),  # int32
+               "rescaled_classic": fx.with_rescale(good, root / "rescaled_classic", "2.5", "-100"),
                "jpeg_lossless": fx.write_series(img, root / "jpeg_lossless", compressor="JPEG"),
                "j2k_lossless": fx.write_series(img, root / "j2k_lossless", compressor="JPEG2000"),
                "j2k_lossy": fx.transcode(good, root / "j2k_lossy", SYNTAXES["j2k_lossy"]),
@@ -93,10 +95,23 @@ def test_series_equals_simpleitk(series, name):
     assert vol.series is not None and len(vol.series) == 12
 
 
-def test_rescale_is_applied(series):
-    stored, rescaled = load_dicom(series["int16"]).array, load_dicom(series["rescaled"]).array
+@pytest.mark.parametrize("name, sop_class", [("rescaled", "1.2.840.10008.5.1.4.1.1.4.1"),  # functional groups
+                                             ("rescaled_classic", "1.2.840.10008.5.1.4.1.1.4")])  # top-level tags
+def test_rescale_is_applied(series, name, sop_class):
+    import pydicom
+
+    assert pydicom.dcmread(fx.files(series[name])[0], stop_before_pixels=True).SOPClassUID == sop_class
+    stored, rescaled = load_dicom(series["int16"]).array, load_dicom(series[name]).array
     assert np.array_equal(rescaled, (stored.astype(np.float64) * 2.5 - 100).astype(np.float32))
-    assert fx.sitk_series(series["rescaled"])[1].GetPixelID() == sitk.sitkFloat64
+    assert fx.sitk_series(series[name])[1].GetPixelID() == sitk.sitkFloat64
+
+
+def test_malformed_rescale_is_refused_not_guessed(series, tmp_path):
+    folder = fx.copy_series(series["rescaled_classic"], tmp_path / "bad_slope")
+    fx.edit(fx.files(folder)[4], RescaleSlope="2.5\\3")
+    with pytest.raises(ScanError) as e:
+        load_dicom(folder)
+    assert e.value.code == "bad_header"
 
 
 def test_lossy_syntaxes_really_are_lossy(series):
@@ -108,7 +123,7 @@ def test_lossy_syntaxes_really_are_lossy(series):
 def test_model_input_is_the_training_input_of_simpleitks_array(series):
     from test_preprocess import training_input
 
-    for name in ("int16", "rescaled", "enhanced"):
+    for name in ("int16", "rescaled", "rescaled_classic", "enhanced"):
         ref = fx.sitk_series(series["int16" if name == "enhanced" else name])[0]
         vol = load_scan(series[name])
         assert torch_equal(to_model_input(vol.array, 96), training_input(ref.astype(float), 96)), name
