@@ -245,6 +245,21 @@ def test_limits_are_decided_before_any_pixel_is_read(series, tmp_path):
         assert e.value.code == "too_large", limits
 
 
+@pytest.mark.parametrize("values, code", [
+    ({"PixelData": None}, "no_pixel_data"),
+    ({"PhotometricInterpretation": "MONOCHROME1"}, "unsupported_dtype"),
+    ({"SamplesPerPixel": 3, "PhotometricInterpretation": "RGB"}, "unsupported_dtype"),
+    ({"Modality": "CT"}, "not_mr"),
+    ({"ImageOrientationPatient": [1, 0, 0, 1, 0, 0]}, "missing_geometry"),  # not perpendicular
+])
+def test_one_bad_file_fails_the_series(series, tmp_path, values, code):
+    folder = fx.copy_series(series["int16"], tmp_path / "series")
+    fx.edit(fx.files(folder)[9], **values)
+    with pytest.raises(ScanError) as e:
+        load_dicom(folder)
+    assert e.value.code == code and "file 10 of 47" in str(e.value)
+
+
 def test_unknown_transfer_syntax(series, tmp_path):
     folder = fx.copy_series(series["int16"], tmp_path / "mpeg")
     import pydicom
