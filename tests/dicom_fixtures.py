@@ -13,7 +13,9 @@ dicomdirtests tree) and nibabel's (philips_mprage.dcm.gz, an Enhanced MR header)
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import locale
 import random
 import shutil
 from pathlib import Path
@@ -83,6 +85,17 @@ def marked_mni():
 # ---------------------------------------------------------------- writing series with SimpleITK
 
 
+@contextlib.contextmanager
+def _keep_locale():
+    """SimpleITK's DICOM writer (GDCM) switches the whole process to the C locale, after which Python opens text files
+    as ASCII: put the locale back."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
 def write_series(img, folder: Path, *, series_uid: str | None = None, rescale: tuple[float, float] | None = None,
                  compressor: str | None = None, tags: dict | None = None, name="IM{:04d}") -> Path:
     """Write a 3D SimpleITK image as one MR series, one file per z slice (SimpleITK's writer).
@@ -116,15 +129,16 @@ def write_series(img, folder: Path, *, series_uid: str | None = None, rescale: t
     writer.SetUseCompression(compressor is not None)
     if compressor is not None:
         writer.SetCompressor(compressor)
-    for k in range(img.GetSize()[2]):
-        sl = img[:, :, k]
-        for tag, value in common.items():
-            sl.SetMetaData(tag, value)
-        sl.SetMetaData("0020|0032", "\\".join(f"{v:.10g}" for v in img.TransformIndexToPhysicalPoint((0, 0, k))))
-        sl.SetMetaData("0020|0013", str(k + 1))
-        sl.SetMetaData("0008|0018", uid(f"{series_uid}.{k}"))
-        writer.SetFileName(str(folder / name.format(k + 1)))
-        writer.Execute(sl)
+    with _keep_locale():
+        for k in range(img.GetSize()[2]):
+            sl = img[:, :, k]
+            for tag, value in common.items():
+                sl.SetMetaData(tag, value)
+            sl.SetMetaData("0020|0032", "\\".join(f"{v:.10g}" for v in img.TransformIndexToPhysicalPoint((0, 0, k))))
+            sl.SetMetaData("0020|0013", str(k + 1))
+            sl.SetMetaData("0008|0018", uid(f"{series_uid}.{k}"))
+            writer.SetFileName(str(folder / name.format(k + 1)))
+            writer.Execute(sl)
     return folder
 
 

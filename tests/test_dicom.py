@@ -7,6 +7,7 @@ it was made from), and the real headers in pydicom's and nibabel's wheels.
 
 from __future__ import annotations
 
+import locale
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ from medblip_edge.preprocess.dicom_series import find_series
 sitk = pytest.importorskip("SimpleITK")
 pytest.importorskip("highdicom")
 
+LOCALE_AT_IMPORT = locale.setlocale(locale.LC_ALL)
 SYNTAXES = {  # fixture name -> transfer syntax UID it must be stored in
     "int16": "1.2.840.10008.1.2",
     "rescaled": "1.2.840.10008.1.2",
@@ -66,6 +68,11 @@ def series(tmp_path_factory) -> dict[str, Path]:
     except fx.Missing as e:
         pytest.skip(f"{e} is not installed")
     return out
+
+
+def test_writing_fixtures_leaves_the_locale_alone(series):
+    """SimpleITK's DICOM writer sets the C locale process-wide (later open() calls would read text as ASCII)."""
+    assert locale.setlocale(locale.LC_ALL) == LOCALE_AT_IMPORT
 
 
 def assert_geometry_as_sitk(vol, img) -> None:
