@@ -1,4 +1,4 @@
-"""Command-line entry points: medblip-export, medblip-infer, medblip-bench (thin shells over the Python API)."""
+"""Command-line entry points: medblip-export, medblip-infer, medblip-serve, medblip-bench (thin shells over the Python API)."""
 
 from __future__ import annotations
 
@@ -100,9 +100,18 @@ def export_main(checkpoint, llm_dir, preset, out, precision, llm_quant, trt, no_
 @click.option("--huge-pages/--no-huge-pages", default=True, show_default=True,
               help="On CPU, move the loaded weights onto 2 MiB pages (Linux 6.1+ MADV_COLLAPSE; left alone where "
               "THP is set to never). Token decoding streams them faster.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this process. ray: a Ray cluster (Ray Data): reading as tasks on any node, the model as "
+              "an actor pool; needs the serve extra (pip install -e '.[serve]').")
+@click.option("--address", default=None, help="--engine ray: join this Ray cluster (e.g. 10.0.0.5:6379; scan paths "
+              "must be readable on every node) instead of starting a local one on 127.0.0.1.")
+@click.option("--ray-actors", type=int, default=None, help="--engine ray: model actors [default: one per GPU with "
+              "--device cuda, else 1].")
+@click.option("--threads", type=int, default=None, help="--engine ray: compute threads per model actor [default: "
+              "half the cluster's CPUs, the other half read].")
 @one_line_errors
 def infer_main(scans, bundle_dir, backend, device, precision, patient_text, question, out_path, resume,
-               timeout_s, workers, include_paths, rebuild_trt, huge_pages):
+               timeout_s, workers, include_paths, rebuild_trt, huge_pages, engine, address, ray_actors, threads):
     """Diagnose MRI scans with a bundle: one JSON object per scan (JSON Lines).
 
     SCANS are NIfTI files (.nii, .nii.gz), DICOM multi-frame files, folders, or a
@@ -117,11 +126,19 @@ def infer_main(scans, bundle_dir, backend, device, precision, patient_text, ques
     """
     from .runtime.cohort import InferOptions, run_infer
 
-    failed = run_infer(InferOptions(
+    opts = InferOptions(
         scans=list(scans), bundle=bundle_dir, backend=backend, device=device, precision=precision,
         patient_text=patient_text, question=question, out=out_path, resume=resume, timeout_s=timeout_s,
         workers=workers, include_paths=include_paths, rebuild_trt=rebuild_trt,
-        huge_pages=huge_pages))
+        huge_pages=huge_pages)
+    if engine == "ray":
+        from .serve.cohort_ray import RayOptions, run_infer_ray
+
+        failed = run_infer_ray(opts, RayOptions(address=address, actors=ray_actors, threads=threads))
+    else:
+        if address or ray_actors or threads:
+            raise MedblipError("--address, --ray-actors and --threads go with --engine ray", code="usage")
+        failed = run_infer(opts)
     sys.exit(1 if failed else 0)
 
 
@@ -148,3 +165,65 @@ def bench_main(bundle_dir, preset, backends, batches, iters, warmup, device, qui
     run_bench(BenchOptions(bundle=bundle_dir, preset=preset, backends=[b for b in backends.split(",") if b],
                            batches=[int(b) for b in batches.split(",") if b], iters=iters, warmup=warmup,
                            device=device, quick=quick, out=out_dir))
+
+
+# -- medblip-serve --------------------------------------------------------------
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--bundle", "bundle_dir", required=True, type=click.Path(path_type=Path), help="Bundle folder "
+              "written by medblip-export (verified before serving).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the HTTP API listens on.")
+@click.option("--port", type=int, default=8000, show_default=True, help="HTTP port.")
+@click.option("--replicas", type=int, default=None, help="Model replicas [default: 1 on CPU, one per GPU with "
+              "--device cuda].")
+@click.option("--threads", type=int, default=None, help="Compute threads per replica [default: the cluster's "
+              "CPUs / replicas].")
+@click.option("--preprocess-workers", type=int, default=2, show_default=True,
+              help="Threads per replica that read and preprocess uploads, off the model's thread.")
+@click.option("--max-batch", type=int, default=4, show_default=True,
+              help="Most scans in one vision batch (capped by the bundle's vision graph).")
+@click.option("--batch-wait-ms", type=float, default=10.0, show_default=True,
+              help="How long a vision batch waits for more scans after the first arrives.")
+@click.option("--max-body-mb", type=float, default=1024.0, show_default=True,
+              help="Largest request body accepted (413 body_too_large above it).")
+@click.option("--timeout", "timeout_s", type=float, default=120.0, show_default=True,
+              help="Per-request limit in seconds (504 timeout past it).")
+@click.option("--backend", default="auto", show_default=True, help="auto, torch, ort or trt.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda (one replica per GPU).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+              help="torch backend only: compute precision (default fp32).")
+@click.option("--address", default=None, help="Join this Ray cluster (e.g. 10.0.0.5:6379) instead of starting a "
+              "local one on 127.0.0.1.")
+@click.option("--metrics-port", type=int, default=8080, show_default=True,
+              help="Prometheus port of the local cluster's metrics agent (127.0.0.1; Ray's series and medblip_*).")
+@click.option("--access-log/--no-access-log", default=True, show_default=True,
+              help="Ray Serve's access log (method, route, status, latency; never file names or text).")
+@click.option("--huge-pages/--no-huge-pages", default=True, show_default=True,
+              help="On CPU, move the loaded weights onto 2 MiB pages (see medblip-infer --help).")
+@one_line_errors
+def serve_main(bundle_dir, host, port, replicas, threads, preprocess_workers, max_batch, batch_wait_ms, max_body_mb,
+               timeout_s, backend, device, precision, address, metrics_port, access_log, huge_pages):
+    """Serve a bundle over HTTP on Ray Serve: POST a scan, get medblip-infer's JSON row back.
+
+    \b
+    POST /v1/infer   multipart form: scan=@file.nii.gz [patient_text=...] [question=...]
+    GET  /v1/ready   200 once a replica has loaded and verified the bundle
+    GET  /-/healthz  200 while the HTTP proxy is up (liveness)
+    Scans that arrive together share one vision batch. Bad input gets a 4xx with the
+    error code medblip-infer would give, and the server goes on. Prints one JSON line
+    when ready; SIGTERM or Ctrl-C finishes requests in flight, then stops everything.
+
+    \b
+    Example:
+      medblip-serve --bundle demo-bundle --port 8000
+      curl -F scan=@scan.nii.gz -F patient_text="74 year old female. " localhost:8000/v1/infer
+    """
+    from .serve.config import ReplicaConfig
+    from .serve.server import ServeOptions, run_from_command_line
+
+    run_from_command_line(ServeOptions(
+        replica=ReplicaConfig(bundle=str(bundle_dir), backend=backend, device=device, precision=precision,
+                              threads=threads, huge_pages=huge_pages, preprocess_workers=preprocess_workers,
+                              max_batch=max_batch, batch_wait_ms=batch_wait_ms, max_body_mb=max_body_mb,
+                              timeout_s=timeout_s),
+        replicas=replicas, host=host, port=port, metrics_port=metrics_port, address=address, access_log=access_log))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -15,11 +17,29 @@ from ..runtime.tasks import diagnosis
 CONTINUATION_CASES = 2  # cases that also get a greedy continuation, teacher-forced on every row
 
 
-def eval_cases(manifest: dict) -> tuple[torch.Tensor, list[tuple[int, str]]]:
-    """The bundle's evaluation set: volumes [n,1,S,S,S] (regenerated, seed 1234) and (volume index, patient text)."""
-    cases = [(int(c["volume"]), c["patient_text"]) for c in manifest["evaluation"]["cases"]]
-    n = max(i for i, _ in cases) + 1
-    return eval_volumes(n, manifest["preprocess"]["size"]), cases
+@dataclass
+class EvalSet:
+    """The bundle's evaluation set: volumes [n,1,S,S,S] (regenerated, seed 1234), the near-tie cases' visual
+    tokens [k,Q,d] (stored in the bundle), and cases (row, patient text): rows < n are volumes, then near ties."""
+
+    volumes: torch.Tensor
+    near: torch.Tensor | None
+    cases: list
+
+    def visual(self, vision, device: str = "cpu") -> dict[int, torch.Tensor]:
+        """row -> visual tokens [1,Q,d]: `vision(volume [1,1,S,S,S])` for a volume, the stored tokens for a near tie."""
+        n = len(self.volumes)
+        return {i: vision(self.volumes[i:i + 1]) if i < n else self.near[i - n][None].to(device)
+                for i in sorted({i for i, _ in self.cases})}
+
+
+def eval_set(bundle) -> EvalSet:
+    m = bundle.manifest
+    listed = m["evaluation"]["cases"]
+    n = 1 + max(int(c["volume"]) for c in listed if "volume" in c)
+    cases = [(int(c["volume"]) if "volume" in c else n + int(c["near_tie"]), c["patient_text"]) for c in listed]
+    near = torch.from_numpy(np.load(bundle.path("evaluation"))) if bundle.has("evaluation") else None
+    return EvalSet(eval_volumes(n, m["preprocess"]["size"]), near, cases)
 
 
 def _as_arrays(rows: list[dict]) -> dict:
@@ -29,35 +49,36 @@ def _as_arrays(rows: list[dict]) -> dict:
 
 
 @torch.inference_mode()
-def continuations(pipe, volumes: torch.Tensor, cases) -> list[list[int]]:
+def continuations(pipe, evalset: EvalSet) -> list[list[int]]:
     """The baseline's greedy continuation (EOS not stopping it) for the first cases, [] for the rest."""
     out = []
-    for k, (i, text) in enumerate(cases):
+    for k, (i, text) in enumerate(evalset.cases):
         if k >= CONTINUATION_CASES:
             out.append([])
             continue
-        state = pipe.llm.prefill(pipe.tasks.prompt_ids(text), pipe.visual_tokens(volumes[i:i + 1]))
+        state = pipe.llm.prefill(pipe.tasks.prompt_ids(text), pipe.visual_tokens(evalset.volumes[i:i + 1]))
         out.append(greedy_tokens(pipe.llm, state, CONTINUATION_TOKENS))
     return out
 
 
 @torch.inference_mode()
-def pipeline_results(pipe, volumes: torch.Tensor, cases, conts: list[list[int]]) -> dict:
+def pipeline_results(pipe, evalset: EvalSet, conts: list[list[int]]) -> dict:
     """Pipeline verbs (vision at batch 1, classify) over every case -> labels, probabilities [n,3], log-liks [n,3],
     and the teacher-forced logits on the answers and the continuations `conts`."""
-    visual = {i: pipe.visual_tokens(volumes[i:i + 1]) for i in sorted({i for i, _ in cases})}
+    visual = evalset.visual(pipe.visual_tokens)
     tasks = pipe.tasks
-    return {**_as_arrays([pipe.classify(visual[i], text) for i, text in cases]),
+    return {**_as_arrays([pipe.classify(visual[i], text) for i, text in evalset.cases]),
             "logits": [teacher_forced(pipe.llm, tasks.prompt_ids(text), visual[i], tasks.answer_ids, cont)
-                       for (i, text), cont in zip(cases, conts)]}
+                       for (i, text), cont in zip(evalset.cases, conts)]}
 
 
 @torch.no_grad()
-def reference_results(ref, volumes: torch.Tensor, cases) -> dict:
+def reference_results(ref, evalset: EvalSet, device: str = "cpu") -> dict:
     """The reference's diagnoses over every case: its one-pass-per-answer logits, which decide diagnose()'s
     label and probabilities (its generated text does not, so generate is not rerun here)."""
     rows, logits = [], []
-    visual = {i: ref.model.visual_tokens(volumes[i:i + 1]) for i in sorted({i for i, _ in cases})}
+    visual = evalset.visual(lambda v: ref.model.visual_tokens(v.to(device)), device)
+    cases = evalset.cases
     answer_ids = [ref.family.answer_ids(ref.tokenizer, ANSWERS[k]) for k in LABELS]
     ids, mask = pad_candidates(answer_ids, pad=0)
     for i, text in cases:

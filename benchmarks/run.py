@@ -30,7 +30,7 @@ from .costs import row_floors, stage_costs
 from .limits import best_of, measure_limits
 from .machine import OtherLoad, machine_info
 from .measure import STAGE_NOTES, Plan, measure_pipeline, measure_reference
-from .quality import agreement, continuations, eval_cases, manifest_agreement, pipeline_results, reference_results
+from .quality import agreement, continuations, eval_set, manifest_agreement, pipeline_results, reference_results
 
 BACKENDS = ("torch", "ort", "trt")
 QUICK = {"iters": 3, "warmup": 1, "max_batch": 2, "decode_steps": 8}
@@ -140,12 +140,12 @@ def _collect(opts: BenchOptions, bundles: list[Bundle], scan: Path, plan: Plan) 
     _say("measuring this machine's ceilings (matmul per precision, memory bandwidth)")
     limits_start = measure_limits(opts.device, opts.quick)
     first = bundles[0]
-    volumes, cases = eval_cases(first.manifest)
+    evalset = eval_set(first)
     size = first.manifest["preprocess"]["size"]
 
     _say("reference: fp32 eager, transformers generate, one full pass per answer")
     ref_row, ref = measure_reference(_open_reference(first, opts.device), scan, size, plan)
-    ref_quality = reference_results(ref, volumes.to(opts.device), cases)
+    ref_quality = reference_results(ref, evalset, opts.device)
     del ref
     gc.collect()
     rows = [{"name": "reference", "backend": {"vision": "torch", "llm": "torch (transformers generate)"},
@@ -164,8 +164,8 @@ def _collect(opts: BenchOptions, bundles: list[Bundle], scan: Path, plan: Plan) 
             else:
                 row, pipe = measure_pipeline(_open_pipeline(spec, opts.device), scan, plan)
             if spec["name"] == "torch fp32":
-                conts = continuations(pipe, volumes, cases)
-            results[spec["name"]] = pipeline_results(pipe, volumes, cases, conts)
+                conts = continuations(pipe, evalset)
+            results[spec["name"]] = pipeline_results(pipe, evalset, conts)
         except MedblipError as e:  # a backend this machine lacks: say so in the report, keep going
             skipped.append({"name": spec["name"], "reason": str(e)})
             continue

@@ -12,6 +12,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import MedblipError
@@ -43,6 +44,7 @@ class ExportOptions:
     min_batch: int = 1
     opt_batch: int = 1
     eval_cases: int = 4
+    near_ties: int = 2  # evaluation cases made to sit at a decision's edge (export/near_ties.py)
     seed: int = 0
 
 
@@ -86,7 +88,11 @@ def export_bundle(opts: ExportOptions, quiet: bool = False) -> dict:
             tokenizer.save(writer.path("tokenizer/x").parent)
             writer.add("tokenizer", "tokenizer/tokenizer.json", kind="tokenizer", runs_with="tokenizers",
                        clean_up_tokenization_spaces=tokenizer.clean_up_spaces)
-            ref = ReferenceEval.run(model, tokenizer, opts.eval_cases)
+            ref = ReferenceEval.run(model, tokenizer, opts.eval_cases, opts.near_ties)
+            if len(ref.near_tie_visual):  # LLM inputs of the near-tie cases, for the benchmark's quality rows
+                np.save(writer.path("evaluation/near_ties.npy"), ref.near_tie_visual.numpy())
+                writer.add("evaluation", "evaluation/near_ties.npy", kind="evaluation-inputs",
+                           shape=list(ref.near_tie_visual.shape))
         ctx = {"model": model, "tokenizer": tokenizer, "family": fam, "ref": ref, "writer": writer,
                "opts": opts, "progress": progress, "work": Path(work)}
         notes = []

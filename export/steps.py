@@ -59,7 +59,7 @@ class VisionOnnxStep:
         """Run the eval volumes in batches of 2 (exercises the dynamic batch axis); fail if out of tolerance."""
         out = np.concatenate([sess.run(None, {"volume": ref.volumes[i:i + 2].numpy()})[0]
                               for i in range(0, len(ref.volumes), 2)])
-        parity = {**compare(out, ref.visual.numpy()), "volumes": len(ref.volumes)}
+        parity = {**compare(out, ref.volume_visual.numpy()), "volumes": len(ref.volumes)}
         tol = VISION_TOL[precision]
         if parity["max_abs_err"] > tol["max_abs_err"] or parity["cosine"] < tol["cosine"]:
             raise MedblipError(f"vision ONNX ({precision}) disagrees with PyTorch: {parity}", code="parity_failed")

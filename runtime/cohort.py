@@ -4,8 +4,8 @@ How a run goes
 --------------
 The SCANS arguments are expanded first (`scan_inputs.expand_scans`: folders walked for
 NIfTI files and DICOM series, one scan per series), so a bad CSV stops the run before
-the bundle is loaded; what the walk skipped is counted on stderr. A pool of `workers` reader threads then reads and
-preprocesses scans ahead of the model (at most `max_batch + workers` scans are read and
+the bundle is loaded; what the walk skipped is counted on stderr. A pool of `workers`
+reader threads then reads and preprocesses scans ahead of the model (at most `max_batch + workers` scans are read and
 not yet used, which bounds memory at about that many 224^3 float32 volumes). The main
 thread takes finished scans in input order, puts consecutive ready ones into one vision
 batch of up to `pipe.vision.max_batch`, runs the LLM per scan, and writes each row whole.
@@ -142,7 +142,7 @@ class _Progress:
 # ------------------------------------------------------------------ the run
 
 
-def _check(opts: InferOptions) -> None:
+def check_options(opts: InferOptions) -> None:
     if opts.workers < 1:
         raise MedblipError("--workers must be at least 1", code="usage")
     if not opts.timeout_s > 0:
@@ -151,7 +151,7 @@ def _check(opts: InferOptions) -> None:
         raise MedblipError("--resume needs --out (the results file to continue)", code="usage")
 
 
-def _expand(opts: InferOptions, stream=None) -> list[ScanItem]:
+def expand_inputs(opts: InferOptions, stream=None) -> list[ScanItem]:
     """expand_scans with a file count on a terminal while folders are walked, and one line saying what was skipped."""
     stream = stream or sys.stderr
     tty = getattr(stream, "isatty", lambda: False)()
@@ -178,8 +178,8 @@ def _expand(opts: InferOptions, stream=None) -> list[ScanItem]:
 
 def run_infer(opts: InferOptions) -> int:
     """Run every scan; returns the number of scans whose row is an error (resumed rows included)."""
-    _check(opts)
-    items = _expand(opts)
+    check_options(opts)
+    items = expand_inputs(opts)
 
     pipe = _pipeline.Pipeline.from_bundle(opts.bundle, backend=opts.backend, device=opts.device,
                                           precision=opts.precision, rebuild_trt=opts.rebuild_trt,
@@ -189,26 +189,8 @@ def run_infer(opts: InferOptions) -> int:
     print(f"backend: vision={pipe.chosen['vision']} llm={pipe.chosen['llm']}{why}{pages}", file=sys.stderr,
           flush=True)
 
-    # -- the sink, and what --resume finds there
-    old_rows: list[OldRow] = []
-    index: ResumeIndex | None = None
-    if opts.out is None:
-        sink: Sink = StdoutSink()
-    else:
-        out = Path(opts.out)
-        sink = FileSink(out, out_format(out), opts.include_paths)
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            if opts.resume:
-                old_rows, rewrite = read_old_rows(sink)
-                if rewrite:
-                    replace_file(out, sink.header() + "".join(r.text for r in old_rows))
-                index = ResumeIndex(old_rows)
-            if not opts.resume or not out.exists() or out.stat().st_size == 0:
-                replace_file(out, sink.header())
-            sink.open_append()
-        except OSError as e:
-            raise MedblipError(f"cannot write {out.name}: {e.strerror or e}", code="bad_output") from None
+    out = RunOutput(opts, len(items))
+    index = out.index
 
     def work(task: Task):
         item = task.item
@@ -219,24 +201,12 @@ def run_infer(opts: InferOptions) -> int:
             found = index.reserve(abspath(item.path), item.name, sha, item.series)
             if found is not None:
                 return ("skip", found)
-        try:
-            return ("prepared", prepare_scan(pipe, scan, sha, task, prefetch.stopped))
-        except ScanError as e:
-            row = error_row(item.name, sha or digest_or_none(scan), e.code, scrub(str(e), item.path), item.series)
-        except MemoryError:
-            row = error_row(item.name, sha or digest_or_none(scan), "out_of_memory",
-                            "not enough memory to read and preprocess this scan", item.series)
-        except OSError as e:  # e.g. the file vanished between reading and hashing
-            row = error_row(item.name, None, "unreadable", f"cannot read {item.name}: {e.strerror or e}", item.series)
-        return ("error", row)
+        return prepare_or_error(lambda: prepare_scan(pipe, scan, sha, task, prefetch.stopped), item, sha)
 
     tasks = [Task(i, item) for i, item in enumerate(items)]
     max_batch = max(1, int(getattr(pipe.vision, "max_batch", 1) or 1))
     prefetch = Prefetcher(tasks, work, opts.workers, max_batch + opts.workers, opts.timeout_s)
     prefetch.start()
-    progress = _Progress(len(tasks))
-    final: list[str] = [""] * len(tasks)  # each scan's row text, for the final file
-    failed = 0
     try:
         i = 0
         while i < len(tasks):
@@ -259,43 +229,112 @@ def run_infer(opts: InferOptions) -> int:
             for task in group:
                 item = task.item
                 kind, value = task.result
-                is_failed = kind in ("error", "timeout")
                 if kind == "skip":
-                    old = old_rows[value]
-                    final[task.index] = old.text
-                    is_failed = old.failed
+                    out.resumed(task.index, value)
                 else:
                     if kind == "prepared":
-                        value.timings_ms["vision"] = share
                         text = item.patient_text if item.patient_text is not None else opts.patient_text
-                        row = pipe.answer(value, visual[k : k + 1], text, opts.question)
-                        row["timings_ms"]["total"] = round(sum(row["timings_ms"].values()), 3)
+                        row = scan_row(pipe, value, visual[k : k + 1], share, text, opts.question)
                         k += 1
                     elif kind == "timeout":
-                        row = error_row(item.name, None, "timeout",
-                                        f"reading + preprocessing took more than {opts.timeout_s:g} s: {item.name}",
-                                        item.series)
+                        row = timeout_row(item, opts.timeout_s)
                     else:
                         row = value
-                    if opts.include_paths:
-                        row["path"] = abspath(item.path)
-                    final[task.index] = sink.emit(row)
-                failed += is_failed
-                progress.update(failed=is_failed, timeout=kind == "timeout", skipped=kind == "skip")
+                    out.emit(task.index, item, row, timeout=kind == "timeout")
                 prefetch.consumed(task)
             del visual, prepared
             i = j
     finally:
         prefetch.close()
-        sink.close()
-    progress.finish()
+        out.close()
+    return out.finish()
 
-    if isinstance(sink, FileSink) and opts.resume:
-        want = sink.header() + "".join(final)
-        if Path(sink.path).read_bytes() != want.encode("utf-8", "surrogateescape"):
-            replace_file(sink.path, want)
-        dropped = len(old_rows) - len(index.used)
-        if dropped:
-            print(f"resume: {dropped} row{'s' if dropped != 1 else ''} matching no scan of this run "
-                  f"dropped from {sink.path.name}", file=sys.stderr)
-    return failed
+
+def scan_row(pipe, prepared, visual: torch.Tensor, vision_ms: float, patient_text: str, question: str | None) -> dict:
+    """The result row of a prepared scan whose visual tokens [1,Q,d] took `vision_ms` (its share of a batch)."""
+    prepared.timings_ms["vision"] = vision_ms
+    row = pipe.answer(prepared, visual, patient_text, question)
+    row["timings_ms"]["total"] = round(sum(row["timings_ms"].values()), 3)
+    return row
+
+
+def prepare_or_error(prepare, item, sha: str | None) -> tuple[str, object]:
+    """`prepare()` -> ("prepared", PreparedScan or None), or ("error", the scan's error row)."""
+    try:
+        return ("prepared", prepare())
+    except ScanError as e:
+        row = error_row(item.name, sha or digest_or_none(item.scan()), e.code, scrub(str(e), item.path), item.series)
+    except MemoryError:
+        row = error_row(item.name, sha or digest_or_none(item.scan()), "out_of_memory",
+                        "not enough memory to read and preprocess this scan", item.series)
+    except OSError as e:  # e.g. the file vanished between reading and hashing
+        row = error_row(item.name, None, "unreadable", f"cannot read {item.name}: {e.strerror or e}", item.series)
+    return ("error", row)
+
+
+def timeout_row(item, timeout_s: float) -> dict:
+    return error_row(item.name, None, "timeout", f"reading + preprocessing took more than {timeout_s:g} s: {item.name}",
+                     item.series)
+
+
+class RunOutput:
+    """Where a run's rows go: the sink (stdout, or --out with what --resume found there), the progress line,
+    and each scan's final row text; `finish()` leaves --out holding exactly one row per scan, in input order."""
+
+    def __init__(self, opts: InferOptions, n_scans: int):
+        self.opts = opts
+        self.old_rows: list[OldRow] = []
+        self.index: ResumeIndex | None = None
+        if opts.out is None:
+            self.sink: Sink = StdoutSink()
+        else:
+            out = Path(opts.out)
+            self.sink = FileSink(out, out_format(out), opts.include_paths)
+            try:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                if opts.resume:
+                    self.old_rows, rewrite = read_old_rows(self.sink)
+                    if rewrite:
+                        replace_file(out, self.sink.header() + "".join(r.text for r in self.old_rows))
+                    self.index = ResumeIndex(self.old_rows)
+                if not opts.resume or not out.exists() or out.stat().st_size == 0:
+                    replace_file(out, self.sink.header())
+                self.sink.open_append()
+            except OSError as e:
+                raise MedblipError(f"cannot write {out.name}: {e.strerror or e}", code="bad_output") from None
+        self.progress = _Progress(n_scans)
+        self.final: list[str] = [""] * n_scans  # each scan's row text, for the final file
+        self.failed = 0
+
+    def resumed(self, i: int, old_index: int) -> None:
+        """Scan i already has row `old_index` in --out."""
+        old = self.old_rows[old_index]
+        self.final[i] = old.text
+        self.failed += old.failed
+        self.progress.update(failed=old.failed, skipped=True)
+
+    def emit(self, i: int, item, row: dict, timeout: bool = False) -> None:
+        """Write scan i's row (a result or an error row)."""
+        if self.opts.include_paths:
+            row["path"] = abspath(item.path)
+        self.final[i] = self.sink.emit(row)
+        failed = "error" in row
+        self.failed += failed
+        self.progress.update(failed=failed, timeout=timeout)
+
+    def close(self) -> None:
+        self.sink.close()
+
+    def finish(self) -> int:
+        """The final count line; with --resume, --out rewritten if needed. Returns the number of failed scans."""
+        self.progress.finish()
+        sink = self.sink
+        if isinstance(sink, FileSink) and self.opts.resume:
+            want = sink.header() + "".join(self.final)
+            if Path(sink.path).read_bytes() != want.encode("utf-8", "surrogateescape"):
+                replace_file(sink.path, want)
+            dropped = len(self.old_rows) - len(self.index.used)
+            if dropped:
+                print(f"resume: {dropped} row{'s' if dropped != 1 else ''} matching no scan of this run "
+                      f"dropped from {sink.path.name}", file=sys.stderr)
+        return self.failed

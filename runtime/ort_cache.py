@@ -82,4 +82,5 @@ class InPlaceKV:
         self._binding.bind_cpu_input("past_len", np.array(self.length, np.int64))
         self.graph.session.run_with_iobinding(self._binding)
         self.length += 1
-        return host(self._binding.get_outputs()[0])[0, -1]
+        # the bound logits output is one buffer that every step overwrites: hand out a copy (V floats)
+        return host(self._binding.get_outputs()[0])[0, -1].copy()

@@ -39,6 +39,27 @@ def _ms(t0: float) -> float:
     return round((time.perf_counter() - t0) * 1000.0, 3)
 
 
+def read_scan(scan, spec: PreprocessSpec, sha256: str | None = None, may_preprocess=None) -> PreparedScan | None:
+    """Read + preprocess one scan for a bundle's preprocessing spec; raises ScanError on bad input.
+
+    `scan`: a NIfTI path, a DICOM series folder or multi-frame file, or a scan object from
+    preprocess.scans. Needs no model: cluster readers call it on nodes that hold none. `sha256`: the
+    scan's digest if already known. `may_preprocess()`: asked after reading, before the torch
+    preprocessing starts; False gives None (a cohort run's scan abandoned for its time limit).
+    """
+    source = as_scan(scan)
+    t0 = time.perf_counter()
+    loaded = load_scan(source)
+    load_ms = _ms(t0)
+    digest = sha256 or source.sha256()
+    if may_preprocess is not None and not may_preprocess():
+        return None
+    t1 = time.perf_counter()
+    volume = to_model_input(loaded.array, spec.size)  # [1,1,S,S,S]
+    return PreparedScan(source.name, digest, volume, list(loaded.warnings),
+                        {"load": load_ms, "preprocess": _ms(t1)}, loaded.orientation, loaded.series)
+
+
 class Pipeline:
     """`Pipeline.from_bundle(dir)(scan)` -> one result dict (the JSON row of `medblip-infer`)."""
 
@@ -71,23 +92,8 @@ class Pipeline:
     # -- stages ---------------------------------------------------------------
 
     def prepare(self, scan, sha256: str | None = None, may_preprocess=None) -> PreparedScan | None:
-        """Read + preprocess one scan (a NIfTI path, a DICOM series folder or multi-frame file, or a scan object from
-        preprocess.scans); raises ScanError on bad input.
-
-        `sha256`: the scan's digest if already known. `may_preprocess()`: asked after reading, before the
-        torch preprocessing starts; False gives None (a cohort run's scan abandoned for its time limit).
-        """
-        source = as_scan(scan)
-        t0 = time.perf_counter()
-        loaded = load_scan(source)
-        load_ms = _ms(t0)
-        digest = sha256 or source.sha256()
-        if may_preprocess is not None and not may_preprocess():
-            return None
-        t1 = time.perf_counter()
-        volume = to_model_input(loaded.array, self.spec.size)  # [1,1,S,S,S]
-        return PreparedScan(source.name, digest, volume, list(loaded.warnings),
-                            {"load": load_ms, "preprocess": _ms(t1)}, loaded.orientation, loaded.series)
+        """Read + preprocess one scan; raises ScanError on bad input (see `read_scan`)."""
+        return read_scan(scan, self.spec, sha256, may_preprocess)
 
     def visual_tokens(self, volumes: torch.Tensor) -> torch.Tensor:
         """volumes [B,1,S,S,S] -> visual tokens [B, Q, d_llm]."""

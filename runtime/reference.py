@@ -38,10 +38,9 @@ class ReferencePipeline:
         ids = ids[: ids.index(eos)] if eos in ids else ids
         return ids, out.logits[0][0].float()
 
-    @torch.no_grad()
     def answer_logits(self, visual: torch.Tensor, patient_text: str, answer: str) -> torch.Tensor:
         """Logits predicting each token of `answer` given scan and prompt [L, V]: one full forward pass for
-        this answer alone, as the training forward computes it."""
+        this answer alone, as the training forward computes it (differentiable in `visual` outside no_grad)."""
         emb = self._embeds(visual, patient_text, DIAGNOSIS_QUESTION)
         target = torch.tensor([self.family.answer_ids(self.tokenizer, answer)], device=visual.device)
         if self.family.is_encoder_decoder:
@@ -49,6 +48,7 @@ class ReferencePipeline:
         full = torch.cat([emb, self.model.embed_prompt(target)], dim=1)
         return self.model.llm(inputs_embeds=full).logits[0, emb.shape[1] - 1: -1].float()  # predicts each token
 
+    @torch.no_grad()
     def answer_loglik(self, visual: torch.Tensor, patient_text: str, answer: str) -> float:
         """Sum log p(answer | scan, prompt)."""
         target = torch.tensor(self.family.answer_ids(self.tokenizer, answer), device=visual.device)

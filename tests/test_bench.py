@@ -122,3 +122,19 @@ def test_decode_variants_times_every_weight_format(tmp_path):
     assert rows["fused fp32"]["nodes"] * 2 < rows["traced fp32"]["nodes"]
     assert rows[f"fused {res['shipped']['int8']}"]["vs_shipped_int8"] == 1.0
     assert rows["fused int4-block32"]["floor_ms"] < rows["fused int8-block128"]["floor_ms"] < rows["fused fp32"]["floor_ms"]
+
+
+def test_export_quality_figures_move_for_int8_and_not_for_fp32(tmp_path):
+    """The per-token figures can fail: fp32 graphs agree with the reference to float rounding on every
+    position, INT8 weights move log-likelihoods and next-token distributions measurably."""
+    from medblip_edge.benchmarks.export_quality import main
+
+    main(["--presets", "tiny", "--formats", "int8", "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "quality.json").read_text())
+    fp32, int8 = res["rows"]
+    assert fp32["format"] == "fp32 (ONNX)" and int8["format"] == "int8"
+    assert fp32["top1_answers"] == fp32["top1_continuation"] == 1.0 and fp32["kl_max"] < 1e-6
+    assert fp32["positions"] == int8["positions"] > 60  # answers of every case + a 60-token continuation
+    assert int8["kl_mean"] > 1e-4 and int8["max_abs_loglik_diff"] > 1e-2
+    assert int8["min_margin_nats"] > 0 and int8["label_agreement"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+    assert "| tiny | int8 |" in (tmp_path / "quality.md").read_text()

@@ -103,14 +103,17 @@ def test_in_place_caches_step_like_the_traced_module(tmp_path, monkeypatch):
     assert isinstance(growing, GrowingKV)
     # and the fused step fed caches that grow (how it runs off the CPU, see ort_cache)
     growing_fused = GrowingKV(graph, list(pk), list(pv), _feeds(cross_k=ck, cross_v=cv), length=3)
+    kept = []  # every step's logits, held across later steps: each call's result stays its own
     for token in rng.integers(0, 97, 6):
         got, got_traced = cache.step(int(token)), growing.step(int(token))
+        kept.append((got, got.copy()))
         assert np.abs(growing_fused.step(int(token)) - got).max() < 1e-5
         with torch.no_grad():
             want, k, v = T5DecoderStepGraph(t5)(*map(torch.from_numpy, (np.array([[token]]), pk, pv, ck, cv)))
         pk, pv = k.numpy(), v.numpy()
         assert np.abs(got - want.numpy()[0, -1]).max() < 1e-4
         assert np.abs(got_traced - want.numpy()[0, -1]).max() < 1e-4
+    assert all(np.array_equal(a, b) for a, b in kept)
     assert cache.length == 9 and cache.capacity == 12
     layers = t5.config.num_decoder_layers
     held = np.stack(cache._contents())  # [2L, 1, H, capacity, dk]

@@ -19,7 +19,7 @@ Usage (any python3.11; the outer level is standard library only: it creates
 or updates the venv from requirements.txt, then re-runs itself inside it):
 
   python3.11 tests/official/make_fixtures.py --medblip DIR --lavis DIR \
-      --scan PATH --out tests/fixtures/official [--venv /work/oracle-venv]
+      --scan PATH --out tests/fixtures/official [--venv DIR]
 
 DIR are work trees of the two GitHub repositories. Their commits are read with
 git when DIR is a git checkout, else given with --medblip-commit/--lavis-commit.
@@ -37,7 +37,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REQUIREMENTS = os.path.join(HERE, "requirements.txt")
-DEFAULT_VENV = "/work/oracle-venv"
+DEFAULT_VENV = os.path.join(os.path.expanduser("~"), ".cache", "medblip-edge", "oracle-venv")
 STAMP_NAME = ".medblip-oracle-requirements.sha256"
 # Installed before the rest: fairscale 0.4.4 (imported by LAVIS's blip2.py via
 # clip_vit.py) is an sdist whose build imports torch, so the second step runs

@@ -1,0 +1,1 @@
+"""Serving and cluster runs on Ray: medblip-serve (Ray Serve) and medblip-infer --engine ray (Ray Data)."""
