@@ -40,8 +40,10 @@ def one_line_errors(fn):
               "(tiny, tiny-biomedlm, small, small-biomedlm, paper-t5, paper-biomedlm). Marked random_weights.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle folder to write "
               "(replaced atomically: a failed export leaves the old one in place).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
-              help="Precision of the vision graph (fp16: for GPU execution).")
+@click.option("--precision", type=click.Choice(["fp32", "int8", "fp16"]), default="fp32", show_default=True,
+              help="Vision graph: fp32; int8 (CPU: the ViT's matmuls as dynamic INT8, its fidelity measured against "
+              "fp32: visual-token error, and labels, next tokens and KL downstream); fp16 (adds an fp16 graph "
+              "for GPUs and TensorRT).")
 @click.option("--llm-quant", type=click.Choice(["none", "int8", "int4", "fp16"]), default="none", show_default=True,
               help="LLM graphs: none (fp32), int8 (CPU: dynamic INT8 GEMMs, 8-bit MatMulNBits decode step), "
               "int4 (weight-only blockwise), fp16 (GPU).")
@@ -145,26 +147,29 @@ def infer_main(scans, bundle_dir, backend, device, precision, patient_text, ques
 # -- medblip-bench --------------------------------------------------------------
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), help="Bundle to benchmark.")
-@click.option("--preset", help="Or: export this preset first (INT8 and INT4 LLMs) and benchmark it.")
+@click.option("--bundle", "bundle_dirs", type=click.Path(path_type=Path), multiple=True,
+              help="Bundle to benchmark (repeat for several: one ORT row each; the first gives the torch rows).")
+@click.option("--preset", help="Or: export this preset first (INT8 and INT4 LLM bundles) and benchmark it.")
 @click.option("--backends", default="torch,ort", show_default=True, help="Comma list of torch, ort, trt.")
 @click.option("--batch", "batches", default="1,2,4", show_default=True, help="Vision batch sizes (comma list).")
 @click.option("--iters", type=int, default=5, show_default=True, help="Timed iterations per row.")
 @click.option("--warmup", type=int, default=1, show_default=True, help="Untimed iterations first.")
+@click.option("--reference-iters", type=int, default=None,
+              help="Timed iterations of the reference row (default: --iters; at the paper's sizes one takes minutes).")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--quick", is_flag=True, help="Few iterations, small batches: finishes in under 2 minutes for tiny.")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
               help="Folder for results.json, report.md and the PNG plots.")
 @one_line_errors
-def bench_main(bundle_dir, preset, backends, batches, iters, warmup, device, quick, out_dir):
+def bench_main(bundle_dirs, preset, backends, batches, iters, warmup, reference_iters, device, quick, out_dir):
     """Benchmark per stage (load, preprocess, vision, LLM prefill, decode step, end to end) against the
-    plain PyTorch reference and against this machine's measured limits.
+    plain PyTorch reference and against this machine's measured limits. Each row runs in its own process.
     """
     from .benchmarks.run import BenchOptions, run_bench
 
-    run_bench(BenchOptions(bundle=bundle_dir, preset=preset, backends=[b for b in backends.split(",") if b],
+    run_bench(BenchOptions(bundles=list(bundle_dirs), preset=preset, backends=[b for b in backends.split(",") if b],
                            batches=[int(b) for b in batches.split(",") if b], iters=iters, warmup=warmup,
-                           device=device, quick=quick, out=out_dir))
+                           reference_iters=reference_iters, device=device, quick=quick, out=out_dir))
 
 
 # -- medblip-serve --------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -10,7 +11,10 @@ from pathlib import Path
 
 from ..errors import MedblipError
 
-PRESET_QUANTS = ("int8", "int4")  # one bundle per LLM quantization; each gives an ORT row
+# one bundle per LLM quantization, each an ORT row; on a CPU the INT4 bundle carries the INT8 vision graph,
+# so the run also times (and measures the fidelity of) the reduced-precision vision graph
+PRESET_BUNDLES = {"cpu": (("int8", "fp32"), ("int4", "int8")), "cuda": (("int8", "fp16"), ("int4", "fp16"))}
+PARALLEL_EXPORT_PARAMETERS = 1e9  # larger models export one at a time (each export holds GBs)
 
 
 def mni_scan() -> Path:
@@ -36,18 +40,49 @@ def _export_one(kwargs: dict, threads: int) -> str:
     return str(kwargs["out"])
 
 
+def _large(preset: str) -> bool:
+    from ..model.config import preset as get_preset
+    from .costs import LLM_COSTS
+
+    cfg = get_preset(preset)
+    return LLM_COSTS[cfg.variant]({**cfg.llm, "vocab_size": cfg.llm["vocab_size"] or 0}).params() \
+        >= PARALLEL_EXPORT_PARAMETERS
+
+
 def export_preset(preset: str, root: Path, device: str, trt: bool, max_batch: int) -> list[Path]:
-    """Export `preset` once per LLM quantization into `root`, in parallel processes when memory allows."""
+    """Export `preset` once per LLM quantization into `root`, in parallel processes when memory allows; files
+    the bundles have in common (same path, same SHA-256: the PyTorch weights) are stored once (hard links)."""
     import psutil
 
+    kinds = PRESET_BUNDLES["cuda" if device.startswith("cuda") else "cpu"]
     jobs = [{"out": root / f"{preset}-{q}", "preset": preset, "llm_quant": q, "max_batch": max_batch,
-             "precision": "fp16" if device.startswith("cuda") else "fp32", "trt": trt} for q in PRESET_QUANTS]
+             "precision": vision, "trt": trt} for q, vision in kinds]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    # an export is mostly single-threaded graph tracing, so two at once roughly halve the wait;
-    # a small-preset export peaks near 5 GiB, so run them one by one on a small machine
-    small = preset.startswith("tiny") or psutil.virtual_memory().available > 12 * 2**30
-    workers = len(jobs) if small and cores > 1 else 1
+    # an export is mostly single-threaded graph writing, so two at once roughly halve the wait;
+    # a small-preset export peaks near 2 GiB, a paper-size one near 10: those run one by one
+    parallel = not _large(preset) and psutil.virtual_memory().available > 8 * 2**30 and cores > 1
+    workers = len(jobs) if parallel else 1
     threads = max(1, cores // workers)
+    paths = []
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        done = [pool.submit(_export_one, job, threads) for job in jobs]
-        return [Path(f.result()) for f in done]
+        for job in [pool.submit(_export_one, job, threads) for job in jobs]:
+            paths.append(Path(job.result()))
+            if len(paths) > 1:
+                share_identical_files(paths[0], paths[-1])
+    return paths
+
+
+def share_identical_files(first: Path, other: Path) -> int:
+    """Replace each file of bundle `other` that bundle `first` has at the same path with the same SHA-256 by a
+    hard link to it (both manifests already hold the digests); returns bytes saved. Read-only bundles."""
+    digests = [{rel: h for art in json.loads((b / "manifest.json").read_text())["artifacts"].values()
+                for rel, h in art["sha256"].items()} for b in (first, other)]
+    saved = 0
+    for rel, digest in digests[1].items():
+        src, dst = first / rel, other / rel
+        if digests[0].get(rel) == digest and not os.path.samefile(src, dst):
+            tmp = dst.with_name(dst.name + ".link")
+            os.link(src, tmp)
+            os.replace(tmp, dst)
+            saved += src.stat().st_size
+    return saved

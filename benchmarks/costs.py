@@ -147,8 +147,17 @@ def stage_floor(cost: dict, precision: str, limits: dict, stage: str) -> dict:
             "bound": "compute" if compute_ms >= memory_ms else "memory", "compute_ceiling": peak_key}
 
 
+BEATEN = {"memory": "its weights came from a cache that the bandwidth probe's 512 MiB stream does not fit in",
+          "compute": "it ran on a faster kernel than the matmul the ceiling was measured with"}
+
+
 def row_floors(costs: dict, precision: dict, limits: dict, measured_ms: dict) -> dict:
-    """{stage: floor dict + measured_ms + ratio} for vision, prefill, decode_step, score and classify."""
+    """{stage: floor dict + measured_ms + ratio} for vision, prefill, decode_step, score and classify.
+
+    A floor is a lower bound only if its ceiling is the one the stage ran against. A stage measured below
+    its floor shows that it was not (weights in a shared L3, a kernel other than the probe's): its ratio is
+    then None and `beats_floor` says so, instead of a ratio below 1 that would read as "faster than the
+    hardware allows"."""
     out = {}
     for stage in ("vision", "prefill", "decode_step", "score"):
         f = stage_floor(costs[stage], precision[costs[stage]["role"]], limits, stage)
@@ -161,4 +170,9 @@ def row_floors(costs: dict, precision: dict, limits: dict, measured_ms: dict) ->
         m = measured_ms.get(stage)
         f["measured_ms"] = m
         f["ratio"] = round(m / f["floor_ms"], 2) if m and f["floor_ms"] > 0 else None
+        if f["ratio"] is not None and m < f["floor_ms"]:
+            bound = out["prefill"]["bound"] if stage == "classify" else f["bound"]
+            f["ratio"] = None
+            f["beats_floor"] = (f"measured {m:.3g} ms, below the {f['floor_ms']:.3g} ms floor: not the ceiling this "
+                                f"stage ran on ({BEATEN[bound]})")
     return out

@@ -43,18 +43,17 @@ def _formats() -> dict:
 
 def _graphs(bundle_path: Path, work: Path) -> dict[str, Path]:
     """{"traced": fp32 step graph, "fused": fp32 step graph} from the bundle's weights."""
-    from ..export.llm_graphs import LLM_GRAPHS
+    from ..export.graphs_t5_fused import T5DecoderWriter
+    from ..export.llm_graphs import traced_t5_step
     from ..model.weights import load_weights
     from ..runtime.bundle import Bundle
 
     bundle = Bundle.open(bundle_path)
     model = load_weights(bundle.config, bundle.path("torch"))
-    step = next(g for g in LLM_GRAPHS[bundle.config.variant](model.llm, model.d_llm, model.cfg.qformer.num_query)
-                if g.name.endswith("_step"))
     out = {}
-    for kind, fused in (("traced", False), ("fused", True)):
+    for kind, write in (("traced", traced_t5_step), ("fused", lambda t5, p: T5DecoderWriter(t5).write(p, True))):
         (work / kind).mkdir()
-        out[kind] = step.export(work / kind / "step.onnx", fused)[0]
+        out[kind] = write(model.llm, work / kind / "step.onnx")[0]
     return out
 
 

@@ -71,17 +71,20 @@ def _try(fn, *args) -> dict:
         return {"how": getattr(fn, "__name__", "?"), "error": str(e).splitlines()[0][:200]}
 
 
-def _bounded(fn, n: int, reps: int, *args, budget_s: float = CEILING_BUDGET_S) -> dict:
+def _bounded(fn, n: int, reps: int, *args, budget_s: float = CEILING_BUDGET_S, required: bool = False) -> dict:
     """`fn(n, *args, reps)` unless a PROBE_N-sized probe says it would take longer than `budget_s`.
 
     Some CPUs run a precision through an emulated path (torch's int8 or bf16 GEMM without AVX-512 ran at
     under 2 GOP/s on an AVX2-only EPYC: about a minute per 2048^3 product); the probe catches that within
     a second, and the ceiling is reported as skipped, with the probe's rate, instead of being measured.
+    A `required` ceiling (fp32: every floor can fall back to it) is then the probe's own rate instead.
     """
     probe = _try(fn, PROBE_N, *args, 2)
     if "flops_per_s" not in probe:
         return probe
     projected = 2 * n**3 * (reps + 1) / probe["flops_per_s"]
+    if projected > budget_s and required:
+        return {**probe, "note": f"{n}x{n} would take ~{projected:.0f} s: the {PROBE_N}x{PROBE_N} probe's rate is used"}
     if projected > budget_s:
         return {"how": probe["how"].replace(f"{PROBE_N}x{PROBE_N}", f"{n}x{n}"),
                 "skipped": f"a {PROBE_N}x{PROBE_N} probe ran at {probe['flops_per_s'] / 1e9:.2f} GFLOP/s: "
@@ -94,7 +97,7 @@ def matmul_ceilings(device: str, quick: bool) -> dict:
     """{precision: {how, flops_per_s | error}} plus `fastest`: the precision that ran fastest."""
     cuda = device.startswith("cuda")
     n, reps = (4096 if cuda else 2048), (3 if quick else 5)  # a GPU needs bigger products to reach its peak
-    out = {"fp32": _bounded(_torch_mm, n, reps, torch.float32, device),
+    out = {"fp32": _bounded(_torch_mm, n, reps, torch.float32, device, required=True),
            "bf16": _bounded(_torch_mm, n, reps, torch.bfloat16, device)}
     if cuda:
         out["fp16"] = _bounded(_torch_mm, n, reps, torch.float16, device)

@@ -8,13 +8,10 @@ import numpy as np
 import torch
 
 from ..export.evalset import eval_volumes
-from ..export.fidelity import (CONTINUATION_TOKENS, TokenLogits, greedy_tokens, log_softmax, margins, teacher_forced,
-                               token_fidelity)
+from ..export.fidelity import TokenLogits, greedy_tokens, log_softmax, margins, teacher_forced, token_fidelity
 from ..model.prompts import ANSWERS, LABELS
 from ..runtime.llm_base import pad_candidates
 from ..runtime.tasks import diagnosis
-
-CONTINUATION_CASES = 2  # cases that also get a greedy continuation, teacher-forced on every row
 
 
 @dataclass
@@ -25,6 +22,7 @@ class EvalSet:
     volumes: torch.Tensor
     near: torch.Tensor | None
     cases: list
+    budget: dict  # the export's evaluation budget (continuation cases and length)
 
     def visual(self, vision, device: str = "cpu") -> dict[int, torch.Tensor]:
         """row -> visual tokens [1,Q,d]: `vision(volume [1,1,S,S,S])` for a volume, the stored tokens for a near tie."""
@@ -39,7 +37,7 @@ def eval_set(bundle) -> EvalSet:
     n = 1 + max(int(c["volume"]) for c in listed if "volume" in c)
     cases = [(int(c["volume"]) if "volume" in c else n + int(c["near_tie"]), c["patient_text"]) for c in listed]
     near = torch.from_numpy(np.load(bundle.path("evaluation"))) if bundle.has("evaluation") else None
-    return EvalSet(eval_volumes(n, m["preprocess"]["size"]), near, cases)
+    return EvalSet(eval_volumes(n, m["preprocess"]["size"]), near, cases, m["evaluation"]["budget"])
 
 
 def _as_arrays(rows: list[dict]) -> dict:
@@ -50,14 +48,16 @@ def _as_arrays(rows: list[dict]) -> dict:
 
 @torch.inference_mode()
 def continuations(pipe, evalset: EvalSet) -> list[list[int]]:
-    """The baseline's greedy continuation (EOS not stopping it) for the first cases, [] for the rest."""
+    """The baseline's greedy continuation (EOS not stopping it) for the first cases, [] for the rest; how many
+    and how long as the export's evaluation budget (fewer at the paper's sizes)."""
+    n, length = evalset.budget["continuation_cases"], evalset.budget["continuation_tokens"]
     out = []
     for k, (i, text) in enumerate(evalset.cases):
-        if k >= CONTINUATION_CASES:
+        if k >= n:
             out.append([])
             continue
         state = pipe.llm.prefill(pipe.tasks.prompt_ids(text), pipe.visual_tokens(evalset.volumes[i:i + 1]))
-        out.append(greedy_tokens(pipe.llm, state, CONTINUATION_TOKENS))
+        out.append(greedy_tokens(pipe.llm, state, length)[0])
     return out
 
 

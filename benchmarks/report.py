@@ -102,6 +102,12 @@ def _fidelity(rows: list[dict]) -> list[str]:
                    "answers: top-1 / KL mean / KL max (positions)", "continuation: top-1 / KL mean / KL max"], body)
 
 
+def _memory(rows: list[dict]) -> list[str]:
+    body = [[_label(r), f"{r['memory']['rss_peak_mib'] / 1024:.2f} GiB", f"{r['model_load_s']:.1f} s",
+             str(r.get("iters", "-"))] for r in rows]
+    return _table(["row", "peak RSS", "model load", "timed iterations"], body)
+
+
 def _stages(rows: list[dict]) -> list[str]:
     body = []
     for r in rows:
@@ -124,16 +130,23 @@ def _throughput(rows: list[dict]) -> list[str]:
     return _table(["row: scans/s (vision alone)"] + [f"B={b}" for b in batches], body)
 
 
+def _floor_cell(f: dict) -> str:
+    if f.get("measured_ms") is None:
+        return "-"
+    if f.get("beats_floor"):
+        return f"{fmt_ms(f['measured_ms'])}, floor {fmt_ms(f['floor_ms'])}: below it, not its ceiling †"
+    return f"{fmt_ms(f['measured_ms'])}, floor {fmt_ms(f['floor_ms'])}, {_x(f['ratio'])}"
+
+
 def _floors(rows: list[dict]) -> list[str]:
-    body = []
-    for r in rows:
-        cells = []
-        for st in FLOOR_STAGES:
-            f = r["floors"].get(st, {})
-            cells.append("-" if f.get("measured_ms") is None else
-                         f"{fmt_ms(f['measured_ms'])}, floor {fmt_ms(f['floor_ms'])}, {_x(f['ratio'])}")
-        body.append([_label(r)] + cells)
-    return _table(["row: measured p50, floor, measured/floor"] + list(FLOOR_STAGES), body)
+    body = [[_label(r)] + [_floor_cell(r["floors"].get(st, {})) for st in FLOOR_STAGES] for r in rows]
+    out = _table(["row: measured p50, floor, measured/floor"] + list(FLOOR_STAGES), body)
+    beaten = [f"{_label(r)} {st}: {r['floors'][st]['beats_floor']}" for r in rows for st in FLOOR_STAGES
+              if r["floors"].get(st, {}).get("beats_floor")]
+    if beaten:
+        out += ["", "† A stage measured below its floor ran against another ceiling than the one measured, so no "
+                "ratio is given for it:", ""] + [f"- {b}" for b in beaten]
+    return out
 
 
 def _work(costs: dict, rows: list[dict]) -> list[str]:
@@ -175,7 +188,7 @@ def markdown(res: dict) -> str:
     """The report as one markdown string."""
     m, rows = res["machine"], res["rows"]
     gpu = f"{m['gpu']['name']} (driver {m['gpu']['driver']})" if m["gpu"] else "none"
-    src = res["options"].get("preset") or Path(res["options"]["bundle"]).name
+    src = res["options"].get("preset") or ", ".join(Path(b).name for b in res["options"]["bundles"])
     lines = [f"# medblip-bench: {src} on {m['cpu']['model']}", ""]
     if res.get("command"):
         lines += [f"Command: `{res['command']}`", ""]
@@ -208,6 +221,8 @@ def markdown(res: dict) -> str:
               "best answers over the cases: a label flips only when log-likelihoods move by about that much.", ""]
     lines += _fidelity(rows) + ["", "## Per stage", ""] + _stages(rows)
     lines += ["", "## Throughput vs vision batch", ""] + _throughput(rows)
+    lines += ["", "## Memory", "", "Each row ran in its own process: its peak RSS counts its own weights only "
+              "(model loading included).", ""] + _memory(rows)
     lines += ["", "## Floors", "", "Measured ceilings of this machine, in the same run:", ""] + _limits(res["limits"])
     lines += ["", "Floor = max(FLOPs / matmul ceiling at the stage's precision, bytes / bandwidth): weights read once "
               f"at their stored precision (fp32 4 B, bf16 2 B, {_quant_bytes()}), inputs "

@@ -3,20 +3,19 @@
 Order: machine and its measured ceilings; the reference row (fp32 eager, transformers
 generate, one pass per answer); one row per backend/precision, each timed on the real MNI
 scan and then run on the evaluation volumes for quality; floors per stage; results.json,
-report.md and the plots into `out`.
+report.md and the plots into `out`. Every row runs in its own process (benchmarks/rows.py),
+so one row's weights never count against another's memory.
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import shlex
 import sys
 import tempfile
 import time
-import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -29,8 +28,9 @@ from .bundles import export_preset, mni_scan
 from .costs import row_floors, stage_costs
 from .limits import best_of, measure_limits
 from .machine import OtherLoad, machine_info
-from .measure import STAGE_NOTES, Plan, measure_pipeline, measure_reference
-from .quality import agreement, continuations, eval_set, manifest_agreement, pipeline_results, reference_results
+from .measure import STAGE_NOTES, Plan
+from .quality import agreement, manifest_agreement
+from .rows import run_isolated
 
 BACKENDS = ("torch", "ort", "trt")
 QUICK = {"iters": 3, "warmup": 1, "max_batch": 2, "decode_steps": 8}
@@ -39,12 +39,13 @@ DECODE_STEPS = 16
 
 @dataclass
 class BenchOptions:
-    bundle: Path | None = None
+    bundles: list[Path] = field(default_factory=list)
     preset: str | None = None
     backends: list[str] = field(default_factory=lambda: ["torch", "ort"])
     batches: list[int] = field(default_factory=lambda: [1, 2, 4])
     iters: int = 5
     warmup: int = 1
+    reference_iters: int | None = None  # None: as --iters (a paper-size reference iteration takes minutes)
     device: str = "cpu"
     quick: bool = False
     out: Path = Path("bench")
@@ -58,14 +59,14 @@ def _say(msg: str) -> None:
 
 
 def _check(opts: BenchOptions) -> None:
-    if (opts.bundle is None) == (opts.preset is None):
-        raise MedblipError("give either --bundle DIR or --preset NAME", code="usage")
+    if bool(opts.bundles) == (opts.preset is not None):
+        raise MedblipError("give either --bundle DIR (one or more) or --preset NAME", code="usage")
     bad = [b for b in opts.backends if b not in BACKENDS]
     if bad or not opts.backends:
         raise MedblipError(f"unknown backend {bad[0] if bad else '(none)'}; choose from {', '.join(BACKENDS)}",
                            code="usage")
-    if not opts.batches or min(opts.batches) < 1 or opts.iters < 1 or opts.warmup < 0:
-        raise MedblipError("--batch needs sizes >= 1, --iters >= 1, --warmup >= 0", code="usage")
+    if not opts.batches or min(opts.batches) < 1 or opts.iters < 1 or opts.warmup < 0 or (opts.reference_iters or 1) < 1:
+        raise MedblipError("--batch needs sizes >= 1, --iters and --reference-iters >= 1, --warmup >= 0", code="usage")
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise MedblipError("--device cuda but torch sees no CUDA GPU", code="backend_unavailable")
 
@@ -78,16 +79,24 @@ def _plan(opts: BenchOptions) -> Plan:
     return Plan(opts.iters, opts.warmup, DECODE_STEPS, sorted(set(opts.batches)), opts.device)
 
 
-def _row_specs(opts: BenchOptions, bundles: list[Bundle]) -> tuple[list[dict], list[dict]]:
-    """(rows to run, rows skipped with the reason): torch per precision on the first bundle, ort/trt per bundle."""
+def _row_specs(opts: BenchOptions, bundles: list[Bundle], limits: dict) -> tuple[list[dict], list[dict]]:
+    """(rows to run, rows skipped with the reason): torch per precision on the first bundle, ort/trt per bundle.
+
+    A torch precision whose matmul this CPU runs through an emulated path (its ceiling probe was too slow to
+    measure, see limits.py) is skipped with that reason: at the paper's sizes such a row would take hours."""
     rows, skipped = [], []
     cuda = opts.device.startswith("cuda")
     for backend in opts.backends:
         if backend == "torch":
             # bf16 on a CPU is a real option only with AMX/AVX512-BF16; it is still measured, not assumed
             precisions = ["fp32", "fp16", "bf16"] if cuda else (["fp32"] if opts.quick else ["fp32", "bf16"])
-            rows += [{"name": f"torch {p}", "backend": "torch", "precision": p, "bundle": bundles[0]}
-                     for p in precisions]
+            for p in precisions:
+                ceiling = limits["matmul"].get(p, {})
+                if p != "fp32" and "skipped" in ceiling:
+                    skipped.append({"name": f"torch {p}", "reason": f"{p} matmuls are emulated on this CPU "
+                                                                     f"({ceiling['skipped']})"})
+                else:
+                    rows.append({"name": f"torch {p}", "backend": "torch", "precision": p, "bundle": bundles[0]})
         for b in bundles if backend != "torch" else []:
             llm_p = b.artifacts.get("llm_onnx", {}).get("precision", "none")
             name = f"{backend} {llm_p}"
@@ -102,20 +111,6 @@ def _row_specs(opts: BenchOptions, bundles: list[Bundle]) -> tuple[list[dict], l
                         "quality_only": True})
     rows.sort(key=lambda r: r["name"] != "torch fp32")  # the baseline first: its continuations are everyone's
     return rows, skipped
-
-
-def _open_reference(bundle: Bundle, device: str):
-    from ..model.weights import load_weights
-    from ..runtime.reference import ReferencePipeline
-
-    return lambda: ReferencePipeline(load_weights(bundle.config, bundle.path("torch"), torch.float32, device),
-                                     bundle.tokenizer())
-
-
-def _open_pipeline(spec: dict, device: str):
-    from ..runtime.pipeline import Pipeline
-
-    return lambda: Pipeline.from_bundle(spec["bundle"].root, spec["backend"], device, spec["precision"])
 
 
 def _measured_p50(stages: dict) -> dict:
@@ -140,47 +135,44 @@ def _collect(opts: BenchOptions, bundles: list[Bundle], scan: Path, plan: Plan) 
     _say("measuring this machine's ceilings (matmul per precision, memory bandwidth)")
     limits_start = measure_limits(opts.device, opts.quick)
     first = bundles[0]
-    evalset = eval_set(first)
-    size = first.manifest["preprocess"]["size"]
 
-    _say("reference: fp32 eager, transformers generate, one full pass per answer")
-    ref_row, ref = measure_reference(_open_reference(first, opts.device), scan, size, plan)
-    ref_quality = reference_results(ref, evalset, opts.device)
-    del ref
-    gc.collect()
+    _say("reference: fp32 eager, transformers generate, one full pass per answer (own process)")
+    ref_plan = replace(plan, iters=opts.reference_iters or plan.iters)
+    job = {"kind": "reference", "bundle": str(first.root), "scan": str(scan), "plan": ref_plan}
+    ref = run_isolated(job)
+    if "row" not in ref:
+        raise MedblipError(f"the reference row did not run: {ref.get('failed') or ref.get('skipped')}",
+                           code="bench_failed")
     rows = [{"name": "reference", "backend": {"vision": "torch", "llm": "torch (transformers generate)"},
              "precision": {"vision": "fp32", "llm": "fp32"}, "bundle": first.root.name, "device": opts.device,
-             "is_reference": True, **ref_row}]
-    results = {"reference": ref_quality}
-    specs, skipped = _row_specs(opts, bundles)
+             "is_reference": True, "iters": ref_plan.iters, **ref["row"]}]
+    results = {"reference": ref["results"]}
+    specs, skipped = _row_specs(opts, bundles, limits_start)
     failed: list[dict] = []
+    conts = None
     for spec in specs:
         only = " - quality baseline only" if spec.get("quality_only") else ""
-        _say(f"{spec['name']} ({spec['bundle'].root.name}){only}")
-        try:
-            if spec.get("quality_only"):
-                pipe = _open_pipeline(spec, opts.device)()
-                row = {"chosen": pipe.chosen, "precision": pipe.precision}
-            else:
-                row, pipe = measure_pipeline(_open_pipeline(spec, opts.device), scan, plan)
-            if spec["name"] == "torch fp32":
-                conts = continuations(pipe, evalset)
-            results[spec["name"]] = pipeline_results(pipe, evalset, conts)
-        except MedblipError as e:  # a backend this machine lacks: say so in the report, keep going
-            skipped.append({"name": spec["name"], "reason": str(e)})
+        _say(f"{spec['name']} ({spec['bundle'].root.name}){only} (own process)")
+        job = {"kind": "pipeline", "bundle": str(spec["bundle"].root), "backend": spec["backend"],
+               "precision": spec["precision"], "scan": str(scan), "plan": plan, "continuations": conts,
+               "quality_only": spec.get("quality_only", False)}
+        out = run_isolated(job)
+        if "skipped" in out:
+            skipped.append({"name": spec["name"], "reason": out["skipped"]})
             continue
-        except Exception as e:  # a broken row must not hide the others; run_bench still fails at the end
-            failed.append({"name": spec["name"], "error": f"{type(e).__name__}: {e}",
-                           "where": traceback.format_exc(limit=-3)})
-            _say(f"{spec['name']} FAILED: {type(e).__name__}: {e}")
+        if "failed" in out:
+            failed.append({"name": spec["name"], "error": out["failed"], "where": out["where"]})
+            _say(f"{spec['name']} FAILED: {out['failed']}")
             continue
-        finally:
-            pipe = None
-            gc.collect()
+        if conts is None:  # the first row is the torch fp32 baseline: its continuations are everyone's
+            conts = out["continuations"]
+        results[spec["name"]] = out["results"]
         if spec.get("quality_only"):
             continue
+        row = out["row"]
         rows.append({"name": spec["name"], "backend": row.pop("chosen"), "precision": row.pop("precision"),
-                     "bundle": spec["bundle"].root.name, "device": opts.device, "is_reference": False, **row})
+                     "bundle": spec["bundle"].root.name, "device": opts.device, "is_reference": False,
+                     "iters": plan.iters, **row})
 
     _say("measuring the ceilings again (the better of the two is the limit)")
     limits = best_of(limits_start, measure_limits(opts.device, opts.quick))
@@ -207,7 +199,8 @@ def _collect(opts: BenchOptions, bundles: list[Bundle], scan: Path, plan: Plan) 
     return {
         "schema_version": 1,
         "command": shlex.join(["medblip-bench", *sys.argv[1:]]),
-        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
+        "options": {k: ([str(p) for p in v] if k == "bundles" else str(v) if isinstance(v, Path) else v)
+                    for k, v in asdict(opts).items()},
         "plan": asdict(plan),
         "machine": machine,
         "limits": limits,
@@ -239,7 +232,7 @@ def run_bench(opts: BenchOptions) -> dict:
             paths = export_preset(opts.preset, Path(tmp), opts.device, trt, max(8, max(opts.batches)))
             export_s = time.perf_counter() - t_exp
         else:
-            paths, export_s = [opts.bundle], 0.0
+            paths, export_s = list(opts.bundles), 0.0
         bundles = [Bundle.open(p) for p in paths]
         result = _collect(opts, bundles, scan, plan)
     result["export_s"] = round(export_s, 1)

@@ -35,14 +35,28 @@ class TokenLogits:
     continuation: np.ndarray
 
 
-def greedy_tokens(llm, state, n: int) -> list[int]:
-    """n greedy tokens from a prefilled state, not stopping at EOS (so every case gives n positions)."""
-    out, logits = [], state.next_logits
+def greedy_tokens(llm, state, n: int) -> tuple[list[int], np.ndarray]:
+    """n greedy tokens from a prefilled state, not stopping at EOS (so every case gives n positions), and the
+    logits [n, V] that predicted each."""
+    out, logits, seen = [], state.next_logits, []
     for i in range(n):
-        out.append(int(_host(logits).argmax()))
+        seen.append(_host(logits))
+        out.append(int(seen[-1].argmax()))
         if i + 1 < n:
             logits = llm.step(state, out[-1])
-    return out
+    return out, _stacked(seen, state)
+
+
+def follow(llm, state, tokens: list[int]) -> np.ndarray:
+    """Teacher forcing from a prefilled state: the logits [len(tokens), V] predicting each of `tokens`."""
+    seen = [_host(state.next_logits)] if tokens else []
+    for tok in tokens[:-1]:
+        seen.append(_host(llm.step(state, tok)))
+    return _stacked(seen, state)
+
+
+def _stacked(rows: list[np.ndarray], state) -> np.ndarray:
+    return np.stack(rows) if rows else np.zeros((0, _host(state.next_logits).shape[-1]), np.float32)
 
 
 def teacher_forced(llm, prompt_ids: list[int], visual, answers: list[list[int]], continuation: list[int]) -> TokenLogits:
@@ -53,10 +67,7 @@ def teacher_forced(llm, prompt_ids: list[int], visual, answers: list[list[int]],
     state = llm.prefill(prompt_ids, visual)
     ans = _host(llm.candidate_logits(state, answers))
     _, mask = pad_candidates(answers, pad=0)
-    cont = [_host(state.next_logits)] if continuation else []
-    for tok in continuation[:-1]:
-        cont.append(_host(llm.step(state, tok)))
-    return TokenLogits(ans, mask, np.stack(cont) if cont else np.zeros((0, ans.shape[-1]), np.float32))
+    return TokenLogits(ans, mask, follow(llm, state, continuation))
 
 
 def _positions(ref: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

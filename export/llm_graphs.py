@@ -1,5 +1,9 @@
-"""Which ONNX graphs each LLM family ships: traced modules with example inputs and dynamic axes, or
-graphs written op by op (`write`) where fused ONNX Runtime kernels beat the traced ops."""
+"""Which ONNX graphs each LLM family ships, each written op by op in the export's weight format.
+
+A graph's `write(path, fmt, weights)` writes it with its matmuls in `fmt` (export/quantize.py), its weights
+into the artifact's shared WeightFile; `decode` marks the graph run once per generated token (its matmuls
+are matrix-vector products at batch 1, which may want another format).
+"""
 
 from __future__ import annotations
 
@@ -10,82 +14,49 @@ from pathlib import Path
 import torch
 from torch.export import Dim
 
-from .graphs_gpt2 import Gpt2PrefillGraph, Gpt2StepGraph
+from .graphs_gpt2_fused import Gpt2Writer
 from .graphs_t5 import Layerwise, T5DecoderPrefillGraph, T5DecoderStepGraph, T5EncoderGraph, layer_names
-from .graphs_t5_fused import T5DecoderWriter
+from .graphs_t5_fused import T5DecoderWriter, T5EncoderWriter
 
 
 @dataclass
-class GraphSpec:
-    name: str  # file stem and manifest key suffix
-    module: torch.nn.Module
-    args: tuple
-    inputs: list[str]
-    outputs: list[str]
-    dynamic: dict  # by input name (Layerwise adapters take *args: {"args": (per position)})
-    write: Callable[[Path], list[Path]] | None = None  # fp32 only: path -> files written, instead of tracing
-    decode: bool = False  # the per-token decode graph: its matmuls are matrix-vector products at batch 1
-
-    def export(self, path: Path, fused: bool) -> list[Path]:
-        from .onnx_export import export_onnx
-
-        if fused and self.write is not None:
-            return self.write(path)
-        return export_onnx(self.module, self.args, path, self.inputs, self.outputs, self.dynamic)
+class LlmGraph:
+    name: str  # file stem and manifest key
+    write: Callable[..., list[Path]]  # (path, fmt, weights) -> files written
+    decode: bool = False
 
 
-def _dims():
-    # Traced with sizes >= 2 so that torch.export keeps these axes symbolic (1 is specialised).
-    return (Dim("batch", min=1, max=64), Dim("seq", min=1, max=1024), Dim("past", min=1, max=2048),
-            Dim("src", min=1, max=2048), Dim("prompt", min=1, max=1024))
+def t5_graphs(t5) -> list[LlmGraph]:
+    """Encoder (prompt + visual tokens -> cross-attention K/V per decoder layer), decoder prefill (scores the
+    answers as one batch) and step (one token, caches updated in place)."""
+    dec = T5DecoderWriter(t5)
+    return [LlmGraph("t5_encoder", T5EncoderWriter(t5).write),
+            LlmGraph("t5_decoder_prefill", lambda path, fmt, weights: dec.write(path, False, fmt, weights)),
+            LlmGraph("t5_decoder_step", lambda path, fmt, weights: dec.write(path, True, fmt, weights), decode=True)]
 
 
-@torch.no_grad()
-def t5_graphs(llm, d_llm: int, num_query: int) -> list[GraphSpec]:
-    """Encoder (traced), decoder prefill and step (written with fused kernels; traced for fp16), per-layer caches."""
-    batch, seq, past, src, prompt = _dims()
-    n = llm.config.num_decoder_layers
-    ids = torch.tensor([[5, 6, 7, 8, 1]])
-    visual = torch.randn(2, num_query, d_llm)
-    enc = T5EncoderGraph(llm)
-    _, ck, cv = enc(ids, visual)
-    dec_ids = torch.zeros(2, 3, dtype=torch.long)
-    prefill = T5DecoderPrefillGraph(llm)
-    _, sk, sv = prefill(dec_ids, ck, cv)
-    cross, cache = (list(ck), list(cv)), (list(sk), list(sv))
-    on_src, on_past = [{0: batch, 2: src}] * n, [{0: batch, 2: past}] * n
-    fused = T5DecoderWriter(llm)
-    present = ["logits", *layer_names(("present_k", "present_v"), n)]
-    return [
-        GraphSpec("t5_encoder", Layerwise(enc, 2), (ids, visual), ["prompt_ids", "visual"],
-                  ["encoder_out", *layer_names(("cross_k", "cross_v"), n)], {"args": ({1: prompt}, {0: batch})}),
-        GraphSpec("t5_decoder_prefill", Layerwise(prefill, 1), (dec_ids, *cross),
-                  ["decoder_ids", *layer_names(("cross_k", "cross_v"), n)], present,
-                  {"args": ({0: batch, 1: seq}, on_src, on_src)},
-                  write=lambda path: fused.write(path, with_past=False)),
-        GraphSpec("t5_decoder_step", Layerwise(T5DecoderStepGraph(llm), 1), (dec_ids[:, :1], *cache, *cross),
-                  ["decoder_ids", *layer_names(("past_k", "past_v", "cross_k", "cross_v"), n)], present,
-                  {"args": ({0: batch}, on_past, on_past, on_src, on_src)},
-                  write=lambda path: fused.write(path, with_past=True), decode=True),
-    ]
-
-
-@torch.no_grad()
-def gpt2_graphs(llm, d_llm: int, num_query: int) -> list[GraphSpec]:
-    batch, seq, past, _, prompt = _dims()
-    ids = torch.tensor([[5, 6, 7, 8]])
-    visual = torch.randn(2, num_query, d_llm)
-    prefill = Gpt2PrefillGraph(llm)
-    _, k, v = prefill(ids, visual)
-    step_ids = torch.tensor([[3, 4, 5], [6, 7, 8]])
-    return [
-        GraphSpec("gpt2_prefill", prefill, (ids, visual), ["prompt_ids", "visual"], ["last_logits", "present_k",
-                  "present_v"], {"prompt_ids": {1: prompt}, "visual": {0: batch}}),
-        GraphSpec("gpt2_step", Gpt2StepGraph(llm), (step_ids, k, v), ["ids", "past_k", "past_v"],
-                  ["logits", "present_k", "present_v"],
-                  {"ids": {0: batch, 1: seq}, "past_k": {1: batch, 3: past}, "past_v": {1: batch, 3: past}},
-                  decode=True),
-    ]
+def gpt2_graphs(gpt2) -> list[LlmGraph]:
+    """Prefill (the prompt + visual tokens; with a past, the answers as one batch) and step."""
+    w = Gpt2Writer(gpt2)
+    return [LlmGraph("gpt2_prefill", w.write_prefill), LlmGraph("gpt2_step", w.write_step, decode=True)]
 
 
 LLM_GRAPHS = {"t5": t5_graphs, "gpt2": gpt2_graphs}
+
+
+@torch.no_grad()
+def traced_t5_step(t5, path: Path) -> list[Path]:
+    """The T5 decoder step traced from graphs_t5.T5DecoderStepGraph (the unfused graph the fused one replaced;
+    benchmarks/decode_variants.py times the two against each other)."""
+    from .onnx_export import export_onnx
+
+    batch, past, src = Dim("batch", min=1, max=64), Dim("past", min=1, max=2048), Dim("src", min=1, max=2048)
+    n = t5.config.num_decoder_layers
+    _, ck, cv = T5EncoderGraph(t5)(torch.tensor([[5, 6, 7, 8, 1]]), torch.randn(2, 4, t5.config.d_model))
+    dec_ids = torch.zeros(2, 3, dtype=torch.long)
+    _, sk, sv = T5DecoderPrefillGraph(t5)(dec_ids, ck, cv)
+    on_src, on_past = [{0: batch, 2: src}] * n, [{0: batch, 2: past}] * n
+    return export_onnx(Layerwise(T5DecoderStepGraph(t5), 1), (dec_ids[:, :1], list(sk), list(sv), list(ck), list(cv)),
+                       path, ["decoder_ids", *layer_names(("past_k", "past_v", "cross_k", "cross_v"), n)],
+                       ["logits", *layer_names(("present_k", "present_v"), n)],
+                       {"args": ({0: batch}, on_past, on_past, on_src, on_src)})

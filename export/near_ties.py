@@ -43,7 +43,7 @@ def near_tie(ref: ReferencePipeline, visual: torch.Tensor, text: str, target: fl
     gap, step = float("inf"), 0
     for step in range(max_steps + 1):
         ll = _logliks(ref, v, text)
-        gap = abs(float(ll[a] - ll[b]))
+        gap = abs(float((ll[a] - ll[b]).detach()))
         if gap < target or step == max_steps:
             break
         opt.zero_grad()

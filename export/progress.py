@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
 from contextlib import contextmanager
 
 
@@ -13,6 +12,7 @@ class Progress:
         self.stream = stream or sys.stderr
         self.quiet = quiet
         self._pending: list[str] = []
+        self.records: list[dict] = []  # per step: title, seconds, peak RSS
 
     def _say(self, text: str, end: str = "\n") -> None:
         if not self.quiet:
@@ -20,16 +20,19 @@ class Progress:
 
     @contextmanager
     def step(self, what: str):
+        from .resources import Meter
+
         self.i += 1
         self._say(f"[{self.i}/{self.total}] {what} ...", end="")
-        t0 = time.perf_counter()
         try:
-            yield
+            with Meter() as meter:
+                yield
         except BaseException:
             self._say(" failed")
             self._pending.clear()
             raise
-        self._say(f" done ({time.perf_counter() - t0:.1f} s)")
+        self.records.append({"step": what, **meter.result})
+        self._say(f" done ({meter.result['seconds']:.1f} s, peak RSS {meter.result['peak_rss_mib'] / 1024:.1f} GiB)")
         for text in self._pending:
             self._say(f"      {text}")
         self._pending.clear()

@@ -24,7 +24,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 ACCURACY_LEVEL = 4  # int8 activations and integer dot products on CPUs
+MS_DOMAIN = "com.microsoft"
 
 
 def _quiet() -> None:
@@ -56,6 +59,32 @@ class BlockQuant:
     def describe(self) -> str:
         return f"MatMulNBits {self.bits}-bit, block {self.block}, symmetric, accuracy level {ACCURACY_LEVEL}"
 
+    def pack(self, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """weight [K, N] float32 -> (blocks [N, K/block, block*bits/8] uint8, scales [N, K/block] float32), with
+        ONNX Runtime's own quantization kernel (as its MatMulNBitsQuantizer calls it)."""
+        from onnxruntime.capi import _pybind_state as ort_c
+
+        k, n = weight.shape
+        blocks = -(-k // self.block)
+        w = np.zeros((blocks * self.block, n), np.float32)
+        w[:k] = weight
+        packed = np.zeros((n, blocks, self.block * self.bits // 8), np.uint8)
+        scales = np.zeros((n, blocks), np.float32)
+        zero = np.zeros((n, -(-blocks * self.bits // 8)), np.uint8)  # unused: symmetric
+        kernel = {4: ort_c.quantize_matmul_4bits, 8: ort_c.quantize_matmul_8bits}[self.bits]
+        kernel(packed, w, scales, zero, self.block, n, k, True)
+        return packed, scales
+
+    def emit(self, w, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None = None,
+             out: str | None = None) -> str:
+        """x @ weight (+ bias) as one MatMulNBits node; weight [K, N] float32."""
+        packed, scales = self.pack(weight)
+        inputs = [x, w.weight(f"{name}.q{self.bits}", packed), w.weight(f"{name}.scales", scales)]
+        if bias is not None:
+            inputs += ["", "", w.weight(f"{name}.bias", bias)]
+        return w.op("MatMulNBits", inputs, domain=MS_DOMAIN, K=weight.shape[0], N=weight.shape[1], bits=self.bits,
+                    block_size=self.block, accuracy_level=ACCURACY_LEVEL, names=[out] if out else None)
+
     def __call__(self, src: Path, dst: Path) -> None:
         import onnx
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -79,6 +108,24 @@ class DynamicInt8:
     def describe(self) -> str:
         return "dynamic INT8 (per-channel weights, DynamicQuantizeMatMul)"
 
+    @staticmethod
+    def pack(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """weight [K, N] float32 -> (int8 [K, N], scales [N]): symmetric per output column, range +-127."""
+        scale = np.abs(weight).max(axis=0) / 127.0
+        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        return np.clip(np.rint(weight / scale), -127, 127).astype(np.int8), scale
+
+    def emit(self, w, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None = None,
+             out: str | None = None) -> str:
+        """x @ weight (+ bias) as one DynamicQuantizeMatMul node (activations quantized per call)."""
+        q, scale = self.pack(weight)
+        inputs = [x, w.weight(f"{name}.q8", q), w.weight(f"{name}.scale", scale),
+                  w.weight(f"{name}.zero", np.zeros(scale.shape, np.int8))]
+        if bias is not None:
+            inputs.append(w.weight(f"{name}.bias", bias))
+        return w.op("DynamicQuantizeMatMul", inputs, domain=MS_DOMAIN, names=[out] if out else None)
+
+
     def __call__(self, src: Path, dst: Path) -> None:
         import onnx
         from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -93,6 +140,51 @@ class DynamicInt8:
         finally:
             for p in (clean, clean.with_name(clean.name + ".data")):
                 p.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class Fp32:
+    """Weights as they are: MatMul (+ Add)."""
+
+    bits: int = 32
+    bytes_per_weight: float = 4.0
+    bytes_text: str = "4 B"
+
+    def describe(self) -> str:
+        return "fp32"
+
+    def emit(self, w, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None = None,
+             out: str | None = None) -> str:
+        names = [out] if out else None
+        if bias is None:
+            return w.op("MatMul", [x, w.weight(name, weight)], names=names)
+        return w.op("Add", [w.op("MatMul", [x, w.weight(name, weight)]), w.weight(f"{name}.bias", bias)], names=names)
+
+
+FP32 = Fp32()
+
+
+@dataclass(frozen=True)
+class Fp16:
+    """fp16 weights and matmuls (for GPUs): activations cast to fp16 at each matmul and back, so the residual
+    stream, norms, softmax and the logits stay fp32."""
+
+    bits: int = 16
+    bytes_per_weight: float = 2.0
+    bytes_text: str = "2 B"
+    fp16_activations: bool = True  # a writer keeps overflow-prone matmuls (FLAN-T5's FFN `wo`) in fp32
+
+    def describe(self) -> str:
+        return "fp16 weights and matmuls, fp32 between them"
+
+    def emit(self, w, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None = None,
+             out: str | None = None) -> str:
+        half = w.op("Cast", [x], to=10)  # FLOAT16
+        y = w.op("MatMul", [half, w.weight(name, weight.astype(np.float16))])
+        names = [out] if out else None
+        if bias is None:
+            return w.op("Cast", [y], to=1, names=names)
+        return w.op("Add", [w.op("Cast", [y], to=1), w.weight(f"{name}.bias", bias)], names=names)
 
 
 def _without_value_info(src: Path, dst: Path) -> Path:
@@ -111,8 +203,8 @@ def _without_value_info(src: Path, dst: Path) -> Path:
 class LlmQuant:
     """One `--llm-quant` choice: the weight format of gemm graphs and of the gemv (decode-step) graph."""
 
-    gemm: BlockQuant | DynamicInt8
-    gemv: BlockQuant | DynamicInt8
+    gemm: BlockQuant | DynamicInt8 | Fp32 | Fp16
+    gemv: BlockQuant | DynamicInt8 | Fp32 | Fp16
 
     def for_graph(self, decode: bool):
         return self.gemv if decode else self.gemm
@@ -120,3 +212,6 @@ class LlmQuant:
 
 QUANTIZERS = {"int8": LlmQuant(gemm=DynamicInt8(), gemv=BlockQuant(bits=8, block=128)),
               "int4": LlmQuant(gemm=BlockQuant(bits=4, block=32), gemv=BlockQuant(bits=4, block=128))}
+# what the op-by-op writers emit per --llm-quant
+LLM_FORMATS = {"none": LlmQuant(gemm=FP32, gemv=FP32), **QUANTIZERS, "fp16": LlmQuant(gemm=Fp16(), gemv=Fp16())}
+VISION_FORMATS = {"fp32": FP32, "int8": DynamicInt8()}  # the ViT's matmuls per --precision (CPU graphs)

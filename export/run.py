@@ -1,8 +1,10 @@
 """`medblip-export`: checkpoint (or preset) -> a verified bundle folder.
 
-Order: load the checkpoint through the one loading path, compute the fp32
-PyTorch reference on the evaluation set, then make each artifact and compare it
-with that reference before it is registered in the manifest.
+Order: load the checkpoint through the one loading path (memory-mapped, in its stored dtypes), compute
+the fp32 PyTorch reference on the evaluation set (block by block upcast), then make each artifact and
+compare it with that reference before it is registered in the manifest. Nothing holds the model in fp32:
+a paper-size export stays within a few GB of the checkpoint's own size. Each step's time and peak
+RSS, and each artifact's, are in the manifest (`export`, `artifacts.*.resources`).
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from ..model.config import preset as get_preset
 from ..model.llm import family
 from ..model.prompts import ANSWERS, DIAGNOSIS_QUESTION, PROMPT_TEMPLATE
 from ..model.random_init import write_random_checkpoint
-from ..model.weights import save_weights
+from ..model.stored import release_module
+from ..model.weights import load_weights, save_weights
 from ..preprocess import PreprocessSpec
 from .bundle_writer import BundleWriter
 from .progress import Progress, summary_table
-from .reference_eval import ReferenceEval
+from .reference_eval import EvalBudget, ReferenceEval
+from .resources import Meter
 
 LLM_QUANTS = ("none", "int8", "int4", "fp16")
 
@@ -36,15 +40,15 @@ class ExportOptions:
     preset: str | None = None
     checkpoint: Path | None = None
     llm_dir: Path | None = None
-    precision: str = "fp32"  # vision graph: fp32 | fp16
+    precision: str = "fp32"  # vision graph: fp32 | int8 (CPU) | fp16 (adds a GPU graph)
     llm_quant: str = "none"
     trt: bool = False
     onnx: bool = True
     max_batch: int = 8
     min_batch: int = 1
     opt_batch: int = 1
-    eval_cases: int = 4
-    near_ties: int = 2  # evaluation cases made to sit at a decision's edge (export/near_ties.py)
+    eval_cases: int | None = None  # None: the budget for the model's size (reference_eval.EvalBudget)
+    near_ties: int = 2  # evaluation cases made to sit at a decision's edge (export/near_ties.py); none at paper size
     seed: int = 0
 
 
@@ -68,31 +72,38 @@ def export_bundle(opts: ExportOptions, quiet: bool = False) -> dict:
     from .steps import plan_steps
 
     steps = plan_steps(opts)
-    progress = Progress(total=(opts.preset is not None) + 2 + len(steps), quiet=quiet)
+    progress = Progress(total=(opts.preset is not None) + 3 + len(steps), quiet=quiet)
     with tempfile.TemporaryDirectory(prefix="medblip-export-") as work, BundleWriter(opts.out) as writer:
         random_weights = opts.preset is not None
         ckpt, llm_dir = opts.checkpoint, opts.llm_dir
         if random_weights:
             with progress.step(f"writing random {opts.preset} weights in the training checkpoint layout"):
                 ckpt, llm_dir = write_random_checkpoint(get_preset(opts.preset), Path(work), opts.seed)
-        with progress.step(f"loading {Path(ckpt).name}"):
-            model, report = load_checkpoint(ckpt, llm_dir)
+        with progress.step(f"loading {Path(ckpt).name} (memory-mapped, stored dtypes)"):
+            model, report = load_checkpoint(ckpt, llm_dir, dtype=None)
             progress.note(f"{report.loaded} keys loaded, {len(report.unused)} unused at inference "
                           f"(contrastive heads, Q-Former text path, buffers)")
         fam = family(model.cfg.variant)
         tokenizer = fam.read_tokenizer(llm_dir)
-        with progress.step("PyTorch weights, tokenizer and the fp32 reference on the evaluation set"):
-            save_weights(model, writer.path("torch/weights.safetensors"), report.dtypes)
-            writer.add("torch", "torch/weights.safetensors", kind="torch-weights", precision="as stored",
-                       parity={"reference": True})
+        with progress.step("PyTorch weights (stored dtypes) and tokenizer"), Meter() as meter:
+            save_weights(model, writer.path("torch/weights.safetensors"))
             tokenizer.save(writer.path("tokenizer/x").parent)
-            writer.add("tokenizer", "tokenizer/tokenizer.json", kind="tokenizer", runs_with="tokenizers",
-                       clean_up_tokenization_spaces=tokenizer.clean_up_spaces)
-            ref = ReferenceEval.run(model, tokenizer, opts.eval_cases, opts.near_ties)
-            if len(ref.near_tie_visual):  # LLM inputs of the near-tie cases, for the benchmark's quality rows
-                np.save(writer.path("evaluation/near_ties.npy"), ref.near_tie_visual.numpy())
-                writer.add("evaluation", "evaluation/near_ties.npy", kind="evaluation-inputs",
-                           shape=list(ref.near_tie_visual.shape))
+        writer.add("torch", "torch/weights.safetensors", kind="torch-weights", precision="as stored",
+                   parity={"reference": True}, resources=meter.result)
+        if random_weights:  # the same tensors are in the bundle now: map those, and free the disk the preset used
+            model = load_weights(model.cfg, writer.path("torch/weights.safetensors"), dtype=None)
+            Path(ckpt).unlink()
+        writer.add("tokenizer", "tokenizer/tokenizer.json", kind="tokenizer", runs_with="tokenizers",
+                   clean_up_tokenization_spaces=tokenizer.clean_up_spaces)
+        budget = EvalBudget.for_model(model, opts.eval_cases, opts.near_ties)
+        with progress.step(f"fp32 reference on the evaluation set ({budget.cases} cases + {budget.near_ties} near "
+                           f"ties, {budget.continuation_cases} x {budget.continuation_tokens}-token continuation)"):
+            ref = ReferenceEval.run(model, tokenizer, budget)
+            release_module(model)
+        if len(ref.near_tie_visual):  # LLM inputs of the near-tie cases, for the benchmark's quality rows
+            np.save(writer.path("evaluation/near_ties.npy"), ref.near_tie_visual.numpy())
+            writer.add("evaluation", "evaluation/near_ties.npy", kind="evaluation-inputs",
+                       shape=list(ref.near_tie_visual.shape))
         ctx = {"model": model, "tokenizer": tokenizer, "family": fam, "ref": ref, "writer": writer,
                "opts": opts, "progress": progress, "work": Path(work)}
         notes = []
@@ -115,6 +126,8 @@ def export_bundle(opts: ExportOptions, quiet: bool = False) -> dict:
             "generation": {"strategy": "greedy", "max_new_tokens": fam.max_new_tokens},
             "max_batch": opts.max_batch,
             "evaluation": ref.as_manifest(),
+            "export": {"steps": progress.records, "peak_rss_mib": max(r["peak_rss_mib"] for r in progress.records),
+                       "seconds": round(sum(r["seconds"] for r in progress.records), 1)},
             "versions": versions(),
             "notes": notes,
         }

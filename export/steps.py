@@ -1,12 +1,14 @@
 """Export steps after the PyTorch weights: each makes one artifact and checks it against the fp32 reference.
 
-A step's `run(ctx)` writes into the bundle only after its check passed; it
-returns an optional note for the user (e.g. why TensorRT was skipped).
+A step's `run(ctx)` writes into the bundle's temporary folder and registers the artifact only after its
+check passed; it returns an optional note for the user (e.g. why TensorRT was skipped). Every graph is
+written op by op from the weights as stored, one layer at a time, in its final format (export/graphs_*.py),
+and each artifact records the time, peak RSS and bytes it took.
 """
 
 from __future__ import annotations
 
-import copy
+import gc
 import shutil
 from pathlib import Path
 
@@ -15,135 +17,167 @@ import torch
 
 from ..errors import MedblipError
 from ..model.medblip import image_encoder_of
+from ..model.stored import fp32_compute, release_module
 from ..runtime.llm_ort import ORT_LLMS
+from ..runtime.llm_torch import TORCH_LLMS
+from .graphs_vision import VisionWriter
 from .llm_graphs import LLM_GRAPHS
+from .onnx_builder import WeightFile
 from .onnx_export import compare, export_onnx, io_spec, ort_session
-from .quantize import QUANTIZERS
+from .quantize import FP32, LLM_FORMATS, VISION_FORMATS
+from .resources import Meter
 
-VISION_TOL = {"fp32": {"max_abs_err": 1e-3, "cosine": 0.9999}, "fp16": {"max_abs_err": 5e-2, "cosine": 0.999}}
+# vision graphs against the fp32 PyTorch visual tokens; int8 is a sanity bound (its fidelity is measured)
+VISION_TOL = {"fp32": {"max_abs_err": 1e-3, "cosine": 0.9999}, "fp16": {"max_abs_err": 5e-2, "cosine": 0.999},
+              "int8": {"max_abs_err": float("inf"), "cosine": 0.95}}
 LLM_FP32_PROB_TOL = 1e-4
+FP32_CHECK_BYTES = 4 << 30  # fp32 LLM graphs up to this size are written and held to the strict check first
 
 
-def _copy_graph(files: list[Path], dst_dir: Path) -> list[str]:
-    dst_dir.mkdir(parents=True, exist_ok=True)
-    for f in files:
-        shutil.copy2(f, dst_dir / f.name)
-    return [f.name for f in files]
+def _files(graph_files: dict[str, list[Path]], folder: str) -> dict[str, str]:
+    """{graph name: bundle-relative path} plus the shared weight file, for the manifest."""
+    out = {name: f"{folder}/{files[0].name}" for name, files in graph_files.items()}
+    data = {f.name for files in graph_files.values() for f in files[1:]}
+    out.update({f"data{i or ''}": f"{folder}/{name}" for i, name in enumerate(sorted(data))})
+    return out
 
 
 class VisionOnnxStep:
     title = "vision graph -> ONNX (3D ViT + ln_vision + Q-Former + projection), checked with ONNX Runtime"
 
     def run(self, ctx) -> str | None:
-        ref, writer, work = ctx["ref"], ctx["writer"], ctx["work"]
-        max_batch = ctx["opts"].max_batch
-        path = work / "vision.onnx"
-        files = self._export(image_encoder_of(ctx["model"]), path, ref, max_batch)
-        sess = ort_session(path)
-        parity = self._check(sess, ref, "fp32")
-        names = _copy_graph(files, writer.path("vision/x").parent)
-        writer.add("vision_onnx", f"vision/{names[0]}", {"data": f"vision/{names[1]}"} if len(names) > 1 else None,
-                   kind="onnx", precision="fp32", **io_spec(sess), parity=parity)
-        if ctx["opts"].precision == "fp16" or ctx["opts"].trt:
-            self._fp16(ctx, path, writer, ref)
+        ref, writer, model, opts = ctx["ref"], ctx["writer"], ctx["model"], ctx["opts"]
+        precision = "int8" if opts.precision == "int8" else "fp32"
+        with Meter() as meter:
+            path = writer.path("vision/vision.onnx")
+            with WeightFile(path.with_name("vision.data")) as weights:
+                VisionWriter(model, VISION_FORMATS[precision]).write(path, weights)
+            release_module(model)
+            sess = ort_session(path)
+            visual = self._visual(sess, ref)
+            io = io_spec(sess)
+            del sess
+            parity = self._check(visual, ref, precision)
+            if precision != "fp32":
+                parity["downstream"] = self._downstream(ctx, visual)
+        writer.add("vision_onnx", "vision/vision.onnx", {"data": "vision/vision.data"}, kind="onnx",
+                   precision=precision, **io, parity=parity, resources=meter.result)
+        if opts.precision == "fp16" or opts.trt:
+            self._fp16(ctx, writer, ref)
         return None
 
     @staticmethod
-    def _export(encoder, path: Path, ref, max_batch: int) -> list[Path]:
-        """ImageEncoder is the export wrapper: volume [B,1,S,S,S] float32 -> visual_tokens [B,Q,d] float32."""
-        return export_onnx(encoder, (ref.volumes[:2],), path, ["volume"], ["visual_tokens"],
-                           {"volume": {0: torch.export.Dim("batch", min=1, max=max(max_batch, 2))}})
+    def _visual(sess, ref) -> np.ndarray:
+        """The eval volumes in batches of 2 (exercises the dynamic batch axis) -> [n,Q,d]."""
+        return np.concatenate([sess.run(None, {"volume": ref.volumes[i:i + 2].numpy()})[0]
+                               for i in range(0, len(ref.volumes), 2)])
 
     @staticmethod
-    def _check(sess, ref, precision: str) -> dict:
-        """Run the eval volumes in batches of 2 (exercises the dynamic batch axis); fail if out of tolerance."""
-        out = np.concatenate([sess.run(None, {"volume": ref.volumes[i:i + 2].numpy()})[0]
-                              for i in range(0, len(ref.volumes), 2)])
-        parity = {**compare(out, ref.volume_visual.numpy()), "volumes": len(ref.volumes)}
+    def _check(visual: np.ndarray, ref, precision: str) -> dict:
+        """Visual tokens against the fp32 reference's; fail if out of tolerance."""
+        parity = {**compare(visual, ref.volume_visual.numpy()), "volumes": len(ref.volumes)}
         tol = VISION_TOL[precision]
         if parity["max_abs_err"] > tol["max_abs_err"] or parity["cosine"] < tol["cosine"]:
             raise MedblipError(f"vision ONNX ({precision}) disagrees with PyTorch: {parity}", code="parity_failed")
         return parity
 
-    def _fp16(self, ctx, src: Path, writer, ref) -> None:
-        """fp16 graph for GPUs and TensorRT's strongly typed mode: the ViT in fp16 with fp32 softmax and
+    @staticmethod
+    def _downstream(ctx, visual: np.ndarray) -> dict:
+        """What the reduced-precision visual tokens do to the answers: the fp32 LLM run on them, against the
+        reference (labels, probabilities, per-token top-1 and KL), so the figure is the vision graph's alone."""
+        model = ctx["model"]
+        with torch.inference_mode(), fp32_compute(model):
+            out = ctx["ref"].compare(TORCH_LLMS[model.cfg.variant](model.llm, "fp32"), torch.from_numpy(visual))
+        release_module(model)
+        return {**out, "llm": "fp32 PyTorch (the reference's)"}
+
+    @staticmethod
+    def _fp16(ctx, writer, ref) -> None:
+        """fp16 graph for GPUs and TensorRT's strongly typed mode, traced: the ViT in fp16 with fp32 softmax and
         LayerNorm statistics; ln_vision, Q-Former and projection in fp32 (as transformers runs BLIP-2)."""
-        dst = writer.path("vision/vision_fp16.onnx")
-        files = self._export(image_encoder_of(ctx["model"], torch.float16), dst, ref, ctx["opts"].max_batch)
-        extra = {"data": f"vision/{files[1].name}"} if len(files) > 1 else None
-        try:
-            sess = ort_session(dst)
-            parity, io = self._check(sess, ref, "fp16"), io_spec(sess)
-        except Exception as e:  # CPU providers lack some fp16 kernels; the figure then comes from the GPU run
-            parity, io = {"checked": False, "reason": str(e).splitlines()[0][:160]}, {}
+        with Meter() as meter:
+            dst = writer.path("vision/vision_fp16.onnx")
+            encoder = image_encoder_of(ctx["model"], torch.float16)
+            files = export_onnx(encoder, (ref.volumes[:2],), dst, ["volume"], ["visual_tokens"],
+                                {"volume": {0: torch.export.Dim("batch", min=1, max=max(ctx["opts"].max_batch, 2))}})
+            del encoder
+            release_module(ctx["model"])
+            extra = {"data": f"vision/{files[1].name}"} if len(files) > 1 else None
+            try:
+                sess = ort_session(dst)
+                parity = VisionOnnxStep._check(VisionOnnxStep._visual(sess, ref), ref, "fp16")
+                io = io_spec(sess)
+                del sess
+            except Exception as e:  # CPU providers lack some fp16 kernels; the figure then comes from the GPU run
+                parity, io = {"checked": False, "reason": str(e).splitlines()[0][:160]}, {}
         writer.add("vision_onnx_fp16", "vision/vision_fp16.onnx", extra, kind="onnx", precision="fp16", **io,
-                   parity=parity)
+                   parity=parity, resources=meter.result)
 
 
 class LlmOnnxStep:
     def __init__(self, quant: str):
         self.quant = quant
-        self.title = f"LLM graphs -> ONNX ({'fp32' if quant == 'none' else quant}), greedy tokens checked"
+        self.title = f"LLM graphs -> ONNX ({'fp32' if quant == 'none' else quant}), checked against the reference"
 
     def run(self, ctx) -> str | None:
-        model, ref, work = ctx["model"], ctx["ref"], ctx["work"]
-        fp32_files, decode = self._export(model.llm, model, work / "llm_fp32")
-        fp32 = self._backend(ctx, fp32_files, "fp32")
-        parity = {"greedy_tokens_identical": ref.greedy_match(fp32), **ref.compare(fp32)}
-        if not parity["greedy_tokens_identical"] or parity["max_abs_prob_diff"] > LLM_FP32_PROB_TOL:
-            raise MedblipError(f"fp32 LLM ONNX disagrees with PyTorch: {parity}", code="parity_failed")
-        if self.quant == "none":
-            return self._ship(ctx, fp32_files, "fp32", parity)
-        formats = {}
-        if self.quant == "fp16":
-            half = model.family.to_half(copy.deepcopy(model.llm), torch.float16)
-            shipped, _ = self._export(half, model, work / "llm_fp16", fused=False)
-        else:
-            formats = {name: QUANTIZERS[self.quant].for_graph(name in decode) for name in fp32_files}
-            shipped = {name: self._quantize(files, work / f"llm_{self.quant}", formats[name])
-                       for name, files in fp32_files.items()}
+        model, writer = ctx["model"], ctx["writer"]
+        formats = LLM_FORMATS[self.quant]
+        fp32_bytes = 4 * sum(p.numel() for p in model.llm.parameters())
+        bundle_dir = writer.path("llm/x").parent
+        with Meter() as meter:
+            if self.quant == "none" or fp32_bytes <= FP32_CHECK_BYTES:
+                # the writers' fp32 graphs, held to the reference's greedy tokens and probabilities
+                fp32_dir = bundle_dir if self.quant == "none" else ctx["work"] / "llm_fp32"
+                fp32_files, _ = self._write(model, fp32_dir, lambda decode: FP32)
+                strict = self._measure(ctx, fp32_files, "fp32")
+                if not strict["greedy_tokens_identical"] or strict["max_abs_prob_diff"] > LLM_FP32_PROB_TOL:
+                    raise MedblipError(f"fp32 LLM ONNX disagrees with PyTorch: {strict}", code="parity_failed")
+            else:
+                fp32_files, fp32_dir = None, None
+                strict = {"checked": False, "reason": f"fp32 graphs not built at this size ({fp32_bytes / 2**30:.1f} "
+                                                      "GiB); the same writers are held to it at the small sizes"}
+            if self.quant == "none":
+                shipped, result, names = fp32_files, strict, {}
+            else:
+                if fp32_dir is not None:
+                    shutil.rmtree(fp32_dir)
+                shipped, names = self._write(model, bundle_dir, formats.for_graph)
+                try:
+                    result = {**self._measure(ctx, shipped, self.quant), "fp32_onnx": strict}
+                except Exception as e:  # e.g. fp16 kernels missing on the CPU provider: the GPU run measures it
+                    result = {"checked": False, "reason": str(e).splitlines()[0][:160], "fp32_onnx": strict}
+        return self._ship(ctx, shipped, "fp32" if self.quant == "none" else self.quant, result, names, meter.result)
+
+    @staticmethod
+    def _write(model, folder: Path, fmt_of) -> tuple[dict[str, list[Path]], dict[str, str]]:
+        """Every graph of the family into `folder`, sharing one weight file; fmt_of(decode) -> weight format.
+        -> ({graph: [graph file, weight file]}, {graph: its format described})."""
+        folder.mkdir(parents=True, exist_ok=True)
+        files, names = {}, {}
+        with WeightFile(folder / "llm.data") as weights:
+            for g in LLM_GRAPHS[model.cfg.variant](model.llm):
+                files[g.name] = g.write(folder / f"{g.name}.onnx", fmt_of(g.decode), weights) + [weights.path]
+                names[g.name] = fmt_of(g.decode).describe()
+                release_module(model.llm)
+        return files, names
+
+    def _measure(self, ctx, files: dict, precision: str) -> dict:
+        backend = self._backend(ctx, files, precision)
         try:
-            low = self._backend(ctx, shipped, self.quant)
-            result = {**ref.compare(low), "greedy_tokens_identical": ref.greedy_match(low)}
-        except Exception as e:  # e.g. fp16 kernels missing on the CPU provider: the GPU run measures it
-            result = {"checked": False, "reason": str(e).splitlines()[0][:160]}
-        return self._ship(ctx, shipped, self.quant, {**result, "fp32_onnx": parity},
-                          {name: f.describe() for name, f in formats.items()})
+            return ctx["ref"].compare(backend)
+        finally:
+            del backend
+            gc.collect()
 
     @staticmethod
-    def _export(llm, model, out: Path, fused: bool = True) -> tuple[dict[str, list[Path]], set[str]]:
-        """Every graph of the family -> ({graph name: [file, (external data)]}, names of the decode graphs).
-
-        fused: write the graphs that have an op-by-op fp32 version that way (the fp32 source of the
-        fp32/INT8/INT4 LLMs); the fp16 LLM is traced from the half model (fp32 residual stream, fp16 matmuls).
-        """
-        out.mkdir()
-        graphs = LLM_GRAPHS[model.cfg.variant](llm, model.d_llm, model.cfg.qformer.num_query)
-        return {g.name: g.export(out / f"{g.name}.onnx", fused) for g in graphs}, {g.name for g in graphs if g.decode}
-
-    @staticmethod
-    def _quantize(files: list[Path], out: Path, quantize) -> list[Path]:
-        out.mkdir(exist_ok=True)
-        dst = out / files[0].name
-        quantize(files[0], dst)
-        return [p for p in (dst, dst.with_name(dst.name + ".data")) if p.exists()]
-
-    @staticmethod
-    def _ship(ctx, graphs: dict[str, list[Path]], precision: str, result: dict,
-              formats: dict[str, str] | None = None) -> str | None:
-        """Copy the graphs into the bundle and register them as one artifact with its parity figures
-        (and, when quantized, each graph's weight format)."""
-        out_dir = ctx["writer"].path("llm/x").parent
-        extra = {}
-        for name, files in graphs.items():
-            copied = _copy_graph(files, out_dir)
-            extra[name] = f"llm/{copied[0]}"
-            if len(copied) > 1:
-                extra[name + ".data"] = f"llm/{copied[1]}"
-        main = next(iter(extra.values()))
+    def _ship(ctx, graphs: dict[str, list[Path]], precision: str, result: dict, formats: dict[str, str],
+              resources: dict) -> str | None:
+        """Register the graphs (already in the bundle's llm/ folder) as one artifact with its parity figures."""
+        extra = _files(graphs, "llm")
+        main = extra[next(iter(graphs))]
         entry = ctx["writer"].add("llm_onnx", main, extra, kind="onnx", precision=precision,
                                   family=ctx["model"].cfg.variant, graphs=list(graphs), parity=result,
-                                  **({"weight_formats": formats} if formats else {}))
+                                  **({"weight_formats": formats} if formats else {}), resources=resources)
         result["bytes_on_disk"] = entry["bytes"]
         if result.get("label_agreement", 1.0) < 1.0:
             return f"{precision} LLM: label agreement {result['label_agreement']:.2f} on the evaluation set"
@@ -170,11 +204,12 @@ class TrtStep:
         opts, writer = ctx["opts"], ctx["writer"]
         src = writer.path("vision/vision_fp16.onnx")
         engine = writer.path("trt/vision_fp16.engine")
-        meta = build_engine(src, engine, min_batch=opts.min_batch, opt_batch=opts.opt_batch,
-                            max_batch=opts.max_batch, timing_cache_path=ctx["work"] / "timing.cache")
+        with Meter() as meter:
+            meta = build_engine(src, engine, min_batch=opts.min_batch, opt_batch=opts.opt_batch,
+                                max_batch=opts.max_batch, timing_cache_path=ctx["work"] / "timing.cache")
         shutil.copy2(ctx["work"] / "timing.cache", writer.path("trt/timing.cache"))
         writer.add("vision_trt", "trt/vision_fp16.engine", {"timing_cache": "trt/timing.cache"}, kind="tensorrt",
-                   precision="fp16", **meta)
+                   precision="fp16", **meta, resources=meter.result)
         return None
 
 

@@ -15,6 +15,7 @@ from .config import MedBlipConfig, QFormerConfig, VisionConfig
 from .llm import FAMILIES, LlmFamily, family
 from .medblip import MedBlip
 from .qformer import LAVIS_PREFIX, hf_to_lavis, lavis_to_hf
+from .stored import read_safetensors
 
 # Trained only for the contrastive losses; never used to answer.
 _CONTRASTIVE = re.compile(r"^(vision_proj|text_proj|qa_proj)\.(weight|bias)$|^temp$")
@@ -43,11 +44,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{path.name}: checkpoint not found", code="checkpoint_not_found")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
-            sd = load_file(str(path))
-        except Exception as e:  # safetensors raises its own error types for bad headers
+            sd = read_safetensors(path)
+        except Exception as e:  # a bad header or offsets past the end: not a safetensors file
             raise CheckpointError(f"{path.name}: not a readable safetensors file ({e})", code="corrupt_checkpoint")
     else:
         sd = _torch_load(path)
@@ -192,8 +191,11 @@ def infer_config(sd: dict[str, torch.Tensor], llm_cfg: dict) -> MedBlipConfig:
 # -- loading ------------------------------------------------------------------
 
 def load_medblip(sd: dict[str, torch.Tensor], llm_cfg: dict, llm_weights: dict | None = None,
-                 dtype: torch.dtype = torch.float32) -> tuple[MedBlip, LoadReport]:
-    """Build MedBlip from a training-layout state dict; every key loaded or reported unused, none missing."""
+                 dtype: torch.dtype | None = torch.float32) -> tuple[MedBlip, LoadReport]:
+    """Build MedBlip from a training-layout state dict; every key loaded or reported unused, none missing.
+
+    dtype None: every tensor kept as stored (and as mapped: nothing is copied); compute in fp32 with
+    model.stored.fp32_compute."""
     cfg = infer_config(sd, llm_cfg)
     fam = family(cfg.variant)
     report = LoadReport(cfg.variant)
@@ -235,7 +237,8 @@ def load_medblip(sd: dict[str, torch.Tensor], llm_cfg: dict, llm_weights: dict |
     if bad:
         raise CheckpointError("shape mismatch: " + "; ".join(bad[:4]), code="shape_mismatch")
 
-    model.load_state_dict({k: mapped[k].to(dtype) for k in expected}, assign=True, strict=True)
+    model.load_state_dict({k: mapped[k] if dtype is None else mapped[k].to(dtype) for k in expected}, assign=True,
+                          strict=True)
     retie(model)
     report.loaded = len(mapped)
     report.dtypes = {k: v.dtype for k, v in mapped.items()}
@@ -251,8 +254,8 @@ def retie(model: MedBlip) -> None:
         setattr(model.llm.get_submodule(owner), name, getattr(model.llm.get_submodule(src_owner), src_name))
 
 
-def load_checkpoint(path: str | Path, llm_dir: str | Path, dtype: torch.dtype = torch.float32):
-    """--checkpoint PATH --llm DIR -> (MedBlip, LoadReport)."""
+def load_checkpoint(path: str | Path, llm_dir: str | Path, dtype: torch.dtype | None = torch.float32):
+    """--checkpoint PATH --llm DIR -> (MedBlip, LoadReport); dtype None keeps the stored dtypes, memory-mapped."""
     sd = read_state_dict(path)
     llm_cfg = read_llm_config(llm_dir)
     fam = detect_family(sd)

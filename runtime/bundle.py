@@ -11,7 +11,9 @@ from ..errors import BundleError
 from ..model.config import MedBlipConfig
 from ..model.tokenizer import TextTokenizer
 
-SCHEMA_VERSION = 2  # 2: the tokenizer is one tokenizer.json run by `tokenizers` (model/tokenizer.py)
+# 2: the tokenizer is one tokenizer.json run by `tokenizers` (model/tokenizer.py); 3: graphs written op by op
+# into one weight file per artifact, GPT-2 graphs with per-layer caches, the evaluation budget in the manifest
+SCHEMA_VERSION = 3
 MANIFEST = "manifest.json"
 
 

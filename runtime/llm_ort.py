@@ -15,10 +15,9 @@ from .ort_graph import OrtGraph, host
 @dataclass
 class OrtState:
     next_logits: np.ndarray  # [V]
-    k: Any = None  # GPT-2 self-attention cache (OrtValues, on the device): [L,1,H,P,dk]
-    v: Any = None
-    cross: dict | None = None  # T5 only: {"cross_k_i": [1,H,S,dk], "cross_v_i": ...} from the encoder
-    cache: Any = None  # T5 only: the decode step's per-layer caches (ort_cache.InPlaceKV or GrowingKV)
+    cache: Any = None  # the decode step's per-layer caches (ort_cache.InPlaceKV or GrowingKV)
+    cross: dict | None = None  # T5: {"cross_k_i": [1,H,S,dk], "cross_v_i": ...} from the encoder
+    prefix: dict | None = None  # GPT-2: {"past_k_i": [1,H,P,dk], ...} of the prompt, for scoring the answers
 
 
 class _OrtLlm(LlmBackend):
@@ -67,24 +66,43 @@ class OrtT5Llm(_OrtLlm):
 
 
 class OrtGpt2Llm(_OrtLlm):
+    """GPT-2 graphs with one cache tensor per layer (export/graphs_gpt2_fused.py): the prefill graph runs the
+    prompt (no past) and, continuing the prompt's caches, the answers as one batch; the step graph decodes."""
+
     graph_names = ("gpt2_prefill", "gpt2_step")
     decode_graph = "gpt2_step"
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        pre = self.graphs["gpt2_prefill"].session
+        self.layers = sum(o.name.startswith("present_k_") for o in pre.get_outputs())
+        shape = next(i.shape for i in pre.get_inputs() if i.name == "past_k_0")  # [batch, H, past, dk]
+        self.heads, self.head_dim = shape[1], shape[3]
+        self.d = next(i.shape[2] for i in pre.get_inputs() if i.name == "visual")
+
+    def _past(self, batch: int) -> dict:
+        empty = np.zeros((batch, self.heads, 0, self.head_dim), np.float32)
+        return {f"past_{kv}_{i}": empty for kv in "kv" for i in range(self.layers)}
+
     def prefill(self, prompt_ids, visual) -> OrtState:
-        last, k, v = self.graphs["gpt2_prefill"](prompt_ids=np.array([prompt_ids], np.int64),
-                                                 visual=self._visual(visual))
-        return OrtState(host(last)[0], k, v)
+        visual = self._visual(visual)  # [1,Q,d]
+        n = len(prompt_ids) + visual.shape[1]
+        out = self.graphs["gpt2_prefill"](ids=np.array([prompt_ids], np.int64), visual=visual, **self._past(1),
+                                          logits_from=np.array(n - 1, np.int64))
+        keys, values = out[1:1 + self.layers], out[1 + self.layers:]
+        prefix = {f"past_{kv}_{i}": t for kv, ts in (("k", keys), ("v", values)) for i, t in enumerate(ts)}
+        cache = step_cache(self.graphs["gpt2_step"], keys, values, {}, length=n)
+        return OrtState(host(out[0])[0, -1], cache=cache, prefix=prefix)
 
     def step(self, state: OrtState, token: int) -> np.ndarray:
-        logits, state.k, state.v = self.graphs["gpt2_step"](ids=np.array([[token]], np.int64),
-                                                           past_k=state.k, past_v=state.v)
-        return host(logits)[0, -1]
+        return state.cache.step(token)
 
     def candidate_logits(self, state: OrtState, candidates) -> np.ndarray:
         ids, _ = pad_candidates(candidates, pad=0)
         n = len(candidates)
-        k, v = (np.repeat(host(t), n, axis=1) for t in (state.k, state.v))  # prefix cache for each candidate
-        logits = host(self.graphs["gpt2_step"](ids=ids, past_k=k, past_v=v)[0])  # [n,L,V]
+        past = {k: np.repeat(host(t), n, axis=0) for k, t in state.prefix.items()}  # the prompt's caches, per answer
+        logits = host(self.graphs["gpt2_prefill"](ids=ids, visual=np.zeros((n, 0, self.d), np.float32), **past,
+                                                  logits_from=np.array(0, np.int64))[0])  # [n,L,V]
         # token j is predicted by the logits before it: the prefix's last for j = 0
         return np.concatenate([np.broadcast_to(state.next_logits, (n, 1, logits.shape[-1])), logits[:, :-1]], axis=1)
 

@@ -12,6 +12,9 @@ import torch
 from .llm_base import LlmBackend, decoder_inputs, pad_candidates
 
 
+COMPUTE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 @dataclass
 class T5State:
     encoder_out: torch.Tensor  # [1, S, d]
@@ -33,7 +36,8 @@ class _TorchLlm(LlmBackend):
         self.llm = llm
         self.precision = precision
         self.device = next(llm.parameters()).device
-        self.dtype = next(llm.parameters()).dtype
+        # the compute dtype: weights may be stored lower and upcast per block (model.stored.fp32_compute)
+        self.dtype = COMPUTE_DTYPES[precision]
         self.eos_token_id = int(llm.config.eos_token_id)
 
     def _ids(self, ids) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""How a T5 decode-step graph keeps its per-layer self-attention caches between tokens.
+"""How a decode-step graph (T5's or GPT-2's) keeps its per-layer self-attention caches between tokens.
 
 - `InPlaceKV` (graphs with a `past_len` input: the fused step, GroupQueryAttention; on CPU): per-layer
   buffers with room to grow are bound as both `past_*` and `present_*`, the kernel writes the new
@@ -18,9 +18,15 @@ from .ort_graph import OrtGraph, bind_input, host
 
 
 def step_cache(graph: OrtGraph, keys: list, values: list, cross: dict, length: int):
-    """The cache object for this step graph: caches [B,H,length,dk] per layer from the prefill."""
+    """The cache object for this step graph: caches [B,H,length,dk] per layer from the prefill; `cross`: other
+    inputs fixed for the whole answer (T5's cross-attention K/V; none for GPT-2)."""
     kind = InPlaceKV if "past_len" in graph.inputs and graph.device == "cpu" else GrowingKV
     return kind(graph, keys, values, cross, length)
+
+
+def _token_input(graph: OrtGraph) -> str:
+    """The step graph's token input: the first one (T5 `decoder_ids`, GPT-2 `ids`)."""
+    return graph.inputs[0]
 
 
 class GrowingKV:
@@ -31,7 +37,7 @@ class GrowingKV:
         past = {f"past_{kv}_{i}": t for kv, ts in (("k", self.keys), ("v", self.values)) for i, t in enumerate(ts)}
         if "past_len" in self.graph.inputs:
             past["past_len"] = np.array(self.length, np.int64)
-        out = self.graph(decoder_ids=np.array([[token]], np.int64), **past, **self.cross)
+        out = self.graph(**{_token_input(self.graph): np.array([[token]], np.int64)}, **past, **self.cross)
         layers = len(self.keys)
         self.keys, self.values = out[1:1 + layers], out[1 + layers:]
         self.length += 1
@@ -78,7 +84,7 @@ class InPlaceKV:
             everything = self._contents()
             half = len(everything) // 2
             self._allocate(2 * self.capacity, everything[:half], everything[half:])
-        self._binding.bind_cpu_input("decoder_ids", np.array([[token]], np.int64))
+        self._binding.bind_cpu_input(_token_input(self.graph), np.array([[token]], np.int64))
         self._binding.bind_cpu_input("past_len", np.array(self.length, np.int64))
         self.graph.session.run_with_iobinding(self._binding)
         self.length += 1

@@ -60,7 +60,7 @@ class OrtGraph:
 def bind_input(binding, name: str, value) -> None:
     """A host array (copied to the device by ONNX Runtime if needed) or an OrtValue already in place."""
     if isinstance(value, np.ndarray):
-        binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        binding.bind_cpu_input(name, np.asarray(value, order="C"))  # (ascontiguousarray would make a 0-d input 1-d)
     else:
         binding.bind_ortvalue_input(name, value)
 

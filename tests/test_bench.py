@@ -6,6 +6,7 @@ Speeds are not checked (CI machines differ); the shape of every row is.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -124,6 +125,61 @@ def test_decode_variants_times_every_weight_format(tmp_path):
     assert rows["fused int4-block32"]["floor_ms"] < rows["fused int8-block128"]["floor_ms"] < rows["fused fp32"]["floor_ms"]
 
 
+def test_a_floor_beaten_is_not_reported_as_a_ratio():
+    """On a CPU where a stage beats its floor, that floor's ceiling was not the one it ran on (weights from a
+    shared L3, another kernel): no ratio below 1, a note instead."""
+    from medblip_edge.benchmarks.costs import row_floors, stage_costs
+    from medblip_edge.model.config import preset
+
+    cfg = preset("small")
+    costs = stage_costs(cfg, 768, 20, [3, 9, 4], 8)
+    limits = {"matmul": {"fp32": {"flops_per_s": 1e11}, "int8": {"flops_per_s": 4e11}},
+              "memory": {"bytes_per_s": 2e10}}
+    fast = {"vision": 1e-3, "prefill": 1e-3, "decode_step": 1e-3, "score": 1e-3, "classify": 2e-3}
+    for stage, f in row_floors(costs, {"vision": "fp32", "llm": "int8"}, limits, fast).items():
+        assert f["ratio"] is None and "not the ceiling" in f["beats_floor"], stage
+    slow = {k: v * 1e9 for k, v in fast.items()}
+    assert all(f["ratio"] >= 1 and "beats_floor" not in f
+               for f in row_floors(costs, {"vision": "fp32", "llm": "int8"}, limits, slow).values())
+
+
+def test_torch_precisions_this_cpu_emulates_are_skipped_with_the_reason():
+    from medblip_edge.benchmarks.run import BenchOptions, _row_specs
+
+    class B:  # a stand-in for a Bundle: only what _row_specs reads
+        root = Path("b")
+        artifacts = {"vision_onnx": {}, "llm_onnx": {"precision": "int8"}}
+
+        def has(self, name):
+            return name in self.artifacts
+
+    limits = {"matmul": {"fp32": {"flops_per_s": 1e11},
+                         "bf16": {"skipped": "a 512x512 probe ran at 0.27 GFLOP/s", "probe_flops_per_s": 2.7e8}}}
+    rows, skipped = _row_specs(BenchOptions(bundles=[Path("b")]), [B()], limits)
+    assert [r["name"] for r in rows] == ["torch fp32", "ort int8"]
+    assert skipped[0]["name"] == "torch bf16" and "emulated" in skipped[0]["reason"]
+    limits["matmul"]["bf16"] = {"flops_per_s": 2e12}  # AMX: bf16 is real there, and measured
+    rows, _ = _row_specs(BenchOptions(bundles=[Path("b")]), [B()], limits)
+    assert "torch bf16" in [r["name"] for r in rows]
+
+
+def test_bundles_of_one_preset_share_identical_files(tmp_path):
+    import shutil
+
+    from medblip_edge.benchmarks.bundles import share_identical_files
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(tiny_onnx_bundle("tiny", "int8"), a)
+    shutil.copytree(tiny_onnx_bundle("tiny", "int4"), b)
+    saved = share_identical_files(a, b)
+    assert saved >= (a / "torch" / "weights.safetensors").stat().st_size
+    assert os.path.samefile(a / "torch" / "weights.safetensors", b / "torch" / "weights.safetensors")
+    assert not os.path.samefile(a / "llm" / "llm.data", b / "llm" / "llm.data")
+    from medblip_edge.runtime.bundle import Bundle
+
+    Bundle.open(b)  # still verifies
+
+
 def test_export_quality_figures_move_for_int8_and_not_for_fp32(tmp_path):
     """The per-token figures can fail: fp32 graphs agree with the reference to float rounding on every
     position, INT8 weights move log-likelihoods and next-token distributions measurably."""
@@ -138,3 +194,16 @@ def test_export_quality_figures_move_for_int8_and_not_for_fp32(tmp_path):
     assert int8["kl_mean"] > 1e-4 and int8["max_abs_loglik_diff"] > 1e-2
     assert int8["min_margin_nats"] > 0 and int8["label_agreement"] in (0.0, 0.25, 0.5, 0.75, 1.0)
     assert "| tiny | int8 |" in (tmp_path / "quality.md").read_text()
+
+
+def test_ceiling_probe_skips_slow_paths_but_always_keeps_fp32():
+    """A ceiling the probe says would overrun its budget is skipped with the probe's rate; fp32, which every
+    floor may fall back to, is then the probe's own measurement instead (a busy or slow CPU still gets floors)."""
+    import torch
+
+    from medblip_edge.benchmarks.limits import PROBE_N, _bounded, _torch_mm
+
+    skipped = _bounded(_torch_mm, 2048, 3, torch.float32, "cpu", budget_s=1e-6)
+    assert "flops_per_s" not in skipped and skipped["probe_flops_per_s"] > 0 and "probe" in skipped["skipped"]
+    kept = _bounded(_torch_mm, 2048, 3, torch.float32, "cpu", budget_s=1e-6, required=True)
+    assert kept["flops_per_s"] > 0 and f"{PROBE_N}x{PROBE_N}" in kept["how"] and "probe" in kept["note"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from medblip_edge.export.graphs_t5 import T5DecoderPrefillGraph, T5DecoderStepGraph
 from medblip_edge.export.graphs_t5_fused import T5DecoderWriter
-from medblip_edge.export.llm_graphs import t5_graphs
+from medblip_edge.export.llm_graphs import traced_t5_step
 from medblip_edge.export.onnx_export import ort_session
 from medblip_edge.export.quantize import QUANTIZERS
 from medblip_edge.model.config import preset
@@ -97,8 +97,7 @@ def test_in_place_caches_step_like_the_traced_module(tmp_path, monkeypatch):
     cache = step_cache(graph, list(pk), list(pv), _feeds(cross_k=ck, cross_v=cv), length=3)
     assert isinstance(cache, InPlaceKV)
     # the traced step graph (what fp16 bundles ship) through the other cache kind, on the same tokens
-    traced_spec = next(g for g in t5_graphs(t5, t5.config.d_model, 4) if g.name == "t5_decoder_step")
-    traced = OrtGraph(traced_spec.export(tmp_path / "traced.onnx", fused=False)[0])
+    traced = OrtGraph(traced_t5_step(t5, tmp_path / "traced.onnx")[0])
     growing = step_cache(traced, list(pk), list(pv), _feeds(cross_k=ck, cross_v=cv), length=3)
     assert isinstance(growing, GrowingKV)
     # and the fused step fed caches that grow (how it runs off the CPU, see ort_cache)
@@ -148,3 +147,129 @@ def test_unknown_activation_is_refused():
     t5.config.dense_act_fn = "silu"
     with pytest.raises(ValueError, match="silu"):
         T5DecoderWriter(t5)
+
+
+# -- the T5 encoder and the GPT-2 graphs, written op by op ------------------------------------------------
+
+def test_fused_encoder_matches_traced_module(tmp_path):
+    """Prompts short and long enough that the bidirectional relative positions saturate (> 128 apart)."""
+    from medblip_edge.export.graphs_t5 import T5EncoderGraph
+    from medblip_edge.export.graphs_t5_fused import T5EncoderWriter
+
+    t5 = _t5({})
+    T5EncoderWriter(t5).write(tmp_path / "enc.onnx")
+    sess = ort_session(tmp_path / "enc.onnx")
+    rng = np.random.default_rng(3)
+    visual = rng.standard_normal((2, 4, t5.config.d_model)).astype(np.float32)
+    for length in (5, 200):
+        ids = rng.integers(0, 97, (1, length))
+        got = sess.run(None, {"prompt_ids": ids, "visual": visual})
+        with torch.no_grad():
+            enc, ck, cv = T5EncoderGraph(t5)(torch.from_numpy(ids), torch.from_numpy(visual))
+        layers = len(ck)
+        assert np.abs(got[0] - enc.numpy()).max() < 1e-4
+        assert np.abs(np.stack(got[1:1 + layers]) - ck.numpy()).max() < 1e-4
+        assert np.abs(np.stack(got[1 + layers:]) - cv.numpy()).max() < 1e-4
+
+
+def _gpt2(layers: int = 3):
+    cfg = dict(preset("tiny-biomedlm").llm, vocab_size=97, n_layer=layers)
+    torch.manual_seed(0)
+    model = family("gpt2").build(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def test_fused_gpt2_graphs_match_traced_modules(tmp_path):
+    """Prefill (prompt + visual tokens), the answers as a batch continuing its caches, and a step; per-layer
+    attention scaled by 1/(layer + 1) as BioMedLM's config asks."""
+    from medblip_edge.export.graphs_gpt2 import Gpt2PrefillGraph, Gpt2StepGraph
+    from medblip_edge.export.graphs_gpt2_fused import Gpt2Writer
+
+    g = _gpt2()
+    assert g.config.scale_attn_by_inverse_layer_idx
+    w = Gpt2Writer(g)
+    w.write_prefill(tmp_path / "prefill.onnx")
+    w.write_step(tmp_path / "step.onnx")
+    prefill, step = ort_session(tmp_path / "prefill.onnx"), ort_session(tmp_path / "step.onnx")
+    rng = np.random.default_rng(4)
+    L, H, dk, d = 3, g.config.n_head, g.config.n_embd // g.config.n_head, g.config.n_embd
+    ids, visual = rng.integers(0, 97, (1, 6)), rng.standard_normal((1, 4, d)).astype(np.float32)
+    empty = {f"past_{kv}_{i}": np.zeros((1, H, 0, dk), np.float32) for kv in "kv" for i in range(L)}
+    out = prefill.run(None, {"ids": ids, "visual": visual, "logits_from": np.array(9, np.int64), **empty})
+    with torch.no_grad():
+        last, k, v = Gpt2PrefillGraph(g)(torch.from_numpy(ids), torch.from_numpy(visual))
+    assert out[0].shape == (1, 1, 97) and np.abs(out[0][:, -1] - last.numpy()).max() < 1e-4
+    assert np.abs(np.stack(out[1:1 + L]) - k.numpy()).max() < 1e-4
+    cand = rng.integers(0, 97, (3, 4))
+    past = {f"past_{kv}_{i}": np.repeat(out[(1 if kv == "k" else 1 + L) + i], 3, 0) for kv in "kv" for i in range(L)}
+    scored = prefill.run(None, {"ids": cand, "visual": np.zeros((3, 0, d), np.float32),
+                                "logits_from": np.array(0, np.int64), **past})
+    with torch.no_grad():
+        want, _, _ = Gpt2StepGraph(g)(torch.from_numpy(cand), k.repeat(1, 3, 1, 1, 1), v.repeat(1, 3, 1, 1, 1))
+    assert np.abs(scored[0] - want.numpy()).max() < 1e-4
+    one = step.run(None, {"ids": np.array([[5]]), "past_len": np.array(10, np.int64),
+                          **{f"past_{kv}_{i}": out[(1 if kv == "k" else 1 + L) + i] for kv in "kv" for i in range(L)}})
+    with torch.no_grad():
+        want, k2, _ = Gpt2StepGraph(g)(torch.tensor([[5]]), k, v)
+    assert np.abs(one[0] - want.numpy()).max() < 1e-4 and np.abs(one[1] - k2[0].numpy()).max() < 1e-4
+
+
+def test_gpt2_runtime_decodes_in_place_like_the_module(tmp_path, monkeypatch):
+    """OrtGpt2Llm: the step's caches bound in place (grown past their first capacity) follow transformers'
+    own GPT-2 token by token; the answers scored from the prefill graph match it too."""
+    from medblip_edge.export.llm_graphs import gpt2_graphs
+    from medblip_edge.export.onnx_builder import WeightFile
+    from medblip_edge.export.quantize import FP32
+    from medblip_edge.runtime.llm_ort import OrtGpt2Llm
+    from medblip_edge.runtime.llm_torch import TorchGpt2Llm
+
+    g = _gpt2()
+    with WeightFile(tmp_path / "llm.data") as weights:
+        paths = {s.name: s.write(tmp_path / f"{s.name}.onnx", FP32, weights)[0] for s in gpt2_graphs(g)}
+    assert weights.bytes_shared > 0, "prefill and step share their fp32 weights on disk"
+    monkeypatch.setattr(InPlaceKV, "INITIAL_CAPACITY", 4)
+    ort_llm, ref = OrtGpt2Llm(paths, "fp32", eos_token_id=0), TorchGpt2Llm(g, "fp32")
+    visual = torch.randn(1, 4, g.config.n_embd)
+    with torch.inference_mode():
+        a, b = ort_llm.prefill([5, 6, 7], visual), ref.prefill([5, 6, 7], visual)
+        assert isinstance(a.cache, InPlaceKV)
+        cands = [[3, 4, 5], [6]]
+        assert np.abs(ort_llm.candidate_logits(a, cands) - ref.candidate_logits(b, cands))[0].max() < 1e-4
+        for token in (9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11, 12):
+            assert np.abs(ort_llm.step(a, token) - ref.step(b, token).numpy()).max() < 1e-4
+    assert a.cache.capacity > 14
+
+
+@pytest.mark.parametrize("graph", ["encoder", "step"])
+def test_quantized_graphs_written_directly_equal_quantizing_the_fp32_graph(tmp_path, graph):
+    """The writers emit each weight format themselves (no fp32 graph of a paper-size LLM is ever built); the
+    result runs exactly as ONNX Runtime's own quantizers applied to the fp32 graph."""
+    from medblip_edge.export.graphs_t5_fused import T5EncoderWriter
+    from medblip_edge.export.quantize import FP32
+
+    t5 = _t5({})
+
+    def write(path, fmt=FP32):
+        if graph == "encoder":
+            return T5EncoderWriter(t5).write(path, fmt)
+        return T5DecoderWriter(t5).write(path, True, fmt)
+
+    write(tmp_path / "fp32.onnx")
+    rng = np.random.default_rng(5)
+    if graph == "encoder":
+        feeds = {"prompt_ids": rng.integers(0, 97, (1, 7)),
+                 "visual": rng.standard_normal((1, 4, t5.config.d_model)).astype(np.float32)}
+    else:
+        feeds = {"decoder_ids": np.array([[3]]), "past_len": np.array(2, np.int64),
+                 **_feeds(past_k=_kv(rng, t5, 1, 2), past_v=_kv(rng, t5, 1, 2), cross_k=_kv(rng, t5, 1, 9),
+                          cross_v=_kv(rng, t5, 1, 9))}
+    for name, quant in QUANTIZERS.items():
+        fmt = quant.for_graph(decode=graph == "step")
+        fmt(tmp_path / "fp32.onnx", tmp_path / f"{name}-file.onnx")
+        write(tmp_path / f"{name}-direct.onnx", fmt)
+        a = ort_session(tmp_path / f"{name}-file.onnx").run(None, feeds)
+        b = ort_session(tmp_path / f"{name}-direct.onnx").run(None, feeds)
+        assert all(np.array_equal(x, y) for x, y in zip(a, b)), name
