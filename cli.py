@@ -94,7 +94,8 @@ def export_main(checkpoint, llm_dir, preset, out, precision, llm_quant, trt, no_
 @click.option("--timeout", "timeout_s", type=float, default=300.0, show_default=True,
               help="Per-scan limit in seconds for reading + preprocessing; a scan over it gets an error row.")
 @click.option("--workers", type=int, default=2, show_default=True, help="Scans read and preprocessed ahead, in parallel.")
-@click.option("--include-paths", is_flag=True, help="Report full scan paths (default: file name and SHA-256 only).")
+@click.option("--include-paths", is_flag=True, help="Report full scan paths (default: file or series folder name and "
+              "SHA-256 only).")
 @click.option("--rebuild-trt", is_flag=True, help="If the bundle's TensorRT engine was built for another GPU or "
               "TensorRT version (or it has none), build one here from its fp16 vision graph, cached in "
               "$MEDBLIP_TRT_CACHE or ~/.cache/medblip-edge/trt (minutes, once). Without it: fall back to ONNX Runtime.")
@@ -113,12 +114,17 @@ def export_main(checkpoint, llm_dir, preset, out, precision, llm_quant, trt, no_
 @one_line_errors
 def infer_main(scans, bundle_dir, backend, device, precision, patient_text, question, out_path, resume,
                timeout_s, workers, include_paths, rebuild_trt, huge_pages, engine, address, ray_actors, threads):
-    """Diagnose NIfTI scans with a bundle: one JSON object per scan (JSON Lines).
+    """Diagnose MRI scans with a bundle: one JSON object per scan (JSON Lines).
 
-    SCANS are NIfTI files, folders of them, or a CSV with columns scan,patient_text.
-    Each row has label (AD, MCI or NC), probabilities, answer, timings_ms per stage,
-    warnings and random_weights. A scan that fails gives {"scan", "error"} and the
-    others still run; the exit code is 1 if any failed.
+    SCANS are NIfTI files (.nii, .nii.gz), DICOM multi-frame files, folders, or a
+    CSV with columns scan,patient_text. A folder gives one scan per NIfTI file in it
+    and one per DICOM image series in it or below it (non-image DICOM objects are
+    skipped and counted); a folder named in a CSV must hold one series. Each row has
+    label (AD, MCI or NC), probabilities, answer, orientation (e.g. LPS), timings_ms
+    per stage, warnings and random_weights; a DICOM series' row is named by its
+    folder and a hash of its series UID, never a tag value. A scan that fails gives
+    {"scan", "error"} and the others still run; the exit code is 1 if any failed.
+    Compressed DICOM (JPEG, JPEG-LS, JPEG 2000) needs: pip install 'medblip-edge[dicom-codecs]'.
     """
     from .runtime.cohort import InferOptions, run_infer
 

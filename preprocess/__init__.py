@@ -1,14 +1,25 @@
-"""NIfTI scan -> model input, bit-exact with MedBLIP's SimpleITK training loader (nibabel only at run time)."""
+"""Scan (NIfTI file or DICOM series) -> model input, bit-exact with MedBLIP's SimpleITK training loader.
 
-from .nifti import DEFAULT_MAX_BYTES, DEFAULT_MAX_VOXELS, LoadedVolume, load_volume
-from .volume import PreprocessSpec, preprocess_scan, to_model_input
+nibabel reads NIfTI and pydicom reads DICOM at run time; SimpleITK is the tests' oracle.
+"""
+
+from .loaded import Geometry, LoadedVolume, orientation_code
+from .nifti import DEFAULT_MAX_BYTES, DEFAULT_MAX_VOXELS, load_volume
+from .scans import DicomScan, NiftiScan, open_scan
+from .volume import PreprocessSpec, load_scan, preprocess_scan, to_model_input
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_VOXELS",
+    "DicomScan",
+    "Geometry",
     "LoadedVolume",
+    "NiftiScan",
     "PreprocessSpec",
+    "load_scan",
     "load_volume",
+    "open_scan",
+    "orientation_code",
     "preprocess_scan",
     "to_model_input",
 ]

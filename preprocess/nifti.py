@@ -47,12 +47,11 @@ import math
 import os
 import stat
 import zlib
-from dataclasses import dataclass, field
-
 import nibabel as nib
 import numpy as np
 
 from ..errors import ScanError
+from .loaded import Geometry, LoadedVolume
 
 DEFAULT_MAX_VOXELS = 512**3
 DEFAULT_MAX_BYTES = 2 * 1024**3
@@ -61,17 +60,6 @@ DEFAULT_MAX_BYTES = 2 * 1024**3
 _HEADERS = {348: (nib.Nifti1Header, b"n+1", b"ni1", 1), 540: (nib.Nifti2Header, b"n+2", b"ni2", 2)}
 _SUPPORTED = {np.dtype(t).str[1:] for t in ("u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8", "f4", "f8")}
 _CHUNK = 1 << 20
-
-
-@dataclass
-class LoadedVolume:
-    """One scan as the model loader sees it: `array` float32 [Z, Y, X] (SimpleITK axis order)."""
-
-    array: np.ndarray
-    nonfinite_count: int = 0
-    warnings: list[str] = field(default_factory=list)
-    shape_on_disk: tuple[int, ...] = ()  # header dims, nibabel (i, j, k, ...) order
-    dtype_on_disk: str = ""  # numpy dtype string, byte order included, e.g. ">i2"
 
 
 def _show(path) -> str:
@@ -134,6 +122,24 @@ def _fixed(x) -> float:
     """nifti1_io's FIXED_FLOAT: a non-finite header float counts as 0."""
     x = float(x)
     return x if math.isfinite(x) else 0.0
+
+
+def nifti_geometry(hdr) -> Geometry | None:
+    """The header's voxel-to-patient transform as SimpleITK picks it, in LPS+ (None when degenerate).
+
+    The sform wins when its code is set and the qform's is not, or when it is scanner-based
+    (code 1); otherwise a set qform wins; with neither, SimpleITK's identity at the origin.
+    """
+    q, s = int(hdr["qform_code"]), int(hdr["sform_code"])
+    if q <= 0 and s <= 0:
+        zooms = [abs(float(z)) or 1.0 for z in hdr.get_zooms()[:3]]
+        return Geometry((0.0, 0.0, 0.0), tuple(zooms), tuple(np.eye(3).ravel()))
+    affine = hdr.get_sform() if s > 0 and (q <= 0 or s == 1) else hdr.get_qform()
+    lps = np.diag([-1.0, -1.0, 1.0]) @ np.asarray(affine, dtype=np.float64)[:3]
+    norms = np.linalg.norm(lps[:, :3], axis=0)
+    if not (np.all(np.isfinite(lps)) and np.all(norms > 0)):
+        return None
+    return Geometry(tuple(lps[:, 3]), tuple(norms), tuple((lps[:, :3] / norms).ravel()))
 
 
 def load_volume(path, *, max_voxels: int = DEFAULT_MAX_VOXELS, max_bytes: int = DEFAULT_MAX_BYTES) -> LoadedVolume:
@@ -253,4 +259,4 @@ def load_volume(path, *, max_voxels: int = DEFAULT_MAX_VOXELS, max_bytes: int = 
         raise ScanError(f"constant volume (every voxel is {lo}), nothing to normalise: {p}", code="constant_volume")
     if version == 2:
         warnings.append("NIfTI-2 file: the training loader (SimpleITK) cannot read NIfTI-2; read with NIfTI-1 rules")
-    return LoadedVolume(out, nonfinite, warnings, shape, dtype.str)
+    return LoadedVolume(out, nonfinite, warnings, shape, dtype.str, nifti_geometry(hdr))

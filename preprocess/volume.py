@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ScanError
-from .nifti import LoadedVolume, load_volume
+from .loaded import LoadedVolume
+from .scans import DicomScan, NiftiScan, open_scan
 
 
 @dataclass(frozen=True)
@@ -73,10 +74,21 @@ def to_model_input(array: np.ndarray, size: int = 224) -> torch.Tensor:
     return out
 
 
+def as_scan(scan) -> NiftiScan | DicomScan:
+    """A path (NIfTI file, DICOM folder or multi-frame file) or a scan object -> the scan object."""
+    return scan if isinstance(scan, (NiftiScan, DicomScan)) else open_scan(scan)
+
+
+def load_scan(scan, **load_kwargs) -> LoadedVolume:
+    """Read a scan (a path or a scan object) into float32 [Z, Y, X]; raises ScanError."""
+    return as_scan(scan).load(**load_kwargs)
+
+
 def preprocess_scan(
-    path: str | os.PathLike, spec: PreprocessSpec = PreprocessSpec(), **load_kwargs
+    scan: str | os.PathLike | NiftiScan | DicomScan, spec: PreprocessSpec = PreprocessSpec(), **load_kwargs
 ) -> tuple[torch.Tensor, LoadedVolume]:
-    """Load a NIfTI file and build its model input: (float32 [1, 1, S, S, S], the LoadedVolume)."""
+    """Load a scan (NIfTI file, DICOM series folder or multi-frame file) and build its model input:
+    (float32 [1, 1, S, S, S], the LoadedVolume)."""
     spec.check()
-    vol = load_volume(path, **load_kwargs)
+    vol = load_scan(scan, **load_kwargs)
     return to_model_input(vol.array, spec.size), vol

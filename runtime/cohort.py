@@ -2,9 +2,10 @@
 
 How a run goes
 --------------
-The SCANS arguments are expanded first (`scan_inputs.expand_scans`), so a bad CSV stops
-the run before the bundle is loaded. A pool of `workers` reader threads then reads and
-preprocesses scans ahead of the model (at most `max_batch + workers` scans are read and
+The SCANS arguments are expanded first (`scan_inputs.expand_scans`: folders walked for
+NIfTI files and DICOM series, one scan per series), so a bad CSV stops the run before
+the bundle is loaded; what the walk skipped is counted on stderr. A pool of `workers`
+reader threads then reads and preprocesses scans ahead of the model (at most `max_batch + workers` scans are read and
 not yet used, which bounds memory at about that many 224^3 float32 volumes). The main
 thread takes finished scans in input order, puts consecutive ready ones into one vision
 batch of up to `pipe.vision.max_batch`, runs the LLM per scan, and writes each row whole.
@@ -55,27 +56,29 @@ stderr).
 
 Privacy
 -------
-Rows and messages name a scan by its file name and SHA-256 only; with `include_paths`
-rows get a `path` (absolute, symlinks not resolved). Patient text is never written.
+Rows and messages name a scan by its file name (a DICOM series: its folder's name and
+the short hash of its series UID) and SHA-256 only; with `include_paths` rows get a
+`path` (absolute, symlinks not resolved). Patient text and DICOM tag values are never
+written.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import MedblipError, ScanError
+from ..preprocess.dicom_series import describe_skipped
 from . import pipeline as _pipeline
-from .scan_inputs import expand_scans
-
-
 from .prefetch import Prefetcher, Task, prepare_scan
-from .results_io import (FileSink, OldRow, ResumeIndex, Sink, StdoutSink, abspath, error_row, out_format,
-                         read_old_rows, replace_file, scrub, sha_or_none)
+from .results_io import (FileSink, OldRow, ResumeIndex, Sink, StdoutSink, abspath, digest_or_none, error_row,
+                         out_format, read_old_rows, replace_file, scrub)
+from .scan_inputs import ScanItem, expand_scans
 
 
 @dataclass
@@ -148,10 +151,35 @@ def check_options(opts: InferOptions) -> None:
         raise MedblipError("--resume needs --out (the results file to continue)", code="usage")
 
 
+def expand_inputs(opts: InferOptions, stream=None) -> list[ScanItem]:
+    """expand_scans with a file count on a terminal while folders are walked, and one line saying what was skipped."""
+    stream = stream or sys.stderr
+    tty = getattr(stream, "isatty", lambda: False)()
+    last = [0.0]
+
+    def on_file(n: int) -> None:
+        now = time.monotonic()
+        if tty and now - last[0] > 0.2:
+            last[0] = now
+            stream.write(f"\rreading folders: {n} files examined ")
+            stream.flush()
+
+    skipped: Counter = Counter()
+    items = expand_scans(opts.scans, opts.include_paths, skipped, on_file)
+    if tty and last[0]:
+        stream.write("\r\033[K")
+    n_series = sum(item.found is not None for item in items)
+    if n_series or skipped:
+        parts = [f"{n_series} DICOM series"] + ([f"skipped {describe_skipped(skipped)}"] if skipped else [])
+        stream.write(f"inputs: {len(items)} scans; {'; '.join(parts)}\n")
+        stream.flush()
+    return items
+
+
 def run_infer(opts: InferOptions) -> int:
     """Run every scan; returns the number of scans whose row is an error (resumed rows included)."""
     check_options(opts)
-    items = expand_scans(opts.scans, opts.include_paths)
+    items = expand_inputs(opts)
 
     pipe = _pipeline.Pipeline.from_bundle(opts.bundle, backend=opts.backend, device=opts.device,
                                           precision=opts.precision, rebuild_trt=opts.rebuild_trt,
@@ -166,13 +194,14 @@ def run_infer(opts: InferOptions) -> int:
 
     def work(task: Task):
         item = task.item
+        scan = item.scan()
         sha = None
         if index is not None:
-            sha = sha_or_none(item.path)
-            found = index.reserve(abspath(item.path), item.name, sha)
+            sha = digest_or_none(scan)
+            found = index.reserve(abspath(item.path), item.name, sha, item.series)
             if found is not None:
                 return ("skip", found)
-        return prepare_or_error(lambda: prepare_scan(pipe, item.path, sha, task, prefetch.stopped), item, sha)
+        return prepare_or_error(lambda: prepare_scan(pipe, scan, sha, task, prefetch.stopped), item, sha)
 
     tasks = [Task(i, item) for i, item in enumerate(items)]
     max_batch = max(1, int(getattr(pipe.vision, "max_batch", 1) or 1))
@@ -234,17 +263,18 @@ def prepare_or_error(prepare, item, sha: str | None) -> tuple[str, object]:
     try:
         return ("prepared", prepare())
     except ScanError as e:
-        row = error_row(item.name, sha or sha_or_none(item.path), e.code, scrub(str(e), item.path))
+        row = error_row(item.name, sha or digest_or_none(item.scan()), e.code, scrub(str(e), item.path), item.series)
     except MemoryError:
-        row = error_row(item.name, sha or sha_or_none(item.path), "out_of_memory",
-                        "not enough memory to read and preprocess this scan")
+        row = error_row(item.name, sha or digest_or_none(item.scan()), "out_of_memory",
+                        "not enough memory to read and preprocess this scan", item.series)
     except OSError as e:  # e.g. the file vanished between reading and hashing
-        row = error_row(item.name, None, "unreadable", f"cannot read {item.name}: {e.strerror or e}")
+        row = error_row(item.name, None, "unreadable", f"cannot read {item.name}: {e.strerror or e}", item.series)
     return ("error", row)
 
 
 def timeout_row(item, timeout_s: float) -> dict:
-    return error_row(item.name, None, "timeout", f"reading + preprocessing took more than {timeout_s:g} s: {item.name}")
+    return error_row(item.name, None, "timeout", f"reading + preprocessing took more than {timeout_s:g} s: {item.name}",
+                     item.series)
 
 
 class RunOutput:

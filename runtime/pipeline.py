@@ -1,6 +1,6 @@
-"""Pipeline: NIfTI in, diagnosis (class probabilities) and/or a free-form answer out.
+"""Pipeline: a scan (NIfTI file or DICOM series) in, diagnosis (class probabilities) and/or a free-form answer out.
 
-Stages: load + preprocess (nibabel, bit-exact with the training loader), vision
+Stages: load + preprocess (nibabel / pydicom, bit-exact with the training loader), vision
 (volume -> visual tokens), LLM (score the three answers in one batch; greedy
 answer for free-form questions). Backends are picked in `factory.py` only.
 """
@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from ..model.llm import family
 from ..model.prompts import DIAGNOSIS_QUESTION
-from ..preprocess import PreprocessSpec, load_volume, to_model_input
-from .bundle import Bundle, sha256_file
+from ..preprocess import PreprocessSpec, load_scan, to_model_input
+from ..preprocess.volume import as_scan
+from .bundle import Bundle
 from .factory import make_backends
 from .hugepages import HugePages, new_memory_on_huge_pages
-from .scan_inputs import scan_name
 from .tasks import Tasks
 
 
@@ -32,31 +31,33 @@ class PreparedScan:
     volume: torch.Tensor
     warnings: list[str] = field(default_factory=list)
     timings_ms: dict = field(default_factory=dict)
+    orientation: str = ""  # e.g. "LPS" (preprocess/loaded.py)
+    series: str | None = None  # DICOM: short hash of the series UID
 
 
 def _ms(t0: float) -> float:
     return round((time.perf_counter() - t0) * 1000.0, 3)
 
 
-def read_scan(scan: str | Path, spec: PreprocessSpec, sha256: str | None = None,
-              may_preprocess=None) -> PreparedScan | None:
-    """Read + preprocess one file for a bundle's preprocessing spec; raises ScanError on bad input.
+def read_scan(scan, spec: PreprocessSpec, sha256: str | None = None, may_preprocess=None) -> PreparedScan | None:
+    """Read + preprocess one scan for a bundle's preprocessing spec; raises ScanError on bad input.
 
-    Needs no model: cluster readers call it on nodes that hold none. `sha256`: the file's digest if
-    already known. `may_preprocess()`: asked after reading, before the torch preprocessing starts; False
-    gives None (a cohort run's scan abandoned for its time limit).
+    `scan`: a NIfTI path, a DICOM series folder or multi-frame file, or a scan object from
+    preprocess.scans. Needs no model: cluster readers call it on nodes that hold none. `sha256`: the
+    scan's digest if already known. `may_preprocess()`: asked after reading, before the torch
+    preprocessing starts; False gives None (a cohort run's scan abandoned for its time limit).
     """
-    path = Path(scan)
+    source = as_scan(scan)
     t0 = time.perf_counter()
-    loaded = load_volume(path)
+    loaded = load_scan(source)
     load_ms = _ms(t0)
-    digest = sha256 or sha256_file(path)
+    digest = sha256 or source.sha256()
     if may_preprocess is not None and not may_preprocess():
         return None
     t1 = time.perf_counter()
     volume = to_model_input(loaded.array, spec.size)  # [1,1,S,S,S]
-    return PreparedScan(scan_name(path), digest, volume, list(loaded.warnings),
-                        {"load": load_ms, "preprocess": _ms(t1)})
+    return PreparedScan(source.name, digest, volume, list(loaded.warnings),
+                        {"load": load_ms, "preprocess": _ms(t1)}, loaded.orientation, loaded.series)
 
 
 class Pipeline:
@@ -90,8 +91,8 @@ class Pipeline:
 
     # -- stages ---------------------------------------------------------------
 
-    def prepare(self, scan: str | Path, sha256: str | None = None, may_preprocess=None) -> PreparedScan | None:
-        """Read + preprocess one file; raises ScanError on bad input (see `read_scan`)."""
+    def prepare(self, scan, sha256: str | None = None, may_preprocess=None) -> PreparedScan | None:
+        """Read + preprocess one scan; raises ScanError on bad input (see `read_scan`)."""
         return read_scan(scan, self.spec, sha256, may_preprocess)
 
     def visual_tokens(self, volumes: torch.Tensor) -> torch.Tensor:
@@ -117,7 +118,9 @@ class Pipeline:
         if question is not None:
             row["answer"] = self.ask(visual, patient_text, question)
         timings = dict(prepared.timings_ms, llm=_ms(t0))
-        return {"scan": prepared.name, "scan_sha256": prepared.sha256, **row,
+        series = {"series": prepared.series} if prepared.series else {}
+        return {"scan": prepared.name, "scan_sha256": prepared.sha256, **series, "orientation": prepared.orientation,
+                **row,
                 "question": question or DIAGNOSIS_QUESTION, "task": "ask" if question is not None else "classify",
                 "backend": self.chosen, "precision": self.precision,
                 "random_weights": self.bundle.random_weights, "timings_ms": timings,

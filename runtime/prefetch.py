@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 
 from .results_io import error_row, scrub
@@ -129,9 +128,10 @@ class Prefetcher:
         self.graveyard.clear()
 
 
-def prepare_scan(pipe, path: Path, sha: str | None, task: Task, stop: threading.Event):
-    """`Pipeline.prepare` for a reader thread: reuses the SHA-256 already computed, and skips the torch
-    preprocessing of a scan abandoned for its time limit while it was being read (None then)."""
+def prepare_scan(pipe, scan, sha: str | None, task: Task, stop: threading.Event):
+    """`Pipeline.prepare` for a reader thread (`scan`: a path or a scan object): reuses the SHA-256 already
+    computed, and skips the torch preprocessing of a scan abandoned for its time limit while it was being read
+    (None then)."""
 
     def may_preprocess() -> bool:
         with task.lock:
@@ -140,4 +140,4 @@ def prepare_scan(pipe, path: Path, sha: str | None, task: Task, stop: threading.
             task.in_torch = True
             return True
 
-    return pipe.prepare(path, sha256=sha, may_preprocess=may_preprocess)
+    return pipe.prepare(scan, sha256=sha, may_preprocess=may_preprocess)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from ..errors import MedblipError
+from ..errors import MedblipError, ScanError
 from ..model.prompts import LABELS
 from .bundle import sha256_file
 
@@ -48,12 +48,25 @@ def sha_or_none(path: Path) -> str | None:
         return None
 
 
-def error_row(name: str, sha: str | None, code: str, message: str) -> dict:
-    return {"scan": name, "scan_sha256": sha, "error": {"code": code, "message": message}}
+def digest_or_none(scan) -> str | None:
+    """SHA-256 of a scan object (preprocess.scans), or None when it cannot be read (missing, folder, FIFO, ...)."""
+    try:
+        return scan.sha256()
+    except (OSError, ScanError):
+        return None
+
+
+def error_row(name: str, sha: str | None, code: str, message: str, series: str | None = None) -> dict:
+    """An error row; `series` (a DICOM series' UID hash) only when known."""
+    row = {"scan": name, "scan_sha256": sha}
+    if series:
+        row["series"] = series
+    row["error"] = {"code": code, "message": message}
+    return row
 
 
 def _csv_columns(include_paths: bool) -> list[str]:
-    return (["scan", "scan_sha256"] + (["path"] if include_paths else []) + ["label"]
+    return (["scan", "scan_sha256", "series"] + (["path"] if include_paths else []) + ["orientation", "label"]
             + [f"prob_{k}" for k in LABELS] + ["answer", "question", "task"] + [f"ll_{k}" for k in LABELS]
             + ["backend_vision", "backend_llm", "precision_vision", "precision_llm", "random_weights"]
             + ["t_load", "t_preprocess", "t_vision", "t_llm", "t_total", "warnings", "error_code", "error_message"])
@@ -165,6 +178,7 @@ class OldRow:
     name: str | None
     sha: str | None
     failed: bool
+    series: str | None = None  # a DICOM series' UID hash: two series may share a folder (path)
 
 
 def read_old_rows(sink: FileSink) -> tuple[list[OldRow], bool]:
@@ -195,7 +209,8 @@ def read_old_rows(sink: FileSink) -> tuple[list[OldRow], bool]:
             if not isinstance(row, dict) or not isinstance(row.get("scan"), str):
                 raise MedblipError(f"--resume: {path.name} line {n} is not a result row; "
                                    f"give another --out or run without --resume", code="bad_resume_file")
-            rows.append(OldRow(line + "\n", row.get("path"), row["scan"], row.get("scan_sha256"), "error" in row))
+            rows.append(OldRow(line + "\n", row.get("path"), row["scan"], row.get("scan_sha256"), "error" in row,
+                               row.get("series")))
     elif text:
         try:
             records = list(csv.reader(io.StringIO(text, newline="")))
@@ -213,27 +228,28 @@ def read_old_rows(sink: FileSink) -> tuple[list[OldRow], bool]:
                                    code="bad_resume_file")
             d = dict(zip(header, rec))
             rows.append(OldRow(sink.serialize_values([d.get(c, "") for c in sink.columns]), d.get("path") or None,
-                                d["scan"], d.get("scan_sha256") or None, bool(d.get("error_code"))))
+                                d["scan"], d.get("scan_sha256") or None, bool(d.get("error_code")),
+                                d.get("series") or None))
     rewrite = (sink.header() if rows or text else "") + "".join(r.text for r in rows) != text
     return rows, rewrite
 
 
 class ResumeIndex:
-    """Old rows by path and by (name, sha); `reserve` hands each row to at most one scan."""
+    """Old rows by (path, series) and by (name, sha); `reserve` hands each row to at most one scan."""
 
     def __init__(self, rows: list[OldRow]):
         self.by_path: dict[str, deque] = {}
         self.by_key: dict[tuple, deque] = {}
         for i, r in enumerate(rows):
             if r.path:
-                self.by_path.setdefault(r.path, deque()).append(i)
+                self.by_path.setdefault((r.path, r.series), deque()).append(i)
             self.by_key.setdefault((r.name, r.sha), deque()).append(i)
         self.used: set[int] = set()
         self.lock = threading.Lock()
 
-    def reserve(self, path: str, name: str, sha: str | None) -> int | None:
+    def reserve(self, path: str, name: str, sha: str | None, series: str | None = None) -> int | None:
         with self.lock:
-            for q in (self.by_path.get(path), self.by_key.get((name, sha))):
+            for q in (self.by_path.get((path, series)), self.by_key.get((name, sha))):
                 while q:
                     i = q.popleft()
                     if i not in self.used:

@@ -18,7 +18,7 @@ Nothing from a row is logged: Ray Data's own progress output is off.
 from __future__ import annotations
 
 import json
-import os
+import pickle
 import sys
 import threading
 from dataclasses import dataclass
@@ -27,9 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MedblipError
-from ..runtime.cohort import InferOptions, RunOutput, check_options, prepare_or_error, scan_row, timeout_row
-from ..runtime.results_io import abspath, sha_or_none
-from ..runtime.scan_inputs import ScanItem, expand_scans
+from ..runtime.cohort import (InferOptions, RunOutput, check_options, expand_inputs, prepare_or_error, scan_row,
+                              timeout_row)
+from ..runtime.results_io import abspath, digest_or_none
+from ..runtime.scan_inputs import ScanItem
 from . import ray_cluster
 
 
@@ -45,11 +46,12 @@ class RayOptions:
 
 
 def _item(rec: dict) -> ScanItem:
-    return ScanItem(Path(os.fsdecode(rec["path"])))
+    """The record's scan (pickled: a DICOM series found in a folder carries its file list)."""
+    return pickle.loads(rec["item"])
 
 
 def _hash(rec: dict) -> dict:
-    return {"i": rec["i"], "sha": sha_or_none(_item(rec).path) or ""}
+    return {"i": rec["i"], "sha": digest_or_none(_item(rec).scan()) or ""}
 
 
 def _read(rec: dict, spec: dict, timeout_s: float) -> dict:
@@ -62,7 +64,7 @@ def _read(rec: dict, spec: dict, timeout_s: float) -> dict:
 
     def read():
         try:
-            box["result"] = prepare_or_error(lambda: read_scan(item.path, spec, sha, lambda: not abandoned.is_set()),
+            box["result"] = prepare_or_error(lambda: read_scan(item.scan(), spec, sha, lambda: not abandoned.is_set()),
                                              item, sha)
         except BaseException as e:  # noqa: BLE001 -- an error row, never a failed task
             box["result"] = ("error", {"scan": item.name, "scan_sha256": None, "error": {
@@ -81,7 +83,8 @@ def _read(rec: dict, spec: dict, timeout_s: float) -> dict:
         out["row"] = json.dumps(value)
         return out
     out["meta"] = json.dumps({"name": value.name, "sha256": value.sha256, "warnings": value.warnings,
-                              "timings_ms": value.timings_ms})
+                              "timings_ms": value.timings_ms, "orientation": value.orientation,
+                              "series": value.series})
     out["volume"] = value.volume[0].numpy()  # [1,S,S,S]
     return out
 
@@ -114,7 +117,7 @@ class _Model:
             for n, k in enumerate(todo):
                 meta = json.loads(batch["meta"][k])
                 prepared = PreparedScan(meta["name"], meta["sha256"], volumes[n : n + 1], meta["warnings"],
-                                        meta["timings_ms"])
+                                        meta["timings_ms"], meta["orientation"], meta["series"])
                 rows[k] = json.dumps(scan_row(self.pipe, prepared, visual[n : n + 1], share, str(batch["text"][k]),
                                               self.question))
         return {"i": batch["i"], "row": np.array(rows, dtype=object), "timeout": batch["timeout"]}
@@ -161,7 +164,7 @@ def run_infer_ray(opts: InferOptions, ray_opts: RayOptions) -> int:
     check_options(opts)
     if ray_opts.max_batch < 1 or (ray_opts.actors is not None and ray_opts.actors < 1):
         raise MedblipError("--max-batch and --ray-actors must be at least 1", code="usage")
-    items = expand_scans(opts.scans, opts.include_paths)
+    items = expand_inputs(opts)
     bundle = Bundle.open(opts.bundle, verify=True)  # a bad bundle fails here, before Ray starts
     out = RunOutput(opts, len(items))
     try:
@@ -172,7 +175,7 @@ def run_infer_ray(opts: InferOptions, ray_opts: RayOptions) -> int:
             actors, resources, threads, batch = _plan(opts, ray_opts, cluster, bundle.manifest)
             print(f"ray: {actors} model actor{'s' if actors != 1 else ''} x {threads} thread"
                   f"{'s' if threads != 1 else ''}, vision batch {batch}", file=sys.stderr, flush=True)
-            records = [{"i": i, "path": os.fsencode(item.path), "sha": "",
+            records = [{"i": i, "item": pickle.dumps(item), "sha": "",
                         "text": item.patient_text if item.patient_text is not None else opts.patient_text}
                        for i, item in enumerate(items)]
             blocks = lambda n: max(1, min(n, 200))  # noqa: E731 -- a block per scan for small runs
@@ -183,7 +186,7 @@ def run_infer_ray(opts: InferOptions, ray_opts: RayOptions) -> int:
                 for rec in records:
                     rec["sha"] = shas[rec["i"]]
                     item = items[rec["i"]]
-                    found = out.index.reserve(abspath(item.path), item.name, rec["sha"] or None)
+                    found = out.index.reserve(abspath(item.path), item.name, rec["sha"] or None, item.series)
                     if found is None:
                         todo.append(rec)
                     else:

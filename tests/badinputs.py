@@ -26,6 +26,7 @@ import nibabel as nib
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import dicom_fixtures as dfx  # noqa: E402
 from volumes import real_volume  # noqa: E402
 
 README_START = "<!-- bad-inputs:start -->"
@@ -238,6 +239,88 @@ def _newline_name(d: Path) -> Path:
     return p
 
 
+# ---------------------------------------------------------------- DICOM (tests/dicom_fixtures.py)
+
+
+def _dicom_good(d: Path) -> Path:
+    """One good int16 series from the marked MNI template, written once per corpus folder (not itself a case)."""
+    good = d / "_dicom_source" / "good"
+    if not good.exists():
+        try:
+            dfx.write_series(dfx.marked_mni(), good)
+        except dfx.Missing as e:
+            raise MissingVolume(str(e)) from None
+    return good
+
+
+def _pydicom(rel: str) -> Path:
+    try:
+        return dfx.pydicom_file(rel)
+    except dfx.Missing as e:
+        raise MissingVolume(str(e)) from None
+
+
+def _variant(make, name: str):
+    return lambda d: make(_dicom_good(d), d / name)
+
+
+def _dicom_series(d: Path) -> Path:
+    return dfx.copy_series(_dicom_good(d), d / "T1_series")
+
+
+def _dicom_multiframe(d: Path) -> Path:
+    return dfx.multiframe(_dicom_good(d), d / "enhanced_mr.dcm")
+
+
+def _dicom_copy(rel: str, name: str):
+    def build(d: Path) -> Path:
+        src = _pydicom(rel)
+        if src.is_dir():
+            return Path(shutil.copytree(src, d / name))
+        shutil.copy(src, d / name)
+        return d / name
+    return build
+
+
+def _dicom_corrupt(d: Path) -> Path:
+    j2k = dfx.write_series(dfx.marked_mni(), d / "_dicom_source" / "j2k", compressor="JPEG2000")
+    return dfx.corrupt_fragments(j2k, d / "corrupt_j2k")
+
+
+def _dicom_unknown_syntax(d: Path) -> Path:
+    import pydicom
+    from pydicom.encaps import encapsulate
+
+    folder = dfx.copy_series(_dicom_good(d), d / "mpeg_slice")
+    f = dfx.files(folder)[3]
+    ds = pydicom.dcmread(f)
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2
+    ds.PixelData = encapsulate([ds.PixelData])
+    ds.save_as(f, enforce_file_format=False)
+    return folder
+
+
+def _dicom_csv(folder_name: str, fill):
+    """A CSV whose one row names a folder given as one scan."""
+    def build(d: Path) -> Path:
+        folder = fill(d, d / folder_name)
+        (p := d / f"{folder_name}_list.csv").write_text(f"scan\n{folder.name}\n")
+        return p
+    return build
+
+
+def _two_series(d: Path, dst: Path) -> Path:
+    good = _dicom_good(d)
+    other = dfx.write_series(dfx.marked_mni()[:, :, 10:20], d / "_dicom_source" / "other")
+    return dfx.two_series(good, other, dst)
+
+
+def _only_sr(d: Path, dst: Path) -> Path:
+    dst.mkdir()
+    shutil.copy(_pydicom("test-SR.dcm"), dst / "report.dcm")
+    return dst
+
+
 def _no_fifo() -> str | None:
     return None if hasattr(os, "mkfifo") else "no FIFOs on this system"
 
@@ -259,6 +342,8 @@ class BadInput:
     does: str  # what medblip-infer does with it (README column 3)
     build: Callable[[Path], Path]
     skip: Callable[[], str | None] = lambda: None  # a reason this case cannot be made here
+    shown: str | None = None  # the row's `scan` when it is not the built path's name (a folder named in a CSV)
+    hashed: bool | None = None  # whether the row has a SHA-256 (default: the built path is a readable file)
 
     @property
     def ok(self) -> bool:
@@ -311,6 +396,42 @@ CASES: list[BadInput] = [
              "read; the name is kept in the row (JSON-escaped)", _non_ascii),
     BadInput("newline_in_name", "file name containing a newline", "ok",
              "read; rows and messages stay one line (JSON escapes it)", _newline_name),
+    BadInput("dicom_series", "DICOM: folder holding one MR series of single-frame files", "ok",
+             "read as SimpleITK's series reader reads it; the row adds `series` (a hash of the series UID)",
+             _dicom_series, hashed=True),
+    BadInput("dicom_multiframe", "DICOM: Enhanced MR multi-frame file, frames stored out of order", "ok",
+             "read, frames ordered by their positions", _dicom_multiframe),
+    BadInput("dicom_missing_slice", "DICOM: series with one slice deleted", "slice_gap",
+             "error row: a gap more than 10% off the series' median spacing (SimpleITK only warns)",
+             _variant(dfx.delete_slice, "missing_slice"), hashed=True),
+    BadInput("dicom_duplicate_slice", "DICOM: series with one slice copied", "duplicate_slices",
+             "error row: two slices at one position (SimpleITK only warns)",
+             _variant(dfx.duplicate_slice, "duplicate_slice"), hashed=True),
+    BadInput("dicom_reoriented_slice", "DICOM: one slice in another plane", "mixed_orientation",
+             "error row (SimpleITK only warns)", _variant(dfx.reorient_slice, "reoriented_slice"), hashed=True),
+    BadInput("dicom_localizer", "DICOM: a real 7-plane localizer (pydicom's `MR700`)", "mixed_orientation",
+             "error row: not one volume", _dicom_copy("dicomdirtests/98892003/MR700", "MR700"), hashed=True),
+    BadInput("dicom_mixed_spacing", "DICOM: one slice with another pixel spacing", "mixed_geometry",
+             "error row", _variant(dfx.respace_slice, "respaced_slice"), hashed=True),
+    BadInput("dicom_no_position", "DICOM: one slice without Image Position (Patient)", "missing_geometry",
+             "error row: the slices cannot be placed", _variant(dfx.drop_position, "no_position"), hashed=True),
+    BadInput("dicom_single_slice", "DICOM: a single 2D slice (pydicom's `MR_small.dcm`)", "bad_dims",
+             "error row: a 3D volume is needed", _dicom_copy("MR_small.dcm", "MR_small.dcm")),
+    BadInput("dicom_truncated", "DICOM: last file of a series cut short", "truncated",
+             "error row decided from the header and the file size, before any pixel is decoded",
+             _variant(dfx.truncate_last, "truncated_series"), hashed=True),
+    BadInput("dicom_corrupt", "DICOM: JPEG 2000 codestream overwritten with noise", "corrupt_pixel_data",
+             "error row", _dicom_corrupt, hashed=True),
+    BadInput("dicom_unknown_syntax", "DICOM: slice in a transfer syntax nothing decodes (MPEG2)",
+             "unsupported_transfer_syntax", "error row", _dicom_unknown_syntax, hashed=True),
+    BadInput("dicom_ct", "DICOM: CT series (pydicom's `CT2`)", "not_mr", "error row: the model reads MRI only",
+             _dicom_copy("dicomdirtests/77654033/CT2", "CT2"), hashed=True),
+    BadInput("dicom_two_series", "DICOM: CSV row naming a folder that holds two series", "several_series",
+             "error row (SimpleITK silently reads the first); given on the command line instead, the folder gives "
+             "one row per series", _dicom_csv("two_series", _two_series), shown="two_series", hashed=False),
+    BadInput("dicom_no_images", "DICOM: CSV row naming a folder with only a structured report", "no_images",
+             "error row; in a folder walk such objects are skipped and counted", _dicom_csv("only_sr", _only_sr),
+             shown="only_sr", hashed=False),
 ]
 
 BY_NAME = {c.name: c for c in CASES}
@@ -343,7 +464,7 @@ def build_all(folder: Path) -> dict[str, Path | str]:
             try:
                 out[c.name] = c.build(folder)
                 continue
-            except MissingVolume as e:
+            except (MissingVolume, dfx.Missing) as e:
                 reason = f"real volume {e} is not installed"
         out[c.name] = reason
     return out

@@ -32,7 +32,7 @@ def test_one_run_over_the_corpus(corpus):
     assert "Traceback" not in proc.stderr
     assert len(proc.stdout.splitlines()) == len(rows)  # one line per row, even for a name with a newline
     for name, row in rows.items():
-        assert row["scan"] == built[name].name  # file name only, in input order
+        assert row["scan"] == (BY_NAME[name].shown or built[name].name)  # file or folder name only, in input order
     n_failed = sum(not BY_NAME[n].ok for n in rows)
     assert f"{len(rows)} scans: {len(rows) - n_failed} ok, {n_failed} failed" in proc.stderr
 
@@ -48,13 +48,19 @@ def test_case(corpus, case):
         assert row["label"] in ("AD", "MCI", "NC") and abs(sum(row["probabilities"].values()) - 1) < 1e-6
         assert bool(row["warnings"]) == (case.expect == "ok+warning"), row["warnings"]
     else:
-        assert set(row) == {"scan", "scan_sha256", "error"}, row
+        assert set(row) - {"series"} == {"scan", "scan_sha256", "error"}, row
+        assert ("series" in row) == (path_is_walked(built[case.name])), row
         assert row["error"]["code"] == case.expect, row["error"]
         message = row["error"]["message"]
         assert message and "\n" not in message and str(built[case.name].parent) not in message
         path = built[case.name]
         readable = path.is_file() and not path.is_symlink() and case.name != "unreadable"
-        assert (row["scan_sha256"] is not None) == readable, row
+        assert (row["scan_sha256"] is not None) == (readable if case.hashed is None else case.hashed), row
+
+
+def path_is_walked(path: Path) -> bool:
+    """A folder given on the command line is walked: its series' rows carry the series hash from the start."""
+    return path.is_dir() and not path.name.endswith((".nii", ".nii.gz"))
 
 
 def test_partly_nan_warning_gives_the_count(corpus):

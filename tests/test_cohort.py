@@ -9,8 +9,8 @@ same order, as the uninterrupted run (timings aside, and float noise from vision
 batches of different sizes).
 
 The reader hang cannot be made with a real file here (a FIFO is refused before it is
-opened), so the CLI runs under `python -c` with `pipeline.load_volume` wrapped to
-block forever on one file name: the real CLI code path otherwise.
+opened), so the CLI runs under `python -c` with `pipeline.load_scan` wrapped to
+block forever on one scan name: the real CLI code path otherwise.
 """
 
 from __future__ import annotations
@@ -46,15 +46,15 @@ import os, sys, threading
 from pathlib import Path
 import medblip_edge.runtime.pipeline as pipeline
 
-_load = pipeline.load_volume
+_load = pipeline.load_scan
 _hang = os.environ["MEDBLIP_TEST_HANG"]
 
-def load_volume(path, **kw):
-    if Path(path).name == _hang:
+def load_scan(scan, **kw):
+    if scan.name == _hang:
         threading.Event().wait()  # a reader that never returns (a dead network mount, say)
-    return _load(path, **kw)
+    return _load(scan, **kw)
 
-pipeline.load_volume = load_volume
+pipeline.load_scan = load_scan
 from medblip_edge.cli import infer_main
 sys.argv[0] = "medblip-infer"
 infer_main()
@@ -275,7 +275,9 @@ def test_csv_output_and_resume_from_a_prefix(few, tiny_bundle, tmp_path, capsys)
     assert run_infer(_opts(tiny_bundle, few, out=full)) == 1
     want = _csv_rows(full)
     assert [r["scan"] for r in want] == [p.name for p in few]
-    assert list(want[0])[:6] == ["scan", "scan_sha256", "label", "prob_AD", "prob_MCI", "prob_NC"]
+    assert list(want[0])[:8] == ["scan", "scan_sha256", "series", "orientation", "label", "prob_AD", "prob_MCI",
+                                 "prob_NC"]
+    assert want[0]["orientation"] == "RAS" and want[0]["series"] == ""  # np.eye(4) affine: i, j, k to R, A, S
     assert {"t_load", "t_preprocess", "t_vision", "t_llm", "t_total", "error_code", "error_message"} <= set(want[0])
     assert want[2]["error_code"] == "truncated" and want[2]["label"] == "" and want[0]["error_code"] == ""
 

@@ -115,3 +115,27 @@ def test_engine_options_need_ray(cohort, tiny_bundle, infer_cmd):
     proc = subprocess.run([*infer_cmd, str(cohort), "--bundle", str(tiny_bundle), "--address", "127.0.0.1:1"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "error [usage]" in proc.stderr
+
+
+def test_ray_rows_equal_the_local_runner_rows_for_dicom_series(cluster, tiny_bundle, infer_cmd, tmp_path):
+    """A DICOM folder on Ray: one row per series (three of them in one folder here), as the local runner gives."""
+    import shutil
+
+    import dicom_fixtures as fx
+
+    study = tmp_path / "study"
+    try:
+        fx.from_pydicom_file("MR_small.dcm", study / "SE01")  # 4 slices, a real header
+        shutil.copytree(fx.pydicom_file("dicomdirtests/98892003/MR2"), study / "SE02")  # 3 series, 1 folder
+    except fx.Missing as e:
+        pytest.skip(str(e))
+    local = tmp_path / "local.jsonl"
+    assert run_infer(InferOptions(scans=[study], bundle=tiny_bundle, out=local, patient_text="A 70 year old. ")) == 3
+    out = tmp_path / "ray.jsonl"
+    proc = _ray(infer_cmd, tiny_bundle, cluster, study, "--out", out)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    rows = _rows(out)
+    assert [(r["scan"], r.get("error", {}).get("code")) for r in rows] == [
+        ("SE01", None), ("SE02", "bad_dims"), ("SE02", "mixed_orientation"), ("SE02", "mixed_orientation")]
+    assert all(len(r["series"]) == 12 for r in rows) and rows[0]["orientation"] == "LPS"
+    _same(rows, _rows(local))

@@ -125,6 +125,27 @@ def test_real_volume_matches_training_exactly(name):
     assert vol.shape_on_disk == tuple(reversed(vol.array.shape))
 
 
+@pytest.mark.parametrize("name", ACCEPTED_REAL)
+def test_real_volume_geometry_and_orientation_as_simpleitk(name):
+    path = need(name)
+    vol, img = load_volume(path), sitk.ReadImage(str(path))
+    g = vol.geometry
+    assert np.allclose(g.origin, img.GetOrigin(), atol=1e-4) and np.allclose(g.spacing, img.GetSpacing(), rtol=1e-6)
+    assert np.allclose(g.direction, img.GetDirection(), atol=1e-6)
+    assert vol.orientation == sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(img.GetDirection())
+
+
+def test_orientation_code_as_simpleitk_on_random_rotations():
+    from scipy.spatial.transform import Rotation
+
+    from medblip_edge.preprocess import orientation_code
+
+    for seed in range(300):
+        m = Rotation.random(random_state=seed).as_matrix() @ np.diag([1, 1, -1 if seed % 2 else 1])
+        d = tuple(m.ravel())
+        assert orientation_code(d) == sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(d), d
+
+
 def test_mni_t1_shapes_and_dtype():
     vol = load_volume(need("mni_t1"))
     assert vol.shape_on_disk == (197, 233, 189) and vol.dtype_on_disk == "|u1"

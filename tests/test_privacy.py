@@ -1,7 +1,9 @@
-"""Privacy: outputs and logs carry a scan's file name and SHA-256 only.
+"""Privacy: outputs and logs carry a scan's file name (a DICOM series: its folder's name and a hash of its UID)
+and SHA-256 only.
 
 Never its directories, the NIfTI descrip/aux_file/intent_name fields or header
-extensions, or the patient text, unless --include-paths is given (which adds the
+extensions, any DICOM tag value (names, IDs, dates, UIDs, descriptions, private
+tags), or the patient text, unless --include-paths is given (which adds the
 path, and only that). Checked through the real `medblip-infer` CLI, on stdout,
 stderr and the --out file, for results and for error rows and run-level errors.
 """
@@ -112,3 +114,97 @@ def test_run_level_error_is_private(private, tiny_bundle, infer_cmd):
     proc = run(infer_cmd, "--bundle", str(tiny_bundle), str(private / "bad.csv"))
     assert proc.returncode == 2 and "error [bad_csv]" in proc.stderr and "Traceback" not in proc.stderr
     assert_private(proc.stdout + proc.stderr, private)
+
+
+# ---------------------------------------------------------------- DICOM: no tag value anywhere
+
+DICOM_TEXT = {  # free text and IDs set on every slice before anonymising fills the rest with fake values
+    "0008|103e": "SERIESDESC Jane Doe brain", "0008|1030": "STUDYDESC memory clinic Doe",
+    "0018|1030": "PROTOCOL doe_jane_t1", "0020|4000": "IMGCOMMENT patient anxious",
+    "0008|1050": "PERFORMER^Pat^Smith", "0008|1070": "OPERATOR^Olga", "0010|1000": "OTHERID-55443322",
+    "0010|4000": "PATCOMMENT lives alone", "0032|1060": "REQPROC brain mri doe",
+    "0008|0050": "ACC-31415926", "0020|0010": "STUDYID-2718", "0010|0010": "Doe^Jane", "0010|0020": "MRN-99887766",
+    "0010|0030": "19520304", "0008|0080": "St Elsewhere Hospital", "0008|0090": "Roe^Rick^Dr",
+}
+PRIVATE_VALUE = "PRIVATE-TAG-Doe-Jane-5550123"
+
+
+@pytest.fixture(scope="module")
+def private_dicom(tmp_path_factory):
+    """A patient-named folder holding a series whose identifying tags all carry distinctive values: set here, then
+    anonymised by dicognito (fake names, IDs, dates and UIDs), plus a private tag; a multi-frame copy, a copy with a
+    slice missing, and a CSV naming the series folder. -> (folder, secrets)."""
+    pytest.importorskip("dicognito")
+    pytest.importorskip("highdicom")
+    import dicom_fixtures as fx
+    import pydicom
+    from dicognito.anonymizer import Anonymizer
+
+    d = tmp_path_factory.mktemp("privacy-dicom") / FOLDER
+    try:
+        series = fx.write_series(fx.marked_mni(), d / "series01", tags=DICOM_TEXT)
+    except fx.Missing as e:
+        pytest.skip(str(e))
+    anonymizer = Anonymizer(seed="medblip-privacy")
+    secrets: set[str] = {PRIVATE_VALUE}
+    for f in fx.files(series):
+        ds = pydicom.dcmread(f)
+        before = {e.tag: str(e.value) for e in ds.iterall() if e.tag != 0x7FE00010}
+        anonymizer.anonymize(ds)
+        ds.add_new(0x00091010, "LO", PRIVATE_VALUE)
+        ds.add_new(0x00090010, "LO", "MEDBLIP TEST")
+        for e in ds.iterall():
+            value = str(e.value)
+            if e.tag != 0x7FE00010 and value != before.get(e.tag):  # what dicognito filled in
+                secrets.update(v for v in [value, *value.split("^")] if len(v) >= 6)
+        ds.save_as(f)
+        secrets.update(v for v in (str(ds.SeriesInstanceUID), str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)))
+    for value in DICOM_TEXT.values():  # dicognito keeps free text: it stays in the files, and must stay out of rows
+        secrets.update(v for v in [value, *value.split("^")] if len(v) >= 6)
+    fx.multiframe(series, d / "enhanced" / "IM0001")
+    fx.renumber(fx.delete_slice(series, d / "series02_gap"))
+    (d / "cohort.csv").write_text("scan,patient_text\nseries01,x\nseries02_gap,y\n")
+    secrets -= {"series01", "series02_gap", "enhanced", "IM0001"}  # folder names are shown, by design
+    return d, sorted(secrets)
+
+
+def test_dicom_secrets_really_are_in_the_files(private_dicom):
+    import pydicom
+
+    d, secrets = private_dicom
+    ds = pydicom.dcmread(sorted((d / "series01").iterdir())[0])
+    assert str(ds.PatientName) in secrets and str(ds.PatientID) in secrets and str(ds.InstitutionName) in secrets
+    assert ds[0x00091010].value in (PRIVATE_VALUE, PRIVATE_VALUE.encode())  # read back as UN (implicit VR)
+    assert ds.SeriesDescription == DICOM_TEXT["0008|103e"]
+    assert len(secrets) > 30
+
+
+def test_no_dicom_tag_value_in_outputs_and_logs(private_dicom, tiny_bundle, infer_cmd, tmp_path):
+    import pydicom
+
+    from medblip_edge.preprocess.dicom_series import uid_hash
+
+    d, secrets = private_dicom
+    out = tmp_path / "rows.jsonl"
+    proc = run(infer_cmd, "--bundle", str(tiny_bundle), "--out", str(out), str(d), str(d / "cohort.csv"),
+               str(d / "enhanced" / "IM0001"))
+    text = proc.stdout + proc.stderr + out.read_text()
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, text
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["scan"], r.get("error", {}).get("code")) for r in rows] == [
+        ("enhanced", None), ("series01", None), ("series02_gap", "slice_gap"),  # the folder walk
+        ("series01", None), ("series02_gap", "slice_gap"), ("IM0001", None)]  # the CSV, the multi-frame file
+    uid = str(pydicom.dcmread(sorted((d / "series01").iterdir())[0]).SeriesInstanceUID)
+    assert rows[1]["series"] == uid_hash(uid) and uid in secrets
+    for secret in secrets + [str(d), FOLDER]:
+        assert secret not in text, f"{secret!r} leaked"
+
+
+def test_dicom_include_paths_adds_the_path_only(private_dicom, tiny_bundle, infer_cmd):
+    d, secrets = private_dicom
+    proc = run(infer_cmd, "--bundle", str(tiny_bundle), "--include-paths", str(d))
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["path"] for r in rows] == [str(d / "enhanced"), str(d / "series01"), str(d / "series02_gap")]
+    text = (proc.stdout + proc.stderr).replace(str(d), "<dir>")
+    for secret in secrets:
+        assert secret not in text, f"{secret!r} leaked"
