@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from ..errors import MedblipError
 
 LOOPBACK = "127.0.0.1"
+PROXY_CHECK_TIMEOUT_S = 30  # under serve.start's own 60 s wait for the proxies
 
 
 def loopback_only_env() -> None:
@@ -63,6 +64,10 @@ def start(address: str | None = None, *, num_cpus: int | None = None, num_gpus: 
     # token authentication, explicitly: the token is ~/.ray/auth_token (made when a local cluster starts without
     # one); a driver joining a cluster only sends it when the mode is set
     os.environ.setdefault("RAY_AUTH_MODE", "token")
+    # Serve's HTTP proxy must answer its ready check within 5 s and its health check within 10 s, or it is
+    # restarted and serve.start gives up; on a 2-core machine busy loading a model it can miss both
+    for name in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"):
+        os.environ.setdefault(name, str(PROXY_CHECK_TIMEOUT_S))
     if address is None or address.split(":")[0] in (LOOPBACK, "localhost"):
         loopback_only_env()
     import ray
