@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
 import torch
+
+from ..export.resources import PeakRss
 
 
 def sync(device: str) -> None:
@@ -45,7 +46,7 @@ class Samples:
         return {k: summary(v) for k, v in self.data.items()}
 
 
-class PeakMemory:
+class PeakMemory(PeakRss):
     """`with PeakMemory(device) as m:` -> m.result: peak RSS (sampled every 2 ms) and, on CUDA, torch's peak.
 
     RSS is sampled by a thread because the process-wide high-water mark (ru_maxrss) never goes
@@ -53,33 +54,18 @@ class PeakMemory:
     """
 
     def __init__(self, device: str, interval_s: float = 0.002):
-        import psutil
-
-        self.device, self.interval = device, interval_s
-        self.proc = psutil.Process()
+        super().__init__(interval_s)
+        self.device = device
         self.result: dict = {}
-        self._stop = threading.Event()
-        self._peak = 0
-
-    def _watch(self) -> None:
-        while not self._stop.is_set():
-            self._peak = max(self._peak, self.proc.memory_info().rss)
-            self._stop.wait(self.interval)
 
     def __enter__(self) -> "PeakMemory":
-        self._start = self.proc.memory_info().rss
-        self._peak = self._start
         if self.device.startswith("cuda") and torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
+        return super().__enter__()
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._peak = max(self._peak, self.proc.memory_info().rss)
-        self.result = {"rss_start_mib": round(self._start / 2**20, 1), "rss_peak_mib": round(self._peak / 2**20, 1)}
+        super().__exit__(*exc)
+        self.result = {"rss_start_mib": round(self.start / 2**20, 1), "rss_peak_mib": round(self.peak / 2**20, 1)}
         if self.device.startswith("cuda") and torch.cuda.is_available():
             # torch's allocator only: ONNX Runtime's CUDA arena is not visible here
             self.result["gpu_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)

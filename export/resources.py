@@ -24,24 +24,37 @@ def rss_bytes() -> int:
         return psutil.Process().memory_info().rss
 
 
-class Meter:
-    """`with Meter() as m: ...` -> m.result = {"seconds", "peak_rss_mib"}."""
+class PeakRss:
+    """`with PeakRss() as p:` -> p.start and p.peak, this process's resident bytes at entry and at most during
+    the block, sampled by a thread every `interval_s`."""
 
-    INTERVAL_S = 0.02
+    def __init__(self, interval_s: float = 0.02):
+        self.interval_s = interval_s
 
-    def __enter__(self) -> "Meter":
-        self._peak, self._stop = rss_bytes(), threading.Event()
+    def __enter__(self):
+        self.start = self.peak = rss_bytes()
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._t0 = time.perf_counter()
         self._thread.start()
         return self
 
     def _watch(self) -> None:
-        while not self._stop.wait(self.INTERVAL_S):
-            self._peak = max(self._peak, rss_bytes())
+        while not self._stop.wait(self.interval_s):
+            self.peak = max(self.peak, rss_bytes())
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        mib = round(max(self._peak, rss_bytes()) / 2**20, 1)
-        self.result = {"seconds": round(time.perf_counter() - self._t0, 1), "peak_rss_mib": mib}
+        self.peak = max(self.peak, rss_bytes())
+
+
+class Meter(PeakRss):
+    """`with Meter() as m: ...` -> m.result = {"seconds", "peak_rss_mib"}."""
+
+    def __enter__(self) -> "Meter":
+        self._t0 = time.perf_counter()
+        return super().__enter__()
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        self.result = {"seconds": round(time.perf_counter() - self._t0, 1), "peak_rss_mib": round(self.peak / 2**20, 1)}
