@@ -59,15 +59,25 @@ def _stacked(rows: list[np.ndarray], state) -> np.ndarray:
     return np.stack(rows) if rows else np.zeros((0, _host(state.next_logits).shape[-1]), np.float32)
 
 
+def from_state(llm, state, answers: list[list[int]], continuation: list[int] | int) -> tuple[TokenLogits, list[int]]:
+    """From a prefilled state: the logits predicting each answer token (one batched scoring pass) and each
+    continuation token, `continuation` being the tokens to feed (teacher forcing) or how many to decode
+    greedily (EOS not stopping it). -> (the logits, the continuation's tokens)."""
+    from ..runtime.llm_base import pad_candidates
+
+    ans = _host(llm.candidate_logits(state, answers))
+    _, mask = pad_candidates(answers, pad=0)
+    if isinstance(continuation, int):
+        tokens, steps = greedy_tokens(llm, state, continuation)
+    else:
+        tokens, steps = continuation, follow(llm, state, continuation)
+    return TokenLogits(ans, mask, steps), tokens
+
+
 def teacher_forced(llm, prompt_ids: list[int], visual, answers: list[list[int]], continuation: list[int]) -> TokenLogits:
     """The backend's logits predicting each answer token (one batched scoring pass) and each continuation
     token (prefill, then one decode step per token fed the given tokens)."""
-    from ..runtime.llm_base import pad_candidates
-
-    state = llm.prefill(prompt_ids, visual)
-    ans = _host(llm.candidate_logits(state, answers))
-    _, mask = pad_candidates(answers, pad=0)
-    return TokenLogits(ans, mask, follow(llm, state, continuation))
+    return from_state(llm, llm.prefill(prompt_ids, visual), answers, continuation)[0]
 
 
 def _positions(ref: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

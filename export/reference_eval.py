@@ -21,7 +21,7 @@ from ..runtime.llm_torch import TORCH_LLMS
 from ..runtime.reference import ReferencePipeline
 from ..runtime.tasks import Tasks, diagnosis
 from .evalset import eval_cases, eval_volumes
-from .fidelity import CONTINUATION_TOKENS, TokenLogits, follow, greedy_tokens, margins, token_fidelity
+from .fidelity import CONTINUATION_TOKENS, TokenLogits, from_state, margins, token_fidelity
 from .near_ties import near_tie
 
 PAPER_LLM_PARAMETERS = 1e9  # LLMs this large get the paper-size budget
@@ -87,10 +87,8 @@ class ReferenceEval:
             lengths = [budget.continuation_tokens if k < budget.continuation_cases else 0 for k in range(len(cases))]
             logits, conts = _run_cases(tasks, llm, visual, cases, lengths)
         loglik = _logliks(logits, tasks)
-        rows = [diagnosis(ll) for ll in loglik]
-        probs = np.array([[r["probabilities"][k] for k in LABELS] for r in rows])
-        return cls(volumes, visual, cases, probs, loglik, [r["label"] for r in rows], conts, logits, tasks,
-                   llm.eos_token_id, budget, info)
+        labels, probs = _diagnoses(loglik)
+        return cls(volumes, visual, cases, probs, loglik, labels, conts, logits, tasks, llm.eos_token_id, budget, info)
 
     @property
     def volume_visual(self) -> torch.Tensor:
@@ -115,11 +113,10 @@ class ReferenceEval:
         cand, _ = _run_cases(self.tasks, llm, visual, [self.cases[c] for c in keep],
                              [self.continuations[c] for c in keep])
         loglik = _logliks(cand, self.tasks)
-        rows = [diagnosis(ll) for ll in loglik]
-        probs = np.array([[r["probabilities"][k] for k in LABELS] for r in rows])
+        labels, probs = _diagnoses(loglik)
         ref_ll = self.loglik[keep]
         d_ll = np.abs(loglik - ref_ll)
-        return {"label_agreement": float(np.mean([r["label"] == self.labels[c] for r, c in zip(rows, keep)])),
+        return {"label_agreement": float(np.mean([a == self.labels[c] for a, c in zip(labels, keep)])),
                 "max_abs_prob_diff": float(np.abs(probs - self.probabilities[keep]).max()),
                 "max_abs_loglik_diff": float(d_ll.max()), "mean_abs_loglik_diff": float(d_ll.mean()),
                 "loglik_diff": {k: float(d) for k, d in zip(LABELS, (loglik - ref_ll).max(axis=0))},
@@ -175,18 +172,15 @@ def _near_ties(model, tokenizer, visual: torch.Tensor, cases, k: int, given: tor
 def _run_cases(tasks: Tasks, llm, visual: torch.Tensor, cases, continuations) -> tuple[list[TokenLogits], list]:
     """Per case one prefill, the answers' logits from it, then a continuation: `continuations[k]` a token list
     (teacher-forced) or a length (greedy, EOS not stopping it). -> (TokenLogits per case, the tokens)."""
-    logits, tokens = [], []
-    for (i, text), cont in zip(cases, continuations):
-        state = llm.prefill(tasks.prompt_ids(text), visual[i:i + 1])
-        answers = np.asarray(llm.candidate_logits(state, tasks.answer_ids), np.float32)
-        _, mask = pad_candidates(tasks.answer_ids, pad=0)
-        if isinstance(cont, int):
-            cont, steps = greedy_tokens(llm, state, cont)
-        else:
-            steps = follow(llm, state, cont)
-        logits.append(TokenLogits(answers, mask, steps))
-        tokens.append(cont)
-    return logits, tokens
+    out = [from_state(llm, llm.prefill(tasks.prompt_ids(text), visual[i:i + 1]), tasks.answer_ids, cont)
+           for (i, text), cont in zip(cases, continuations)]
+    return [logits for logits, _ in out], [tokens for _, tokens in out]
+
+
+def _diagnoses(loglik: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """[n_cases, 3] log-likelihoods -> (labels, probabilities [n_cases, 3]) as `diagnose` gives them."""
+    rows = [diagnosis(ll) for ll in loglik]
+    return [r["label"] for r in rows], np.array([[r["probabilities"][k] for k in LABELS] for r in rows])
 
 
 def _logliks(logits: list[TokenLogits], tasks: Tasks) -> np.ndarray:
