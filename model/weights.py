@@ -30,7 +30,7 @@ def load_weights(cfg: MedBlipConfig, path: Path, dtype: torch.dtype | None = tor
         model = MedBlip(cfg)
     for alias, src in model.family.aliases(cfg.llm).items():
         sd["llm." + alias] = sd["llm." + src]
-    cast = {k: v if dtype is None else v.to(device=device, dtype=dtype) for k, v in sd.items()}
+    cast = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in sd.items()}  # same device and dtype: v itself
     model.load_state_dict(cast, assign=True, strict=True)
     retie(model)
     return model.eval()
