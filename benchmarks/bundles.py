@@ -59,7 +59,7 @@ def export_preset(preset: str, root: Path, device: str, trt: bool, max_batch: in
              "precision": vision, "trt": trt} for q, vision in kinds]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     # an export is mostly single-threaded graph writing, so two at once roughly halve the wait;
-    # a small-preset export peaks near 2 GiB, a paper-size one near 10: those run one by one
+    # a small-preset export peaks near 2 GiB, a paper-size one near 7 (INT8/INT4 LLM): those run one by one
     parallel = not _large(preset) and psutil.virtual_memory().available > 8 * 2**30 and cores > 1
     workers = len(jobs) if parallel else 1
     threads = max(1, cores // workers)
