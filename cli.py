@@ -185,8 +185,9 @@ def bench_main(bundle_dirs, preset, backends, batches, iters, warmup, reference_
               "CPUs / replicas].")
 @click.option("--preprocess-workers", type=int, default=2, show_default=True,
               help="Threads per replica that read and preprocess uploads, off the model's thread.")
-@click.option("--max-batch", type=int, default=4, show_default=True,
-              help="Most scans in one vision batch (capped by the bundle's vision graph).")
+@click.option("--max-batch", type=int, default=None,
+              help="Most scans in one vision batch, capped by the bundle's vision graph [default: 1 on CPU, "
+              "where a batch costs the same per scan and only adds its wait; the graph's largest on cuda].")
 @click.option("--batch-wait-ms", type=float, default=10.0, show_default=True,
               help="How long a vision batch waits for more scans after the first arrives.")
 @click.option("--max-body-mb", type=float, default=1024.0, show_default=True,

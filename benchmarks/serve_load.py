@@ -1,15 +1,24 @@
-"""Load run against `medblip-serve`, beside the in-process pipeline's sequential rate, in one run.
+"""Load run against `medblip-serve`, beside the in-process pipeline in the same run.
 
-    python -m medblip_edge.benchmarks.serve_load --bundle BUNDLE --out DIR [--clients 8] [--requests 200] [--fault]
+    python -m medblip_edge.benchmarks.serve_load --bundle BUNDLE --out DIR [--config SPEC ...] [--fault]
 
-1. In process: `Pipeline.from_bundle(BUNDLE)(scan)` called one after another (`--sequential` calls
-   after a warm-up): latency p50, scans per second. The pipeline is freed before the server starts.
-2. The server (the real `medblip-serve`, local Ray cluster on 127.0.0.1): the same scan POSTed by
-   one client, one after another (p50 overhead of the server over the in-process call), then by
-   `--clients` clients at once, `--requests` in all (p50/p99 latency, requests per second, failed
-   requests, the vision batch sizes from the server's medblip_vision_batch_size histogram).
-3. With `--fault`: a second load run during which the replica process is killed (SIGKILL) after
-   `--kill-after` seconds: every request's status and latency, and how long until rows came again.
+1. In process, no server: `Pipeline.from_bundle(BUNDLE)(scan)` called one after another (the
+   sequential rate), the vision stage's cost per scan at batch 1, 2, 4 (does batching pay on this
+   machine?), and two calls at a time on one pipeline with one compute thread each (what running
+   scans side by side can give on this machine at best).
+2. For each server configuration (`--config "max_batch=4,batch_wait_ms=10"`: medblip-serve options,
+   `_` for `-`; the first is the default server; default list: the default server, --max-batch 4,
+   two replicas of one thread): the real `medblip-serve` on a local Ray cluster on 127.0.0.1.
+   - One client, interleaved with in-process calls on the same scan (one, then the other, so both
+     see the same machine): the server's p50 overhead is the median of the pairs' differences; the
+     response's Server-Timing header splits it (upload, read, vision, llm as the replica saw them;
+     the rest is HTTP and Ray's proxy-to-replica hop).
+   - `--clients` clients at once, `--requests` in all, right after a block of in-process sequential
+     calls with the server idle: p50/p99, scans per second and its ratio to that block's rate, failed
+     requests, vision batch sizes from the server's medblip_vision_batch_size histogram.
+3. With `--fault`, on the first configuration: another load run during which the replica process is
+   killed (SIGKILL) after `--kill-after` seconds: every request's status and latency, and how long
+   until rows came again.
 Writes DIR/serve_load.json and DIR/report.md. The machine's load average is recorded before and after.
 """
 
@@ -17,11 +26,11 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import gc
 import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -34,27 +43,62 @@ import requests
 
 from .machine import machine_info
 
+DEFAULT_CONFIGS = ("", "max_batch=4,batch_wait_ms=10", "replicas=2,threads=1")
+
 
 def _pct(xs, q) -> float:
     return round(float(np.percentile(np.asarray(xs) * 1000.0, q)), 1)
 
 
-def in_process(bundle: Path, scan: Path, n: int) -> dict:
-    from ..runtime.pipeline import Pipeline
-
-    pipe = Pipeline.from_bundle(bundle)
-    for _ in range(2):
-        pipe(scan)
-    lat = []
-    t0 = time.perf_counter()
+def _timed(fn, n: int) -> tuple[list[float], float]:
+    """n calls of fn() -> (seconds per call, wall seconds)."""
+    lat, t0 = [], time.perf_counter()
     for _ in range(n):
         t = time.perf_counter()
-        pipe(scan)
+        fn()
         lat.append(time.perf_counter() - t)
-    wall = time.perf_counter() - t0
-    del pipe
-    gc.collect()
+    return lat, time.perf_counter() - t0
+
+
+def sequential(pipe, scan: Path, n: int) -> dict:
+    lat, wall = _timed(lambda: pipe(scan), n)
     return {"calls": n, "p50_ms": _pct(lat, 50), "p99_ms": _pct(lat, 99), "per_s": round(n / wall, 3)}
+
+
+def vision_batch_costs(pipe, scan: Path, iters: int = 3) -> dict:
+    """{batch: vision ms per scan} for batches of 1, 2, 4 (capped by the vision graph)."""
+    import torch
+
+    volume = pipe.prepare(scan).volume
+    cap = int(getattr(pipe.vision, "max_batch", 0) or 4)
+    out = {}
+    for b in [b for b in (1, 2, 4) if b <= cap]:
+        batch = torch.cat([volume] * b)
+        pipe.visual_tokens(batch)
+        lat, _ = _timed(lambda: pipe.visual_tokens(batch), iters)
+        out[str(b)] = round(statistics.median(lat) * 1000.0 / b, 1)
+    return out
+
+
+def side_by_side(bundle: Path, scan: Path, n: int, lanes: int = 2) -> dict:
+    """`lanes` calls at a time on one pipeline whose compute uses one thread: the scans per second that
+    running scans side by side gives on this machine, with no server in the way."""
+    import torch
+
+    from ..runtime.pipeline import Pipeline
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pipe = Pipeline.from_bundle(bundle, threads=1)
+        pipe(scan)
+        with cf.ThreadPoolExecutor(lanes) as pool:
+            t0 = time.perf_counter()
+            list(pool.map(lambda _: pipe(scan), range(n)))
+            wall = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(threads)
+    return {"calls": n, "lanes": lanes, "threads_each": 1, "per_s": round(n / wall, 3)}
 
 
 def _free_port() -> int:
@@ -63,15 +107,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(bundle: Path, args) -> tuple[subprocess.Popen, dict]:
+def config_flags(spec: str) -> list[str]:
+    """"max_batch=4,batch_wait_ms=10" -> ["--max-batch", "4", "--batch-wait-ms", "10"]."""
+    flags = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--config: {item!r} is not key=value")
+        flags += ["--" + key.strip().replace("_", "-"), value.strip()]
+    return flags
+
+
+def start_server(bundle: Path, spec: str, timeout: float) -> tuple[subprocess.Popen, dict]:
     cmd = [str(Path(sys.executable).with_name("medblip-serve")), "--bundle", str(bundle), "--port", str(_free_port()),
-           "--metrics-port", str(_free_port()), "--max-batch", str(args.max_batch), "--batch-wait-ms",
-           str(args.batch_wait_ms), "--timeout", str(args.timeout), "--no-access-log"]
+           "--metrics-port", str(_free_port()), "--timeout", str(timeout), "--no-access-log", *config_flags(spec)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = proc.stdout.readline()
     if not line.strip():
-        raise SystemExit("medblip-serve did not start")
+        raise SystemExit(f"medblip-serve did not start: {' '.join(cmd)}")
     return proc, json.loads(line)
+
+
+def stop_server(proc: subprocess.Popen) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(180)
 
 
 def _batches(metrics_url: str) -> dict:
@@ -96,8 +155,42 @@ def _sizes(before: dict, after: dict) -> dict:
     return per
 
 
+def server_timing(header: str) -> dict:
+    """'upload;dur=4.2, read;dur=80' -> {"upload": 4.2, "read": 80.0}."""
+    out = {}
+    for item in filter(None, (s.strip() for s in header.split(","))):
+        name, _, rest = item.partition(";")
+        if rest.startswith("dur="):
+            out[name] = float(rest[4:])
+    return out
+
+
+def interleaved(pipe, url: str, scan: Path, n: int, timeout: float) -> dict:
+    """n pairs (in-process call, then one POST): both p50s, the median of the differences, and the p50 split
+    of the server's time by its Server-Timing header."""
+    data, session = scan.read_bytes(), requests.Session()
+    local, served, timing = [], [], []
+    for _ in range(n):
+        t = time.perf_counter()
+        pipe(scan)
+        local.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        r = session.post(url, files={"scan": (scan.name, data)}, timeout=timeout)
+        served.append(time.perf_counter() - t)
+        if r.status_code != 200:
+            raise SystemExit(f"the server answered {r.status_code}: {r.text[:200]}")
+        st = server_timing(r.headers.get("Server-Timing", ""))
+        st["compute"] = r.json()["timings_ms"]["total"]
+        st["http_and_hop"] = served[-1] * 1000.0 - st.get("app", 0.0)
+        timing.append(st)
+    return {"pairs": n, "in_process_p50_ms": _pct(local, 50), "server_p50_ms": _pct(served, 50),
+            "overhead_p50_ms": round(statistics.median((b - a) * 1000.0 for a, b in zip(local, served)), 1),
+            "server_timing_p50_ms": {k: round(statistics.median(t[k] for t in timing), 1) for k in timing[0]}}
+
+
 def load(url: str, scan: Path, clients: int, n: int, timeout: float, during=None) -> list[tuple]:
-    """n POSTs from `clients` threads -> [(status or None, seconds, error code or exception name)]."""
+    """n POSTs from `clients` threads -> [(status or None, seconds, error code or exception name, start, end)]
+    (start and end: perf_counter seconds)."""
     data = scan.read_bytes()
 
     def one(i):
@@ -106,9 +199,9 @@ def load(url: str, scan: Path, clients: int, n: int, timeout: float, during=None
             r = requests.post(url, files={"scan": (scan.name, data)}, timeout=timeout)
             code = r.json().get("error", {}).get("code") if r.headers.get("content-type", "").startswith(
                 "application/json") else r.text[:80]
-            return r.status_code, time.perf_counter() - t, code
+            return r.status_code, time.perf_counter() - t, code, t, time.perf_counter()
         except requests.RequestException as e:
-            return None, time.perf_counter() - t, type(e).__name__
+            return None, time.perf_counter() - t, type(e).__name__, t, time.perf_counter()
 
     with cf.ThreadPoolExecutor(clients) as pool:
         futures = [pool.submit(one, i) for i in range(n)]
@@ -118,51 +211,26 @@ def load(url: str, scan: Path, clients: int, n: int, timeout: float, during=None
 
 
 def summarize(results: list[tuple], wall: float) -> dict:
-    ok = [s for st, s, _ in results if st == 200]
+    ok = [r[1] for r in results if r[0] == 200]
     statuses: dict[str, int] = {}
-    for st, _, code in results:
+    for st, _, code, *_ in results:
         key = f"{st} {code}" if st != 200 else "200"
         statuses[key] = statuses.get(key, 0) + 1
     return {"requests": len(results), "ok": len(ok), "failed": len(results) - len(ok), "statuses": statuses,
             "p50_ms": _pct(ok, 50) if ok else None, "p99_ms": _pct(ok, 99) if ok else None,
-            "max_ms": _pct([s for _, s, _ in results], 100), "per_s": round(len(ok) / wall, 3)}
+            "max_ms": _pct([r[1] for r in results], 100), "per_s": round(len(ok) / wall, 3)}
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--bundle", type=Path, required=True)
-    ap.add_argument("--scan", type=Path, default=None, help="default: the MNI152 T1 in nilearn's wheel")
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--requests", type=int, default=200)
-    ap.add_argument("--sequential", type=int, default=20)
-    ap.add_argument("--max-batch", type=int, default=4)
-    ap.add_argument("--batch-wait-ms", type=float, default=10.0)
-    ap.add_argument("--timeout", type=float, default=60.0)
-    ap.add_argument("--fault", action="store_true")
-    ap.add_argument("--kill-after", type=float, default=5.0)
-    args = ap.parse_args(argv)
-    if args.scan is None:
-        from ..demo_scan import mni_t1_path
-
-        args.scan = Path(mni_t1_path())
-    args.out.mkdir(parents=True, exist_ok=True)
-    res = {"command": "python -m medblip_edge.benchmarks.serve_load " + " ".join(argv or sys.argv[1:]),
-           "machine": machine_info(), "load_before": os.getloadavg()}
-    print("in process ...", file=sys.stderr, flush=True)
-    res["in_process"] = in_process(args.bundle, args.scan, args.sequential)
-    print(f"  {res['in_process']}\nserver ...", file=sys.stderr, flush=True)
-    proc, info = start_server(args.bundle, args)
+def run_config(pipe, spec: str, args, log) -> dict:
+    proc, info = start_server(args.bundle, spec, args.timeout)
+    res: dict = {"config": spec or "default"}
     try:
         res["server"] = {k: info[k] for k in ("replicas", "threads", "backend", "max_batch", "startup_s")}
-        res["server"]["batch_wait_ms"] = args.batch_wait_ms
-        load(info["url"], args.scan, 1, 2, args.timeout + 30)  # warm-up
-        t0 = time.perf_counter()
-        res["one_client"] = summarize(load(info["url"], args.scan, 1, args.sequential, args.timeout + 30),
-                                      time.perf_counter() - t0)
-        res["overhead_p50_ms"] = round(res["one_client"]["p50_ms"] - res["in_process"]["p50_ms"], 1)
-        print(f"  one client: {res['one_client']}", file=sys.stderr, flush=True)
-        time.sleep(6)
+        load(info["url"], args.scan, 1, 3, args.timeout + 30)  # warm-up
+        res["one_client"] = interleaved(pipe, info["url"], args.scan, args.sequential, args.timeout + 30)
+        log(f"  one client: {res['one_client']}")
+        time.sleep(3)
+        res["in_process"] = sequential(pipe, args.scan, args.sequential)  # server idle, just before the load
         before = _batches(info["metrics"])
         t0 = time.perf_counter()
         res["load"] = summarize(load(info["url"], args.scan, args.clients, args.requests, args.timeout + 30),
@@ -171,33 +239,81 @@ def main(argv=None) -> None:
         res["throughput_vs_in_process"] = round(res["load"]["per_s"] / res["in_process"]["per_s"], 2)
         time.sleep(12)  # Ray's metrics agent exports every few seconds
         res["load"]["vision_batches"] = _sizes(before, _batches(info["metrics"]))
-        print(f"  load: {res['load']}", file=sys.stderr, flush=True)
+        log(f"  load: {res['load']}, {res['throughput_vs_in_process']}x in process")
         if args.fault:
-            replica = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                       if "ServeReplica" in " ".join(p.cmdline())][0]
-            killed = {}
-
-            def kill():
-                time.sleep(args.kill_after)
-                killed["at"] = time.perf_counter()
-                replica.kill()
-
-            t0 = time.perf_counter()
-            results = load(info["url"], args.scan, args.clients, args.requests, args.timeout + 30,
-                           during=threading.Thread(target=kill, daemon=True).start)
-            res["fault"] = summarize(results, time.perf_counter() - t0)
-            res["fault"]["killed_after_s"] = args.kill_after
-            res["fault"]["client_timeout_s"] = args.timeout + 30
-            t = time.perf_counter()
-            while requests.post(info["url"], files={"scan": (args.scan.name, args.scan.read_bytes())},
-                                timeout=args.timeout + 30).status_code != 200:
-                time.sleep(1)
-            res["fault"]["rows_again_s_after_kill"] = round(time.perf_counter() - killed["at"], 1)
-            res["fault"]["checked_at_s_after_kill"] = round(t - killed["at"], 1)
-            print(f"  fault: {res['fault']}", file=sys.stderr, flush=True)
+            res["fault"] = fault_run(proc, info, args)
+            log(f"  fault: {res['fault']}")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        res["server_exit"] = proc.wait(180)
+        res["server_exit"] = stop_server(proc)
+    return res
+
+
+def fault_run(proc: subprocess.Popen, info: dict, args) -> dict:
+    replica = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if "ServeReplica" in " ".join(p.cmdline())][0]
+    killed = {}
+
+    def kill():
+        time.sleep(args.kill_after)
+        killed["at"] = time.perf_counter()
+        replica.kill()
+
+    t0 = time.perf_counter()
+    results = load(info["url"], args.scan, args.clients, args.requests, args.timeout + 30,
+                   during=threading.Thread(target=kill, daemon=True).start)
+    out = summarize(results, time.perf_counter() - t0)
+    out.update(killed_after_s=args.kill_after, client_timeout_s=args.timeout + 30)
+    # the new replica's first row: the first 200 that ended over a second after the kill (an answer from the killed
+    # replica would have been on its way within milliseconds)
+    again = [end for status, _, _, _, end in results if status == 200 and end > killed["at"] + 1.0]
+    if not again:  # the run ended before the replacement answered: ask until it does
+        while requests.post(info["url"], files={"scan": (args.scan.name, args.scan.read_bytes())},
+                            timeout=args.timeout + 30).status_code != 200:
+            time.sleep(1)
+        again = [time.perf_counter()]
+    out["rows_again_s_after_kill"] = round(min(again) - killed["at"], 1)
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--bundle", type=Path, required=True)
+    ap.add_argument("--scan", type=Path, default=None, help="default: the MNI152 T1 in nilearn's wheel")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--config", action="append", default=None,
+                    help='medblip-serve options as "key=value,..." (repeatable; "" is the default server)')
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--sequential", type=int, default=20)
+    ap.add_argument("--timeout", type=float, default=60.0)
+    ap.add_argument("--fault", action="store_true")
+    ap.add_argument("--kill-after", type=float, default=5.0)
+    args = ap.parse_args(argv)
+    from ..runtime.pipeline import Pipeline
+
+    if args.scan is None:
+        from ..demo_scan import mni_t1_path
+
+        args.scan = Path(mni_t1_path())
+    configs = DEFAULT_CONFIGS if args.config is None else tuple(args.config)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    res = {"command": "python -m medblip_edge.benchmarks.serve_load " + " ".join(argv or sys.argv[1:]),
+           "machine": machine_info(), "load_before": os.getloadavg()}
+    log("in process ...")
+    pipe = Pipeline.from_bundle(args.bundle)
+    for _ in range(2):
+        pipe(args.scan)
+    res["in_process"] = sequential(pipe, args.scan, args.sequential)
+    res["vision_ms_per_scan_by_batch"] = vision_batch_costs(pipe, args.scan)
+    res["side_by_side"] = side_by_side(args.bundle, args.scan, args.sequential)
+    log(f"  {res['in_process']}, vision per scan by batch {res['vision_ms_per_scan_by_batch']}, "
+        f"two at a time {res['side_by_side']}")
+    res["configs"] = []
+    for i, spec in enumerate(configs):
+        log(f"server {spec or 'default'} ...")
+        args.fault = args.fault and i == 0
+        res["configs"].append(run_config(pipe, spec, args, log))
     res["load_after"] = os.getloadavg()
     (args.out / "serve_load.json").write_text(json.dumps(res, indent=1) + "\n")
     (args.out / "report.md").write_text(report(res))
@@ -205,25 +321,39 @@ def main(argv=None) -> None:
 
 
 def report(r: dict) -> str:
-    m, ip, one, ld = r["machine"], r["in_process"], r["one_client"], r["load"]
+    m, ip, sbs = r["machine"], r["in_process"], r["side_by_side"]
     lines = [f"# medblip-serve load run, {m.get('date', '')}", "",
              f"`{r['command']}`", "",
-             f"Machine: {m.get('cpu', {}).get('model', '?')}, {m.get('cores', {}).get('usable', '?')} cores; load average before "
-             f"{r['load_before'][0]:.2f}, after {r['load_after'][0]:.2f}. Server: {r['server']}.", "",
-             "| run | requests | failed | p50 ms | p99 ms | scans/s |", "| --- | ---: | ---: | ---: | ---: | ---: |",
-             f"| in process, sequential | {ip['calls']} | 0 | {ip['p50_ms']} | {ip['p99_ms']} | {ip['per_s']} |",
-             f"| server, 1 client | {one['requests']} | {one['failed']} | {one['p50_ms']} | {one['p99_ms']} | "
-             f"{one['per_s']} |",
-             f"| server, {ld['clients']} clients | {ld['requests']} | {ld['failed']} | {ld['p50_ms']} | {ld['p99_ms']} | "
-             f"{ld['per_s']} |", "",
-             f"Throughput with {ld['clients']} clients / in-process sequential: {r['throughput_vs_in_process']}x. "
-             f"p50 overhead of the server over the in-process call (1 client): {r['overhead_p50_ms']} ms. "
-             f"Vision batches seen (size: count): {ld['vision_batches']}.", ""]
-    if "fault" in r:
-        f = r["fault"]
-        lines += [f"Fault run: replica killed {f['killed_after_s']} s into {f['requests']} requests: answers "
-                  f"{f['statuses']}; slowest answer {f['max_ms']} ms (client limit {f['client_timeout_s']} s); rows "
-                  f"again {f['rows_again_s_after_kill']} s after the kill.", ""]
+             f"Machine: {m.get('cpu', {}).get('model', '?')} ({', '.join(m.get('cpu', {}).get('flags', []))}), "
+             f"{m.get('cores', {}).get('usable', '?')} cores; load average before {r['load_before'][0]:.2f}, after "
+             f"{r['load_after'][0]:.2f}.", "",
+             "In process, no server:", "",
+             f"- sequential: p50 {ip['p50_ms']} ms, {ip['per_s']} scans/s",
+             f"- {sbs['lanes']} calls at a time, one compute thread each: {sbs['per_s']} scans/s "
+             f"({sbs['per_s'] / ip['per_s']:.2f}x sequential)",
+             "- vision per scan by batch size (ms): " + ", ".join(f"{b}: {ms}" for b, ms in
+                                                             r["vision_ms_per_scan_by_batch"].items()), "",
+             f"| server | max batch | one client p50 | in process p50 (interleaved) | overhead p50 | "
+             f"{r['configs'][0]['load']['clients']} clients p50 / p99 | failed | scans/s | vs in process | batches |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for c in r["configs"]:
+        one, ld, s = c["one_client"], c["load"], c["server"]
+        name = f"{c['config']} ({s['replicas']} x {s['threads']} threads)"
+        lines.append(f"| {name} | {s['max_batch']} | {one['server_p50_ms']} ms | {one['in_process_p50_ms']} ms | "
+                     f"{one['overhead_p50_ms']} ms | {ld['p50_ms']} / {ld['p99_ms']} ms | {ld['failed']} | "
+                     f"{ld['per_s']} | {c['throughput_vs_in_process']}x | {ld['vision_batches']} |")
+    lines += ["", "Server-Timing p50 (ms) of the one-client requests: upload, read (load + preprocess), vision, "
+              "llm as the replica saw them (queues and batch waits included), app (the replica's whole handler), "
+              "compute (the row's own stage timings), http_and_hop (client wall time minus app):", ""]
+    for c in r["configs"]:
+        lines.append(f"- {c['config']}: {c['one_client']['server_timing_p50_ms']}")
+    lines.append("")
+    for c in r["configs"]:
+        if "fault" in c:
+            f = c["fault"]
+            lines += [f"Fault run ({c['config']}): replica killed {f['killed_after_s']} s into {f['requests']} "
+                      f"requests: answers {f['statuses']}; slowest answer {f['max_ms']} ms (client limit "
+                      f"{f['client_timeout_s']} s); rows again {f['rows_again_s_after_kill']} s after the kill.", ""]
     return "\n".join(lines)
 
 

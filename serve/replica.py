@@ -53,10 +53,26 @@ def _grpc_on_loopback() -> None:
     ray_replica.add_port_to_grpc_server = loopback
 
 
-def _json(body: dict, status: int = 200):
+def default_max_batch(device: str, graph_max: int | None, asked: int | None) -> int:
+    """The vision batch a replica forms: `asked` (--max-batch) capped by the graph's largest batch; by default 1 on
+    CPU, where a batch of B costs B times one scan (benchmarks/serve_load.py measures it) and would only add its
+    wait, and the graph's largest (at most 8) on a GPU, where one scan leaves the device mostly idle."""
+    cap = int(graph_max or asked or 8)
+    if asked is None:
+        asked = 8 if device.startswith("cuda") else 1
+    return max(1, min(asked, cap))
+
+
+def _json(body: dict, status: int = 200, timing: dict | None = None):
     from starlette.responses import Response
 
-    return Response(json.dumps(body), status_code=status, media_type="application/json")
+    headers = {"Server-Timing": server_timing(timing)} if timing else None
+    return Response(json.dumps(body), status_code=status, media_type="application/json", headers=headers)
+
+
+def server_timing(timing: dict) -> str:
+    """{"upload": 4.2, ...} (ms) -> the Server-Timing header value "upload;dur=4.2, ..." (RFC: W3C Server Timing)."""
+    return ", ".join(f"{name};dur={ms:g}" for name, ms in timing.items())
 
 
 def _ms(t0: float) -> float:
@@ -77,8 +93,8 @@ class MedblipReplica:
                                          verify=True, threads=c.threads, huge_pages=c.huge_pages)
         self.readers = ThreadPoolExecutor(c.preprocess_workers, thread_name_prefix="medblip-read")
         self.model = ThreadPoolExecutor(1, thread_name_prefix="medblip-model")
-        vision_max = int(getattr(self.pipe.vision, "max_batch", 0) or c.max_batch)
-        max_batch = max(1, min(c.max_batch, vision_max))
+        max_batch = default_max_batch(c.device, getattr(self.pipe.vision, "max_batch", None), c.max_batch)
+        self.max_batch = max_batch
         self._vision.set_max_batch_size(max_batch)
         self._vision.set_batch_wait_timeout_s(c.batch_wait_ms / 1000.0)
         self.metrics = ServeMetrics()
@@ -113,9 +129,10 @@ class MedblipReplica:
             return self._refuse(RequestError(STATUS_TIMEOUT, "timeout", "the upload took longer than the "
                                              f"server's {self.config.timeout_s:g} s limit"))
         upload_ms = _ms(t0)
+        timing = {"upload": upload_ms}  # wall time per step of this request, queues and batch waits included
         try:
             left = self.config.timeout_s - upload_ms / 1000.0
-            row, status = await asyncio.wait_for(self._row(upload), max(left, 0.001))
+            row, status = await asyncio.wait_for(self._row(upload, timing), max(left, 0.001))
         except asyncio.TimeoutError:
             row, status = error_row(upload.name, sha_or_none(upload.path), "timeout",
                                     f"not answered within the server's {self.config.timeout_s:g} s limit: "
@@ -125,13 +142,16 @@ class MedblipReplica:
         if status == 200:
             self.metrics.row({"upload": upload_ms, **row["timings_ms"]})
         self.metrics.answered(status, row["error"]["code"] if "error" in row else None)
-        return _json(row, status)
+        timing["app"] = _ms(t0)
+        return _json(row, status, timing)
 
-    async def _row(self, upload) -> tuple[dict, int]:
-        """The upload's row (status 200), or its error row and status."""
+    async def _row(self, upload, timing: dict) -> tuple[dict, int]:
+        """The upload's row (status 200), or its error row and status. `timing` gets each step's wall time."""
         loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
         try:
             prepared = await loop.run_in_executor(self.readers, self.pipe.prepare, upload.path)
+            timing["read"] = _ms(t0)
         except ScanError as e:
             return error_row(upload.name, sha_or_none(upload.path), e.code, scrub(str(e), upload.path)), \
                 STATUS_SCAN_ERROR
@@ -142,23 +162,37 @@ class MedblipReplica:
             return error_row(upload.name, None, "internal_error",
                              scrub(f"unexpected {type(e).__name__} while reading: {e}", upload.path)), 500
         try:
-            visual, share = await self._vision(prepared.volume)
+            t0 = time.perf_counter()
+            visual, share = await self._visual(prepared.volume)
             prepared.timings_ms["vision"] = share
+            timing["vision"] = _ms(t0)
+            t0 = time.perf_counter()
             row = await loop.run_in_executor(self.model, self.pipe.answer, prepared, visual, upload.patient_text,
                                              upload.question)
+            timing["llm"] = _ms(t0)
         except Exception as e:  # noqa: BLE001
             return error_row(upload.name, prepared.sha256, "internal_error",
                              scrub(f"unexpected {type(e).__name__} in the model: {e}", upload.path)), 500
         row["timings_ms"]["total"] = round(sum(row["timings_ms"].values()), 3)
         return row, 200
 
+    async def _visual(self, volume):
+        """[1,1,S,S,S] -> (visual tokens [1,Q,d], this scan's share of its vision call in ms). With batches of
+        one, straight to the model thread: Serve's batcher would still hold each scan for the batch wait."""
+        if self.max_batch == 1:
+            return (await self._vision_call([volume]))[0]
+        return await self._vision(volume)
+
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
     async def _vision(self, volumes: list) -> list:
+        return await self._vision_call(volumes)
+
+    async def _vision_call(self, volumes: list) -> list:
         """volumes: B x [1,1,S,S,S] -> B x (visual tokens [1,Q,d], this scan's share of the call in ms)."""
         import torch
 
         t0 = time.perf_counter()
-        batch = torch.cat(volumes, dim=0)  # [B,1,S,S,S]
+        batch = volumes[0] if len(volumes) == 1 else torch.cat(volumes, dim=0)  # [B,1,S,S,S]
         visual = await asyncio.get_running_loop().run_in_executor(self.model, self.pipe.visual_tokens, batch)
         share = round(_ms(t0) / len(volumes), 3)
         self.metrics.batch.observe(len(volumes))

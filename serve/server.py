@@ -43,7 +43,8 @@ class ServeOptions:
 
 def _check(opts: ServeOptions) -> None:
     r = opts.replica
-    for name, value in (("--max-batch", r.max_batch), ("--preprocess-workers", r.preprocess_workers)):
+    for name, value in (("--max-batch", 1 if r.max_batch is None else r.max_batch),
+                        ("--preprocess-workers", r.preprocess_workers)):
         if value < 1:
             raise MedblipError(f"{name} must be at least 1", code="usage")
     if opts.replicas is not None and opts.replicas < 1:
@@ -107,7 +108,7 @@ def run_server(opts: ServeOptions, stop: threading.Event | None = None, on_start
 
         deployment = serve.deployment(
             MedblipReplica, name=APP, num_replicas=replicas, ray_actor_options=actor_options,
-            max_ongoing_requests=max(16, 4 * config.max_batch + config.preprocess_workers),
+            max_ongoing_requests=max(16, 4 * (config.max_batch or 8) + config.preprocess_workers),
             graceful_shutdown_wait_loop_s=0.5, graceful_shutdown_timeout_s=config.timeout_s + 5.0,
             health_check_period_s=5.0, health_check_timeout_s=30.0)
         log(f"serve: loading {Path(config.bundle).name} on {replicas} replica{'s' if replicas != 1 else ''} "

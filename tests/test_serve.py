@@ -27,6 +27,8 @@ requests = pytest.importorskip("requests", reason="the serve extra is not instal
 pytest.importorskip("ray.serve", reason="the serve extra (Ray Serve) is not installed")
 
 from commands import console_command  # noqa: E402
+from medblip_edge.benchmarks.serve_load import server_timing  # noqa: E402
+from medblip_edge.serve.replica import default_max_batch  # noqa: E402
 from volumes import real_volume  # noqa: E402
 
 TIMEOUT_S = 60.0  # the server's per-request limit
@@ -104,6 +106,21 @@ def test_served_row_equals_the_infer_row(server, mni_path, infer_cmd, tiny_bundl
     assert _without_floats(served) == _without_floats(local)
     assert served["probabilities"] == pytest.approx(local["probabilities"], rel=1e-5, abs=1e-7)
     assert served["log_likelihoods"] == pytest.approx(local["log_likelihoods"], rel=1e-5, abs=1e-5)
+    # the Server-Timing header splits the replica's time; its steps hold the row's own stage timings
+    timing = server_timing(r.headers["Server-Timing"])
+    assert list(timing) == ["upload", "read", "vision", "llm", "app"]
+    stages = served["timings_ms"]
+    assert timing["read"] >= stages["load"] + stages["preprocess"] - 0.01
+    assert timing["llm"] >= stages["llm"] - 0.01
+    assert timing["app"] >= sum(timing[k] for k in ("upload", "read", "vision", "llm")) - 0.01
+
+
+def test_default_vision_batch_is_one_on_cpu_and_the_graphs_largest_on_a_gpu():
+    assert default_max_batch("cpu", 8, None) == 1
+    assert default_max_batch("cuda", 8, None) == 8 and default_max_batch("cuda:1", 4, None) == 4
+    assert default_max_batch("cuda", None, None) == 8
+    assert default_max_batch("cpu", 8, 4) == 4 and default_max_batch("cpu", 2, 4) == 2
+    assert default_max_batch("cuda", 8, 16) == 8
 
 
 def test_health_readiness_and_routes(server):
@@ -231,6 +248,11 @@ def _replica(server) -> psutil.Process:
     found = [p for p in tree if "ServeReplica" in " ".join(p.cmdline())]
     assert len(found) == 1, [p.cmdline()[:1] for p in tree]
     return found[0]
+
+
+def test_the_replica_runs_at_the_default_priority(server):
+    """Ray starts workers at nice 15; a local cluster started by medblip-serve runs them at 0."""
+    assert _replica(server).nice() == 0
 
 
 def test_a_killed_replica_is_replaced_and_no_request_hangs(server, small_scan):
