@@ -51,6 +51,7 @@ import nibabel as nib
 import numpy as np
 
 from ..errors import ScanError
+from .gunzip import GunzipReader
 from .loaded import Geometry, LoadedVolume
 
 DEFAULT_MAX_VOXELS = 512**3
@@ -149,7 +150,7 @@ def load_volume(path, *, max_voxels: int = DEFAULT_MAX_VOXELS, max_bytes: int = 
         is_gz = raw.read(2) == b"\x1f\x8b"
         raw.seek(0)
         size_on_disk = os.fstat(raw.fileno()).st_size
-        stream = gzip.GzipFile(fileobj=raw, mode="rb") if is_gz else raw
+        stream = GunzipReader(raw) if is_gz else raw
 
         head = _read(stream, 4, p)
         if len(head) < 4:

@@ -1,0 +1,74 @@
+"""Gzip inflate of a scan with each decoder, and the whole NIfTI read with each, in one run.
+
+    python -m medblip_edge.benchmarks.gunzip [--scan FILE.nii.gz] [--iters 20]
+
+Rows: the standard zlib and zlib-ng (when installed) through preprocess/gunzip.py's reader, then
+`load_volume` (header, inflate, voxels to float32) with each; p50 ms, and whether the bytes agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import zlib
+from pathlib import Path
+
+from ..preprocess import gunzip
+from ..preprocess.gunzip import GunzipReader
+from ..preprocess.nifti import load_volume
+from .machine import machine_info
+
+
+def _p50(fn, iters: int) -> float:
+    fn()
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1000.0)
+    return round(statistics.median(times), 2)
+
+
+def _inflate(path: Path, module, keep: bool = False) -> bytes | None:
+    """The file's decompressed bytes (keep) or nothing (timing: decoded into one reused buffer)."""
+    with open(path, "rb") as f:
+        reader, buf, out = GunzipReader(f, module), bytearray(1 << 22), bytearray()
+        view = memoryview(buf)
+        while n := reader.readinto(view):
+            if keep:
+                out += view[:n]
+        return bytes(out) if keep else None
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--scan", type=Path, default=None, help="default: the MNI152 T1 in nilearn's wheel")
+    ap.add_argument("--iters", type=int, default=20)
+    args = ap.parse_args(argv)
+    if args.scan is None:
+        from ..demo_scan import mni_t1_path
+
+        args.scan = Path(mni_t1_path())
+    decoders = {"zlib": zlib, **({"zlib-ng": gunzip._fast} if gunzip._fast is not None else {})}
+    m = machine_info()
+    print(f"{args.scan.name} ({args.scan.stat().st_size / 2**20:.1f} MiB), {m['cpu']['model']} "
+          f"({', '.join(m['cpu']['flags'])}), {m['cores']['usable']} cores, {m.get('date', '')}")
+    print("| decoder | inflate p50 ms | load_volume p50 ms | same bytes as zlib |")
+    print("| --- | ---: | ---: | --- |")
+    reference = _inflate(args.scan, zlib, keep=True)
+    saved = gunzip._fast
+    try:
+        for name, module in decoders.items():
+            gunzip._fast = None if module is zlib else module  # the reader load_volume builds uses this one
+            inflate = _p50(lambda: _inflate(args.scan, module), args.iters)
+            load = _p50(lambda: load_volume(args.scan), args.iters)
+            print(f"| {name} | {inflate} | {load} | {_inflate(args.scan, module, keep=True) == reference} |")
+    finally:
+        gunzip._fast = saved
+    print("\ncommand: python -m medblip_edge.benchmarks.gunzip " + " ".join(argv or sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
