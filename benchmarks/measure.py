@@ -149,7 +149,7 @@ class _Reference:
         t1 = now(dev)
         volume = to_model_input(loaded.array, self.size).to(dev)  # host->device copy included on CUDA
         t2 = now(dev)
-        visual = ref.model.visual_tokens(volume)
+        visual = ref.visual_tokens(volume)
         t3 = now(dev)
         ids, _ = ref.generate(visual, "")
         t4 = now(dev)

@@ -77,7 +77,7 @@ def reference_results(ref, evalset: EvalSet, device: str = "cpu") -> dict:
     """The reference's diagnoses over every case: its one-pass-per-answer logits, which decide diagnose()'s
     label and probabilities (its generated text does not, so generate is not rerun here)."""
     rows, logits = [], []
-    visual = evalset.visual(lambda v: ref.model.visual_tokens(v.to(device)), device)
+    visual = evalset.visual(lambda v: ref.visual_tokens(v.to(device)), device)
     cases = evalset.cases
     answer_ids = [ref.family.answer_ids(ref.tokenizer, ANSWERS[k]) for k in LABELS]
     ids, mask = pad_candidates(answer_ids, pad=0)

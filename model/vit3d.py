@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,14 +12,34 @@ from .config import VisionConfig
 
 
 class PatchEmbed3d(nn.Module):
-    """Conv3d patchify: [B,1,D,H,W] -> [B, (D/p)(H/p)(W/p), C] in the conv output's (D,H,W) order."""
+    """Conv3d patchify: [B,1,D,H,W] -> [B, (D/p)(H/p)(W/p), C] in the conv output's (D,H,W) order.
+
+    The weights are the training code's Conv3d (kernel = stride = p); the forward pass is the same sum as
+    one GEMM over the volume cut into p^3 patches, as the exported ONNX graph computes it. A convolution
+    with a 32^3 kernel and one input channel is a poor fit for cuDNN and oneDNN alike
+    (benchmarks/vision_forms.py measures both forms). Voxels past the last whole patch are dropped, as the
+    strided convolution drops them.
+    """
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
+        self.patch = cfg.patch
         self.proj = nn.Conv3d(1, cfg.width, kernel_size=cfg.patch, stride=cfg.patch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(patches(x, self.patch), self.proj.weight.flatten(1), self.proj.bias)
+
+    def forward_conv(self, x: torch.Tensor) -> torch.Tensor:
+        """The training code's form (the oracle of the GEMM form)."""
         return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def patches(x: torch.Tensor, p: int) -> torch.Tensor:
+    """[B,1,D,H,W] -> [B, (D/p)(H/p)(W/p), p^3]: whole p^3 patches in (D,H,W) order, voxels in (d,h,w) order."""
+    b, _, d, h, w = x.shape
+    nd, nh, nw = d // p, h // p, w // p
+    x = x[:, 0, : nd * p, : nh * p, : nw * p].reshape(b, nd, p, nh, p, nw, p)
+    return x.permute(0, 1, 3, 5, 2, 4, 6).reshape(b, nd * nh * nw, p * p * p)
 
 
 class Attention(nn.Module):
@@ -36,8 +58,18 @@ class Attention(nn.Module):
         bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
         qkv = F.linear(x, self.qkv.weight, bias).reshape(b, n, 3, self.heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, heads, N, head_dim]
+        # fused attention (flash / memory-efficient kernels; their softmax accumulates in fp32 at any dtype)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+    def forward_eager(self, x: torch.Tensor) -> torch.Tensor:
+        """The training code's form: scores, fp32 softmax, weighted sum (the oracle of the fused form)."""
+        b, n, c = x.shape
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
+        qkv = F.linear(x, self.qkv.weight, bias).reshape(b, n, 3, self.heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
         scores = torch.matmul(q * self.head_dim**-0.5, k.transpose(-1, -2))  # [B, heads, N, N]
-        attn = F.softmax(scores.float(), dim=-1).to(v.dtype)  # softmax in fp32 even in an fp16 graph
+        attn = F.softmax(scores.float(), dim=-1).to(v.dtype)
         return self.proj(torch.matmul(attn, v).transpose(1, 2).reshape(b, n, c))
 
 
@@ -84,3 +116,18 @@ class VisionTransformer3d(nn.Module):
         for blk in self.blocks:
             x = blk(x)
         return x
+
+
+@contextmanager
+def training_forms(vit: VisionTransformer3d):
+    """Run `vit` as the training code computes it: the Conv3d patch embedding and eager attention (the
+    reference pipeline's path, and the other side of benchmarks/vision_forms.py)."""
+    swapped = [vit.patch_embed_3d] + [blk.attn for blk in vit.blocks]
+    vit.patch_embed_3d.forward = vit.patch_embed_3d.forward_conv
+    for blk in vit.blocks:
+        blk.attn.forward = blk.attn.forward_eager
+    try:
+        yield vit
+    finally:
+        for m in swapped:
+            del m.forward  # back to the class's fused forward

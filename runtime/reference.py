@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..model.prompts import ANSWERS, DIAGNOSIS_QUESTION, LABELS, build_prompt
+from ..model.vit3d import training_forms
 from .tasks import diagnosis
 
 
@@ -56,9 +57,15 @@ class ReferencePipeline:
         return float(torch.log_softmax(logits, -1).gather(-1, target[:, None]).sum())
 
     @torch.no_grad()
+    def visual_tokens(self, volume: torch.Tensor) -> torch.Tensor:
+        """volume [B,1,S,S,S] -> visual tokens, the ViT in the training code's forms (Conv3d, eager attention)."""
+        with training_forms(self.model.visual_encoder):
+            return self.model.visual_tokens(volume)
+
+    @torch.no_grad()
     def diagnose(self, volume: torch.Tensor, patient_text: str = "") -> dict:
         """volume [1,1,S,S,S] -> generated answer + per-answer log-likelihoods and probabilities."""
-        visual = self.model.visual_tokens(volume)
+        visual = self.visual_tokens(volume)
         ids, _ = self.generate(visual, patient_text)
         ll = [self.answer_loglik(visual, patient_text, ANSWERS[k]) for k in LABELS]
         return {**diagnosis(ll), "generated": self.tokenizer.decode(ids).strip()}
