@@ -27,9 +27,11 @@ def _reference(job: dict) -> dict:
     from .quality import eval_set, reference_results
 
     bundle, plan = Bundle.open(job["bundle"], verify=False), job["plan"]
+    # on a GPU, the published code's own dtypes and autocast (runtime/reference.py); on a CPU, fp32 as it runs there
     opener = lambda: ReferencePipeline(load_weights(bundle.config, bundle.path("torch"), torch.float32, plan.device),
-                                       bundle.tokenizer())
+                                       bundle.tokenizer(), gpu_precisions=plan.device.startswith("cuda"))
     row, ref = measure_reference(opener, Path(job["scan"]), bundle.manifest["preprocess"]["size"], plan)
+    row["precision"] = ref.precision
     return {"row": row, "results": reference_results(ref, eval_set(bundle), plan.device)}
 
 

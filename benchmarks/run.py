@@ -136,7 +136,8 @@ def _collect(opts: BenchOptions, bundles: list[Bundle], scan: Path, plan: Plan) 
     limits_start = measure_limits(opts.device, opts.quick)
     first = bundles[0]
 
-    _say("reference: fp32 eager, transformers generate, one full pass per answer (own process)")
+    _say("reference: the published code's path (fp32 on CPU; its fp16/bf16 dtypes and autocast on a GPU), "
+         "transformers generate, one full pass per answer (own process)")
     ref_plan = replace(plan, iters=opts.reference_iters or plan.iters)
     job = {"kind": "reference", "bundle": str(first.root), "scan": str(scan), "plan": ref_plan}
     ref = run_isolated(job)
@@ -144,7 +145,7 @@ def _collect(opts: BenchOptions, bundles: list[Bundle], scan: Path, plan: Plan) 
         raise MedblipError(f"the reference row did not run: {ref.get('failed') or ref.get('skipped')}",
                            code="bench_failed")
     rows = [{"name": "reference", "backend": {"vision": "torch", "llm": "torch (transformers generate)"},
-             "precision": {"vision": "fp32", "llm": "fp32"}, "bundle": first.root.name, "device": opts.device,
+             "precision": ref["row"].pop("precision"), "bundle": first.root.name, "device": opts.device,
              "is_reference": True, "iters": ref_plan.iters, **ref["row"]}]
     results = {"reference": ref["results"]}
     specs, skipped = _row_specs(opts, bundles, limits_start)

@@ -71,6 +71,7 @@ class T5Family(LlmFamily):
     llm_prefix = "t5_model."
     proj_prefix = "t5_proj."
     storage_dtype = torch.bfloat16
+    generate_under_autocast = False  # on a GPU the published code runs generate on the bf16 weights, no autocast
     max_new_tokens = 60
     is_encoder_decoder = True
 
@@ -114,6 +115,7 @@ class Gpt2Family(LlmFamily):
     llm_prefix = "lm_model."
     proj_prefix = "proj."
     storage_dtype = torch.float16
+    generate_under_autocast = True  # on a GPU: generate and scoring both under fp16 autocast
     max_new_tokens = 19  # transformers' default max_length=20, the published code sets none
     is_encoder_decoder = False
     max_prompt_tokens = 100  # the BioMedLM code's max_txt_len

@@ -6,18 +6,55 @@ parity tests. It is deliberately not optimised.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
+from torch import nn
 
 from ..model.prompts import ANSWERS, DIAGNOSIS_QUESTION, LABELS, build_prompt
 from ..model.vit3d import training_forms
 from .tasks import diagnosis
 
 
-class ReferencePipeline:
-    """MedBlip (fp32) + tokenizer -> diagnose(volume) the way the published code would."""
+# what the published code runs on a GPU (modeling_medblip_t5.py, eva_vit.convert_weights_to_fp16)
+def gpu_precision_names(family) -> dict:
+    llm = str(family.storage_dtype).replace("torch.float16", "fp16").replace("torch.bfloat16", "bf16")
+    return {"vision": "fp16 Linear weights under fp16 autocast; Conv3d, LayerNorms, Q-Former, projection fp32",
+            "llm": f"{llm} weights, {llm} autocast for scoring" + (" and generate" if family.generate_under_autocast
+                                                                  else "; generate without autocast")}
 
-    def __init__(self, model, tokenizer):
+
+def to_gpu_precisions(model):
+    """Cast a fp32 MedBlip in place to the dtypes the published code trains and evaluates in on a GPU: the ViT's
+    Linear layers to fp16 (its fp16 conversion skips the Conv3d patch embedding, the LayerNorms, the cls token
+    and the position embedding), every LLM parameter to the family's published dtype (T5 bf16, BioMedLM fp16);
+    ln_vision, the Q-Former and the projection stay fp32."""
+    for m in model.visual_encoder.modules():
+        if isinstance(m, nn.Linear):
+            m.half()
+    for p in model.llm.parameters():
+        p.data = p.data.to(model.family.storage_dtype)
+    return model
+
+
+class ReferencePipeline:
+    """MedBlip + tokenizer -> diagnose(volume) the way the published code would.
+
+    gpu_precisions: as it runs on a GPU (`to_gpu_precisions`: the ViT under fp16 autocast; the LLM's scoring
+    passes under autocast in its published dtype, `generate` too for BioMedLM); otherwise all fp32, no autocast.
+    """
+
+    def __init__(self, model, tokenizer, gpu_precisions: bool = False):
         self.model, self.tokenizer, self.family = model, tokenizer, model.family
+        self.gpu_precisions = gpu_precisions
+        if gpu_precisions:
+            to_gpu_precisions(model)
+        self.precision = gpu_precision_names(model.family) if gpu_precisions else {"vision": "fp32", "llm": "fp32"}
+
+    def _autocast(self, dtype: torch.dtype):
+        if not self.gpu_precisions:
+            return nullcontext()
+        return torch.autocast(next(self.model.parameters()).device.type, dtype=dtype)
 
     def _embeds(self, visual: torch.Tensor, patient_text: str, question: str) -> torch.Tensor:
         ids = torch.tensor([self.family.prompt_ids(self.tokenizer, build_prompt(patient_text, question))],
@@ -29,9 +66,11 @@ class ReferencePipeline:
         """-> (answer token ids without EOS, first-step logits [V]) from transformers' greedy `generate`."""
         emb = self._embeds(visual, patient_text, question)
         mask = torch.ones(emb.shape[:2], dtype=torch.long, device=emb.device)
-        out = self.model.llm.generate(inputs_embeds=emb, attention_mask=mask,
-                                      do_sample=False, num_beams=1, max_new_tokens=self.family.max_new_tokens,
-                                      output_logits=True, return_dict_in_generate=True)
+        under = self._autocast(self.family.storage_dtype) if self.family.generate_under_autocast else nullcontext()
+        with under:
+            out = self.model.llm.generate(inputs_embeds=emb, attention_mask=mask, do_sample=False, num_beams=1,
+                                          max_new_tokens=self.family.max_new_tokens, output_logits=True,
+                                          return_dict_in_generate=True)
         ids = out.sequences[0].tolist()
         if self.family.is_encoder_decoder:
             ids = ids[1:]  # drop the decoder start token
@@ -44,10 +83,11 @@ class ReferencePipeline:
         this answer alone, as the training forward computes it (differentiable in `visual` outside no_grad)."""
         emb = self._embeds(visual, patient_text, DIAGNOSIS_QUESTION)
         target = torch.tensor([self.family.answer_ids(self.tokenizer, answer)], device=visual.device)
-        if self.family.is_encoder_decoder:
-            return self.model.llm(inputs_embeds=emb, labels=target).logits[0].float()  # [L, V]
-        full = torch.cat([emb, self.model.embed_prompt(target)], dim=1)
-        return self.model.llm(inputs_embeds=full).logits[0, emb.shape[1] - 1: -1].float()  # predicts each token
+        with self._autocast(self.family.storage_dtype):
+            if self.family.is_encoder_decoder:
+                return self.model.llm(inputs_embeds=emb, labels=target).logits[0].float()  # [L, V]
+            full = torch.cat([emb, self.model.embed_prompt(target)], dim=1)
+            return self.model.llm(inputs_embeds=full).logits[0, emb.shape[1] - 1: -1].float()  # predicts each token
 
     @torch.no_grad()
     def answer_loglik(self, visual: torch.Tensor, patient_text: str, answer: str) -> float:
@@ -60,7 +100,9 @@ class ReferencePipeline:
     def visual_tokens(self, volume: torch.Tensor) -> torch.Tensor:
         """volume [B,1,S,S,S] -> visual tokens, the ViT in the training code's forms (Conv3d, eager attention)."""
         with training_forms(self.model.visual_encoder):
-            return self.model.visual_tokens(volume)
+            with self._autocast(torch.float16):
+                emb = self.model.image_embeds(volume)  # fp32 out: ln_vision runs in fp32 under autocast too
+            return self.model.proj(self.model.qformer(emb.float()))  # outside autocast, fp32
 
     @torch.no_grad()
     def diagnose(self, volume: torch.Tensor, patient_text: str = "") -> dict:

@@ -150,3 +150,40 @@ def test_cli_folder_with_a_corrupt_scan_same_labels_torch_and_ort(tmp_path, mni_
     assert rows["torch"]["c_broken.nii.gz"]["error"]["code"] == rows["ort"]["c_broken.nii.gz"]["error"]["code"]
     for name in ("a_mni.nii.gz", "b_anat.nii"):
         assert rows["torch"][name]["label"] == rows["ort"][name]["label"]
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-biomedlm"])
+def test_reference_casts_to_the_published_gpu_dtypes(preset):
+    """The ViT's Linear weights fp16, its Conv3d, LayerNorms and position embedding fp32, the Q-Former and the
+    projection fp32, the LLM in the family's stored dtype (as modeling_medblip_*.py and eva_vit.py leave them)."""
+    b = Bundle.open(tiny_onnx_bundle(preset, "none"))
+    model = load_weights(b.config, b.path("torch"))
+    gpu = ReferencePipeline(model, b.tokenizer(), gpu_precisions=True)
+    vit = model.visual_encoder
+    assert vit.blocks[0].attn.qkv.weight.dtype == torch.float16 and vit.blocks[0].mlp.fc2.weight.dtype == torch.float16
+    assert vit.patch_embed_3d.proj.weight.dtype == torch.float32 and vit.blocks[0].norm1.weight.dtype == torch.float32
+    assert vit.pos_embed_3d.dtype == torch.float32 and model.proj.weight.dtype == torch.float32
+    assert {p.dtype for p in model.qformer.parameters()} == {torch.float32}
+    assert {p.dtype for p in model.llm.parameters()} == {model.family.storage_dtype}
+    assert "fp16 Linear" in gpu.precision["vision"] and gpu.precision["llm"].startswith(
+        {torch.bfloat16: "bf16", torch.float16: "fp16"}[model.family.storage_dtype])
+
+
+@pytest.mark.parametrize("preset,device", [
+    ("tiny", "cpu"),  # torch's CPU autocast runs T5's bf16 path; its fp16 LayerNorm policy differs from CUDA's
+    pytest.param("tiny", "cuda", marks=CUDA), pytest.param("tiny-biomedlm", "cuda", marks=CUDA)])
+def test_reference_in_the_published_gpu_dtypes_answers_near_fp32(preset, device):
+    """Answers close to the fp32 reference's, and not equal to them (the dtypes and autocast took effect)."""
+    b = Bundle.open(tiny_onnx_bundle(preset, "none"))
+    vol = eval_volumes(1).to(device)
+    fp32 = ReferencePipeline(load_weights(b.config, b.path("torch"), device=device), b.tokenizer())
+    gpu = ReferencePipeline(load_weights(b.config, b.path("torch"), device=device), b.tokenizer(), gpu_precisions=True)
+    with torch.no_grad():
+        v32, v16 = fp32.visual_tokens(vol), gpu.visual_tokens(vol)
+    assert v16.dtype == torch.float32 and 0 < (v16 - v32).abs().max().item() < 0.05
+    ref, got = fp32.diagnose(vol, "MMSE 22. "), gpu.diagnose(vol, "MMSE 22. ")
+    deltas = [abs(got["log_likelihoods"][k] - v) for k, v in ref["log_likelihoods"].items()]
+    assert 0 < max(deltas) < 0.5
