@@ -215,7 +215,7 @@ def serve_main(bundle_dir, host, port, replicas, threads, preprocess_workers, ma
     POST /v1/infer   multipart form: scan=@file.nii.gz [patient_text=...] [question=...]
     GET  /v1/ready   200 once a replica has loaded and verified the bundle
     GET  /-/healthz  200 while the HTTP proxy is up (liveness)
-    Scans that arrive together share one vision batch. Bad input gets a 4xx with the
+    On a GPU, scans that arrive together share one vision batch. Bad input gets a 4xx with the
     error code medblip-infer would give, and the server goes on. Prints one JSON line
     when ready; SIGTERM or Ctrl-C finishes requests in flight, then stops everything.
 

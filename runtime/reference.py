@@ -1,6 +1,7 @@
-"""The plain PyTorch pipeline as the training code runs it: fp32 eager, `generate`, one full pass per answer.
+"""The plain PyTorch pipeline as the training code runs it: eager, the ViT in its training forms, `generate`, one
+full pass per answer; fp32, or (`gpu_precisions`) the dtypes and autocast the published code uses on a GPU.
 
-This is the baseline every benchmark row is a ratio to, and the oracle for
+This is the baseline every benchmark row is a ratio to, and (in fp32) the oracle for
 parity tests. It is deliberately not optimised.
 """
 

@@ -72,8 +72,8 @@ def start(address: str | None = None, *, num_cpus: int | None = None, num_gpus: 
         loopback_only_env()
     if address is None:
         # Ray starts its workers at nice 15, so any busy process at the default priority (Ray's own GCS, raylet
-        # and agents included) preempts the model; on two cores that cost the served row ~30 ms of compute
-        # (benchmarks/serve_load.py). The replicas are the service here: run them at the default priority.
+        # and agents included) preempts the model, which on a 2-core machine shows in the served row's stage
+        # timings. The replicas are the service here: run them at the default priority.
         os.environ.setdefault("RAY_worker_niceness", "0")
     import ray
 

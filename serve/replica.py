@@ -7,10 +7,11 @@ Routes (all JSON):
 Per request: the upload is streamed to a temporary file, read and preprocessed on a reader thread
 (`preprocess_workers` of them), then its volume joins the vision batch: `@serve.batch` gathers the
 volumes that arrive within `batch_wait_ms` (at most `max_batch`) into one [B,1,S,S,S] call on the
-model thread. The LLM then runs per scan on the same model thread, so model calls never overlap
+model thread (with `max_batch` 1, the CPU default, the volume goes straight to the model thread). The LLM then runs per scan on the same model thread, so model calls never overlap
 and readers never wait for the model. Each request has `timeout_s` in all; past it the client gets
 504 `timeout` (work already on a thread finishes and is dropped).
 
+The answer's Server-Timing header has each step's wall time (upload, read, vision, llm, app; ms).
 Nothing about a scan is logged: Ray's access log has the method, route, status and latency only.
 """
 
