@@ -27,7 +27,7 @@ requests = pytest.importorskip("requests", reason="the serve extra is not instal
 pytest.importorskip("ray.serve", reason="the serve extra (Ray Serve) is not installed")
 
 from commands import console_command  # noqa: E402
-from medblip_edge.benchmarks.serve_load import server_timing  # noqa: E402
+from medblip_edge.benchmarks.serve_load import config_flags, server_timing  # noqa: E402
 from medblip_edge.serve.replica import default_max_batch  # noqa: E402
 from volumes import real_volume  # noqa: E402
 
@@ -113,6 +113,14 @@ def test_served_row_equals_the_infer_row(server, mni_path, infer_cmd, tiny_bundl
     assert timing["read"] >= stages["load"] + stages["preprocess"] - 0.01
     assert timing["llm"] >= stages["llm"] - 0.01
     assert timing["app"] >= sum(timing[k] for k in ("upload", "read", "vision", "llm")) - 0.01
+
+
+def test_load_run_helpers_read_configurations_and_headers():
+    assert config_flags("max_batch=4, batch_wait_ms=10") == ["--max-batch", "4", "--batch-wait-ms", "10"]
+    assert config_flags("") == [] and config_flags("replicas=2,threads=1")[:2] == ["--replicas", "2"]
+    with pytest.raises(SystemExit):
+        config_flags("replicas")
+    assert server_timing("upload;dur=4.2, read;dur=80, x;desc=y") == {"upload": 4.2, "read": 80.0}
 
 
 def test_default_vision_batch_is_one_on_cpu_and_the_graphs_largest_on_a_gpu():
