@@ -9,9 +9,7 @@ Rows: the standard zlib and zlib-ng (when installed) through preprocess/gunzip.p
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 import zlib
 from pathlib import Path
 
@@ -19,16 +17,7 @@ from ..preprocess import gunzip
 from ..preprocess.gunzip import GunzipReader
 from ..preprocess.nifti import load_volume
 from .machine import machine_info
-
-
-def _p50(fn, iters: int) -> float:
-    fn()
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1000.0)
-    return round(statistics.median(times), 2)
+from .timing import p50_ms
 
 
 def _inflate(path: Path, module, keep: bool = False) -> bytes | None:
@@ -62,8 +51,8 @@ def main(argv=None) -> None:
     try:
         for name, module in decoders.items():
             gunzip._fast = None if module is zlib else module  # the reader load_volume builds uses this one
-            inflate = _p50(lambda: _inflate(args.scan, module), args.iters)
-            load = _p50(lambda: load_volume(args.scan), args.iters)
+            inflate, _ = p50_ms(lambda: _inflate(args.scan, module), iters=args.iters)
+            load, _ = p50_ms(lambda: load_volume(args.scan), iters=args.iters)
             print(f"| {name} | {inflate} | {load} | {_inflate(args.scan, module, keep=True) == reference} |")
     finally:
         gunzip._fast = saved

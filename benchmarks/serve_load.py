@@ -42,6 +42,7 @@ import psutil
 import requests
 
 from .machine import machine_info
+from .timing import p50_ms
 
 DEFAULT_CONFIGS = ("", "max_batch=4,batch_wait_ms=10", "replicas=2,threads=1")
 
@@ -74,9 +75,8 @@ def vision_batch_costs(pipe, scan: Path, iters: int = 3) -> dict:
     out = {}
     for b in [b for b in (1, 2, 4) if b <= cap]:
         batch = torch.cat([volume] * b)
-        pipe.visual_tokens(batch)
-        lat, _ = _timed(lambda: pipe.visual_tokens(batch), iters)
-        out[str(b)] = round(statistics.median(lat) * 1000.0 / b, 1)
+        ms, _ = p50_ms(lambda: pipe.visual_tokens(batch), iters=iters)
+        out[str(b)] = round(ms / b, 1)
     return out
 
 
@@ -155,7 +155,7 @@ def _sizes(before: dict, after: dict) -> dict:
     return per
 
 
-def server_timing(header: str) -> dict:
+def parse_server_timing(header: str) -> dict:
     """'upload;dur=4.2, read;dur=80' -> {"upload": 4.2, "read": 80.0}."""
     out = {}
     for item in filter(None, (s.strip() for s in header.split(","))):
@@ -179,7 +179,7 @@ def interleaved(pipe, url: str, scan: Path, n: int, timeout: float) -> dict:
         served.append(time.perf_counter() - t)
         if r.status_code != 200:
             raise SystemExit(f"the server answered {r.status_code}: {r.text[:200]}")
-        st = server_timing(r.headers.get("Server-Timing", ""))
+        st = parse_server_timing(r.headers.get("Server-Timing", ""))
         st["compute"] = r.json()["timings_ms"]["total"]
         st["http_and_hop"] = served[-1] * 1000.0 - st.get("app", 0.0)
         timing.append(st)
@@ -221,7 +221,7 @@ def summarize(results: list[tuple], wall: float) -> dict:
             "max_ms": _pct([r[1] for r in results], 100), "per_s": round(len(ok) / wall, 3)}
 
 
-def run_config(pipe, spec: str, args, log) -> dict:
+def run_config(pipe, spec: str, args, log, fault: bool) -> dict:
     proc, info = start_server(args.bundle, spec, args.timeout)
     res: dict = {"config": spec or "default"}
     try:
@@ -240,7 +240,7 @@ def run_config(pipe, spec: str, args, log) -> dict:
         time.sleep(12)  # Ray's metrics agent exports every few seconds
         res["load"]["vision_batches"] = _sizes(before, _batches(info["metrics"]))
         log(f"  load: {res['load']}, {res['throughput_vs_in_process']}x in process")
-        if args.fault:
+        if fault:
             res["fault"] = fault_run(proc, info, args)
             log(f"  fault: {res['fault']}")
     finally:
@@ -312,8 +312,7 @@ def main(argv=None) -> None:
     res["configs"] = []
     for i, spec in enumerate(configs):
         log(f"server {spec or 'default'} ...")
-        args.fault = args.fault and i == 0
-        res["configs"].append(run_config(pipe, spec, args, log))
+        res["configs"].append(run_config(pipe, spec, args, log, fault=args.fault and i == 0))
     res["load_after"] = os.getloadavg()
     (args.out / "serve_load.json").write_text(json.dumps(res, indent=1) + "\n")
     (args.out / "report.md").write_text(report(res))

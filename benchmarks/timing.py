@@ -22,6 +22,20 @@ def now(device: str) -> float:
     return time.perf_counter()
 
 
+def p50_ms(fn, device: str = "cpu", iters: int = 5, warmup: int = 1) -> tuple[float, object]:
+    """(p50 ms of `iters` calls of fn() after `warmup` untimed ones, each clock read with the device idle;
+    the last call's result)."""
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    times = []
+    for _ in range(iters):
+        t0 = now(device)
+        out = fn()
+        times.append((now(device) - t0) * 1000.0)
+    return round(float(np.median(times)), 3), out
+
+
 def summary(samples_ms: list[float]) -> dict:
     """Samples in ms -> {p50, p90, p99, mean, min, max, n} (linear-interpolated percentiles)."""
     if not samples_ms:

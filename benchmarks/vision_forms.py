@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -25,30 +24,22 @@ import torch
 from ..model.config import preset
 from ..model.vit3d import VisionTransformer3d, training_forms
 from .machine import machine_info
-from .timing import now
+from .timing import p50_ms
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def timed(fn, device: str, iters: int, warmup: int = 2) -> tuple[float, torch.Tensor]:
-    """(p50 ms over `iters` calls, the last output)."""
-    out = None
-    for _ in range(warmup):
-        out = fn()
-    times = []
-    for _ in range(iters):
-        t0 = now(device)
-        out = fn()
-        times.append((now(device) - t0) * 1000.0)
-    return round(statistics.median(times), 3), out
-
-
 def compare(name: str, training, fused, device: str, iters: int) -> dict:
-    t_ms, t_out = timed(training, device, iters)
-    f_ms, f_out = timed(fused, device, iters)
+    t_ms, t_out = p50_ms(training, device, iters, warmup=2)
+    f_ms, f_out = p50_ms(fused, device, iters, warmup=2)
     diff = (t_out.float() - f_out.float()).abs().max().item()
     return {"op": name, "training_ms": t_ms, "fused_ms": f_ms, "speedup": round(t_ms / f_ms, 2),
             "max_abs_diff": diff}
+
+
+def _in_training_forms(vit: VisionTransformer3d, x: torch.Tensor) -> torch.Tensor:
+    with training_forms(vit):
+        return vit(x)
 
 
 @torch.inference_mode()
@@ -67,11 +58,8 @@ def run(preset_name: str, device: str, dtype: str, depth: int | None, batches: l
         attn = vit.blocks[0].attn
         rows.append({"batch": b, **compare("attention (one block)", lambda: attn.forward_eager(tokens),
                                             lambda: attn(tokens), device, iters)})
-        with training_forms(vit):
-            t_ms, t_out = timed(lambda: vit(x), device, iters)
-        f_ms, f_out = timed(lambda: vit(x), device, iters)
-        rows.append({"batch": b, "op": f"ViT ({cfg.depth} blocks)", "training_ms": t_ms, "fused_ms": f_ms,
-                     "speedup": round(t_ms / f_ms, 2), "max_abs_diff": (t_out.float() - f_out.float()).abs().max().item()})
+        rows.append({"batch": b, **compare(f"ViT ({cfg.depth} blocks)", lambda: _in_training_forms(vit, x),
+                                            lambda: vit(x), device, iters)})
     return {"preset": preset_name, "device": device, "dtype": dtype, "depth": cfg.depth, "iters": iters,
             "machine": machine_info(), "rows": rows}
 

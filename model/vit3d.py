@@ -23,11 +23,10 @@ class PatchEmbed3d(nn.Module):
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.patch = cfg.patch
         self.proj = nn.Conv3d(1, cfg.width, kernel_size=cfg.patch, stride=cfg.patch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(patches(x, self.patch), self.proj.weight.flatten(1), self.proj.bias)
+        return F.linear(patches(x, self.proj.kernel_size[0]), self.proj.weight.flatten(1), self.proj.bias)
 
     def forward_conv(self, x: torch.Tensor) -> torch.Tensor:
         """The training code's form (the oracle of the GEMM form)."""

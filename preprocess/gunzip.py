@@ -32,7 +32,7 @@ def inflater(use_fast: bool = True):
 
 
 class GunzipReader:
-    """Read-only, forward-only decompressed view of a gzip file object (`readinto`, `read`)."""
+    """Read-only, forward-only decompressed view of a gzip file object (`readinto`)."""
 
     def __init__(self, raw, module=None):
         self.raw = raw
@@ -82,7 +82,3 @@ class GunzipReader:
                 view[: len(out)] = out
                 return len(out)
         return 0
-
-    def read(self, n: int) -> bytes:
-        buf = bytearray(n)
-        return bytes(buf[: self.readinto(memoryview(buf))])

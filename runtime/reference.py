@@ -14,12 +14,13 @@ from torch import nn
 
 from ..model.prompts import ANSWERS, DIAGNOSIS_QUESTION, LABELS, build_prompt
 from ..model.vit3d import training_forms
+from .backends_torch import DTYPES
 from .tasks import diagnosis
 
 
 # what the published code runs on a GPU (modeling_medblip_t5.py, eva_vit.convert_weights_to_fp16)
 def gpu_precision_names(family) -> dict:
-    llm = str(family.storage_dtype).replace("torch.float16", "fp16").replace("torch.bfloat16", "bf16")
+    llm = {dtype: name for name, dtype in DTYPES.items()}[family.storage_dtype]
     return {"vision": "fp16 Linear weights under fp16 autocast; Conv3d, LayerNorms, Q-Former, projection fp32",
             "llm": f"{llm} weights, {llm} autocast for scoring" + (" and generate" if family.generate_under_autocast
                                                                   else "; generate without autocast")}

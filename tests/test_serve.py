@@ -27,7 +27,7 @@ requests = pytest.importorskip("requests", reason="the serve extra is not instal
 pytest.importorskip("ray.serve", reason="the serve extra (Ray Serve) is not installed")
 
 from commands import console_command  # noqa: E402
-from medblip_edge.benchmarks.serve_load import config_flags, server_timing  # noqa: E402
+from medblip_edge.benchmarks.serve_load import config_flags, parse_server_timing  # noqa: E402
 from medblip_edge.serve.replica import default_max_batch  # noqa: E402
 from volumes import real_volume  # noqa: E402
 
@@ -107,7 +107,7 @@ def test_served_row_equals_the_infer_row(server, mni_path, infer_cmd, tiny_bundl
     assert served["probabilities"] == pytest.approx(local["probabilities"], rel=1e-5, abs=1e-7)
     assert served["log_likelihoods"] == pytest.approx(local["log_likelihoods"], rel=1e-5, abs=1e-5)
     # the Server-Timing header splits the replica's time; its steps hold the row's own stage timings
-    timing = server_timing(r.headers["Server-Timing"])
+    timing = parse_server_timing(r.headers["Server-Timing"])
     assert list(timing) == ["upload", "read", "vision", "llm", "app"]
     stages = served["timings_ms"]
     assert timing["read"] >= stages["load"] + stages["preprocess"] - 0.01
@@ -120,7 +120,7 @@ def test_load_run_helpers_read_configurations_and_headers():
     assert config_flags("") == [] and config_flags("replicas=2,threads=1")[:2] == ["--replicas", "2"]
     with pytest.raises(SystemExit):
         config_flags("replicas")
-    assert server_timing("upload;dur=4.2, read;dur=80, x;desc=y") == {"upload": 4.2, "read": 80.0}
+    assert parse_server_timing("upload;dur=4.2, read;dur=80, x;desc=y") == {"upload": 4.2, "read": 80.0}
 
 
 def test_default_vision_batch_is_one_on_cpu_and_the_graphs_largest_on_a_gpu():
