@@ -46,7 +46,7 @@ def _graphs(bundle_path: Path, work: Path) -> dict[str, Path]:
     from ..export.graphs_t5_fused import T5DecoderWriter
     from ..export.llm_graphs import traced_t5_step
     from ..model.weights import load_weights
-    from ..runtime.bundle import Bundle
+    from ..bundle.reader import Bundle
 
     bundle = Bundle.open(bundle_path)
     model = load_weights(bundle.config, bundle.path("torch"))

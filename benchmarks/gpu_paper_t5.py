@@ -23,17 +23,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..export.evalset import PATIENT_TEXTS, eval_volumes
+from ..model.evalset import PATIENT_TEXTS, eval_volumes
 from ..model.config import preset
+from ..model.dtypes import DTYPES
 from ..model.llm import family
 from ..model.prompts import LABELS
 from ..model.random_init import random_model, write_llm_folder
 from ..runtime.llm_static_t5 import CudaGraphT5Llm
 from ..runtime.llm_torch import TORCH_LLMS
-from ..runtime.reference import ReferencePipeline
-from ..runtime.tasks import Tasks
+from ..model.reference import ReferencePipeline
+from ..model.tasks import Tasks
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def sync():

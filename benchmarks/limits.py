@@ -42,8 +42,9 @@ def _torch_int_mm(n: int, device: str, reps: int) -> dict:
 
 def _ort_matmul_integer(n: int, reps: int) -> dict:
     """uint8 activations x int8 constant weights: the op ONNX Runtime's dynamic INT8 quantization emits."""
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
+
+    from ..engines.ort_session import ort_session
 
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.integers(-128, 127, (n, n), dtype=np.int8), "B")
@@ -52,9 +53,7 @@ def _ort_matmul_integer(n: int, reps: int) -> dict:
                               [helper.make_tensor_value_info("Y", TensorProto.INT32, [n, n])], [w])
     # an IR version every ORT since 1.15 reads (the onnx package may default to a newer one than ORT knows)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = ort_session(model.SerializeToString(), optimize=False)
     a = rng.integers(0, 255, (n, n), dtype=np.uint8)
     s = _best_s(lambda: sess.run(None, {"A": a}), "cpu", reps)
     return {"how": f"onnxruntime MatMulInteger {n}x{n} u8 x s8->int32", "flops_per_s": 2 * n**3 / s}

@@ -14,8 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..export.evalset import eval_volumes
-from ..export.onnx_export import compare, export_onnx, ort_session
+from ..model.evalset import eval_volumes
+from ..engines.ort_session import ort_session
+from ..export.onnx_export import export_onnx
+from ..model.fidelity import compare
 from ..model.config import preset
 from ..model.medblip import ImageEncoder
 

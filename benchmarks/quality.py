@@ -7,11 +7,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..export.evalset import eval_volumes
-from ..export.fidelity import TokenLogits, greedy_tokens, log_softmax, margins, teacher_forced, token_fidelity
+from ..model.evalset import eval_volumes
+from ..model.fidelity import Answers, TokenLogits, agreement as compare_answers, greedy_tokens, teacher_forced
 from ..model.prompts import ANSWERS, LABELS
-from ..runtime.llm_base import pad_candidates
-from ..runtime.tasks import diagnosis
+from ..model.scoring import diagnosis, pad_candidates, sum_logprobs
 
 
 @dataclass
@@ -40,10 +39,10 @@ def eval_set(bundle) -> EvalSet:
     return EvalSet(eval_volumes(n, m["preprocess"]["size"]), near, cases, m["evaluation"]["budget"])
 
 
-def _as_arrays(rows: list[dict]) -> dict:
-    return {"labels": [r["label"] for r in rows],
-            "probabilities": np.array([[r["probabilities"][k] for k in LABELS] for r in rows]),
-            "log_likelihoods": np.array([[r["log_likelihoods"][k] for k in LABELS] for r in rows])}
+def _answers(rows: list[dict], logits: list[TokenLogits]) -> Answers:
+    """Diagnosis rows ({label, probabilities, log_likelihoods}) and their teacher-forced logits -> Answers."""
+    return Answers([r["label"] for r in rows], np.array([[r["probabilities"][k] for k in LABELS] for r in rows]),
+                   np.array([[r["log_likelihoods"][k] for k in LABELS] for r in rows]), logits)
 
 
 @torch.inference_mode()
@@ -62,18 +61,18 @@ def continuations(pipe, evalset: EvalSet) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def pipeline_results(pipe, evalset: EvalSet, conts: list[list[int]]) -> dict:
+def pipeline_results(pipe, evalset: EvalSet, conts: list[list[int]]) -> Answers:
     """Pipeline verbs (vision at batch 1, classify) over every case -> labels, probabilities [n,3], log-liks [n,3],
     and the teacher-forced logits on the answers and the continuations `conts`."""
     visual = evalset.visual(pipe.visual_tokens)
     tasks = pipe.tasks
-    return {**_as_arrays([pipe.classify(visual[i], text) for i, text in evalset.cases]),
-            "logits": [teacher_forced(pipe.llm, tasks.prompt_ids(text), visual[i], tasks.answer_ids, cont)
-                       for (i, text), cont in zip(evalset.cases, conts)]}
+    return _answers([pipe.classify(visual[i], text) for i, text in evalset.cases],
+                    [teacher_forced(pipe.llm, tasks.prompt_ids(text), visual[i], tasks.answer_ids, cont)
+                     for (i, text), cont in zip(evalset.cases, conts)])
 
 
 @torch.no_grad()
-def reference_results(ref, evalset: EvalSet, device: str = "cpu") -> dict:
+def reference_results(ref, evalset: EvalSet, device: str = "cpu") -> Answers:
     """The reference's diagnoses over every case: its one-pass-per-answer logits, which decide diagnose()'s
     label and probabilities (its generated text does not, so generate is not rerun here)."""
     rows, logits = [], []
@@ -87,26 +86,19 @@ def reference_results(ref, evalset: EvalSet, device: str = "cpu") -> dict:
         for k, lg in enumerate(per):
             padded[k, : len(lg)] = lg
         logits.append(TokenLogits(padded, mask, np.zeros((0, padded.shape[-1]), np.float32)))
-        rows.append(diagnosis([float(log_softmax(lg)[np.arange(len(a)), a].sum()) for lg, a in zip(per, answer_ids)]))
-    return {**_as_arrays(rows), "logits": logits}
+        rows.append(diagnosis(sum_logprobs(padded, ids, mask)))
+    return _answers(rows, logits)
 
 
-def agreement(results: dict, baseline: dict, vs: str) -> dict:
-    """Label agreement, |prob| / |log-likelihood| differences and per-token fidelity of `results` against
-    `baseline`, with the baseline's margin between its two best answers (how far a label is from flipping)."""
-    labels = [a == b for a, b in zip(results["labels"], baseline["labels"])]
-    d_ll = np.abs(results["log_likelihoods"] - baseline["log_likelihoods"])
-    return {"vs": vs, "cases": len(labels), "label_agreement": float(np.mean(labels)),
-            "max_abs_prob_diff": float(np.abs(results["probabilities"] - baseline["probabilities"]).max()),
-            "max_abs_loglik_diff": float(d_ll.max()), "mean_abs_loglik_diff": float(d_ll.mean()),
-            "min_margin_nats": float(margins(baseline["log_likelihoods"]).min()),
-            "tokens": token_fidelity(baseline["logits"], results["logits"])}
+def agreement(results: Answers, baseline: Answers, vs: str) -> dict:
+    """`results` against `baseline` (model/fidelity.agreement), saying what the baseline was."""
+    return {"vs": vs, **compare_answers(results, baseline)}
 
 
-def manifest_agreement(results: dict, manifest: dict) -> dict:
+def manifest_agreement(results: Answers, manifest: dict) -> dict:
     """The torch fp32 results against the figures the export recorded (a check that the baseline is the bundle's)."""
     cases = manifest["evaluation"]["cases"]
     probs = np.array([[c["probabilities"][k] for k in LABELS] for c in cases])
-    same = [a == c["label"] for a, c in zip(results["labels"], cases)]
+    same = [a == c["label"] for a, c in zip(results.labels, cases)]
     return {"label_agreement": float(np.mean(same)),
-            "max_abs_prob_diff": float(np.abs(results["probabilities"] - probs).max())}
+            "max_abs_prob_diff": float(np.abs(results.probabilities - probs).max())}

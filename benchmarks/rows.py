@@ -21,13 +21,13 @@ def _reference(job: dict) -> dict:
     import torch
 
     from ..model.weights import load_weights
-    from ..runtime.bundle import Bundle
-    from ..runtime.reference import ReferencePipeline
+    from ..bundle.reader import Bundle
+    from ..model.reference import ReferencePipeline
     from .measure import measure_reference
     from .quality import eval_set, reference_results
 
     bundle, plan = Bundle.open(job["bundle"], verify=False), job["plan"]
-    # on a GPU, the published code's own dtypes and autocast (runtime/reference.py); on a CPU, fp32 as it runs there
+    # on a GPU, the published code's own dtypes and autocast (model/reference.py); on a CPU, fp32 as it runs there
     opener = lambda: ReferencePipeline(load_weights(bundle.config, bundle.path("torch"), torch.float32, plan.device),
                                        bundle.tokenizer(), gpu_precisions=plan.device.startswith("cuda"))
     row, ref = measure_reference(opener, Path(job["scan"]), bundle.manifest["preprocess"]["size"], plan)
@@ -36,7 +36,7 @@ def _reference(job: dict) -> dict:
 
 
 def _pipeline(job: dict) -> dict:
-    from ..runtime.bundle import Bundle
+    from ..bundle.reader import Bundle
     from ..runtime.pipeline import Pipeline
     from .measure import measure_pipeline
     from .quality import continuations, eval_set, pipeline_results

@@ -23,7 +23,8 @@ import torch
 from ..errors import MedblipError
 from ..model.llm import family
 from ..model.prompts import ANSWERS, LABELS, build_prompt
-from ..runtime.bundle import Bundle, sha256_file
+from ..bundle.format import sha256_file
+from ..bundle.reader import Bundle
 from .bundles import export_preset, mni_scan
 from .costs import row_floors, stage_costs
 from .limits import best_of, measure_limits

@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 from ..model.config import preset
+from ..model.dtypes import DTYPES
 from ..model.vit3d import VisionTransformer3d, training_forms
 from .machine import machine_info
 from .timing import p50_ms
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def compare(name: str, training, fused, device: str, iters: int) -> dict:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..model.stored import release_module
-from .graphs_t5 import layer_names
+from .layerwise import layer_names
 from .graphs_t5_fused import _ACT, _np, gqa_lengths
 from .onnx_builder import MS_DOMAIN, GraphWriter, WeightFile
 from .quantize import FP32

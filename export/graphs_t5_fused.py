@@ -9,7 +9,7 @@ relative-position bias gathered from a [2 * max_distance + 1, H] table, per laye
 kernels as below (MultiHeadAttention for self-attention), and every decoder layer's cross-attention
 K/V from one packed MatMul.
 
-The decoder graphs: same outputs as the traced graphs in graphs_t5.py (one cache tensor per layer, so no
+The decoder graphs: same outputs as the traced graphs of model/t5_static.py (one cache tensor per layer, so no
 slicing or stacking of the whole cache per token), under a quarter of the nodes. Per decoder layer:
 
   SkipSimplifiedLayerNormalization   residual add + T5 RMSNorm in one kernel
@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from ..model.stored import release_module
-from .graphs_t5 import layer_names
+from .layerwise import layer_names
 from .onnx_builder import MS_DOMAIN, GraphWriter, WeightFile
 from .quantize import FP32
 

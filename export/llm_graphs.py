@@ -15,7 +15,8 @@ import torch
 from torch.export import Dim
 
 from .graphs_gpt2_fused import Gpt2Writer
-from .graphs_t5 import Layerwise, T5DecoderPrefillGraph, T5DecoderStepGraph, T5EncoderGraph, layer_names
+from ..model.t5_static import T5DecoderPrefillGraph, T5DecoderStepGraph, T5EncoderGraph
+from .layerwise import Layerwise, layer_names
 from .graphs_t5_fused import T5DecoderWriter, T5EncoderWriter
 
 
@@ -46,7 +47,7 @@ LLM_GRAPHS = {"t5": t5_graphs, "gpt2": gpt2_graphs}
 
 @torch.no_grad()
 def traced_t5_step(t5, path: Path) -> list[Path]:
-    """The T5 decoder step traced from graphs_t5.T5DecoderStepGraph (the unfused graph the fused one replaced;
+    """The T5 decoder step traced from model/t5_static.T5DecoderStepGraph (the unfused graph the fused one replaced;
     benchmarks/decode_variants.py times the two against each other)."""
     from .onnx_export import export_onnx
 

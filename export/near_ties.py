@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from ..model.prompts import ANSWERS, LABELS
-from ..runtime.reference import ReferencePipeline
+from ..model.reference import ReferencePipeline
+from ..model.scoring import sequence_logprob
 
 NEAR_TIE_NATS = 0.5
 MAX_STEPS = 60
@@ -23,9 +24,8 @@ def _logliks(ref: ReferencePipeline, visual: torch.Tensor, text: str) -> torch.T
     """[3] sum log p of each answer, differentiable in `visual` [1,Q,d]."""
     out = []
     for k in LABELS:
-        target = torch.tensor(ref.family.answer_ids(ref.tokenizer, ANSWERS[k]))
-        logp = torch.log_softmax(ref.answer_logits(visual, text, ANSWERS[k]), -1)
-        out.append(logp.gather(-1, target[:, None]).sum())
+        ids = ref.family.answer_ids(ref.tokenizer, ANSWERS[k])
+        out.append(sequence_logprob(ref.answer_logits(visual, text, ANSWERS[k]), ids))
     return torch.stack(out)
 
 

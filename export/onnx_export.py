@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
+
+from ..quiet import quiet_logs
 
 OPSET = 20
 EXTERNAL_DATA_BYTES = 1 << 30  # past ~1 GiB of weights keep them outside the protobuf (hard limit 2 GiB)
@@ -21,9 +21,8 @@ def export_onnx(module: torch.nn.Module, args: tuple, path: Path, input_names: l
                 dynamic_shapes: dict) -> list[Path]:
     """Write `path` (and `path.data` when large); returns the files written."""
     external = param_bytes(module) > EXTERNAL_DATA_BYTES
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), quiet_logs("torch.onnx"), torch.no_grad():
         warnings.simplefilter("ignore")
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         program = torch.onnx.export(module.eval(), args, dynamo=True, opset_version=OPSET, input_names=input_names,
                                     output_names=output_names, dynamic_shapes=dynamic_shapes, verbose=False,
                                     optimize=True, report=False)
@@ -33,24 +32,6 @@ def export_onnx(module: torch.nn.Module, args: tuple, path: Path, input_names: l
     if data.exists():
         files.append(data)
     return files
-
-
-def ort_session(path: Path, providers: list[str] | None = None, threads: int | None = None):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
-
-
-def compare(a: np.ndarray, b: np.ndarray) -> dict:
-    """max abs error and cosine similarity of two tensors (flattened)."""
-    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    cos = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
-    return {"max_abs_err": float(np.abs(a - b).max()), "cosine": cos}
 
 
 def io_spec(session) -> dict:

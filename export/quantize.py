@@ -20,20 +20,21 @@ times these choices against each other on one machine.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..quiet import quiet_logs
+
 ACCURACY_LEVEL = 4  # int8 activations and integer dot products on CPUs
 MS_DOMAIN = "com.microsoft"
 
 
-def _quiet() -> None:
-    """The quantizers log advice and one line per node at INFO/WARNING level."""
-    for name in ("", "onnxruntime", "onnxruntime.quantization"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+def quiet_quantizer_logs():
+    """ONNX Runtime's quantizers log advice and one line per node at INFO/WARNING level (some on the root logger):
+    errors only, while they run."""
+    return quiet_logs("", "onnxruntime", "onnxruntime.quantization")
 
 
 def _external(src: Path) -> bool:
@@ -89,11 +90,11 @@ class BlockQuant:
         import onnx
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-        _quiet()
         model = onnx.load(str(src), load_external_data=True)
-        q = MatMulNBitsQuantizer(model, bits=self.bits, block_size=self.block, is_symmetric=True,
-                                 accuracy_level=ACCURACY_LEVEL)
-        q.process()
+        with quiet_quantizer_logs():
+            q = MatMulNBitsQuantizer(model, bits=self.bits, block_size=self.block, is_symmetric=True,
+                                     accuracy_level=ACCURACY_LEVEL)
+            q.process()
         q.model.save_model_to_file(str(dst), use_external_data_format=_external(src))
 
 
@@ -130,13 +131,14 @@ class DynamicInt8:
         import onnx
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        _quiet()
         clean = _without_value_info(src, dst.with_name(dst.stem + ".clean.onnx"))
         try:
-            # DefaultTensorType: shape inference cannot type the outputs of ONNX Runtime's fused kernels
-            quantize_dynamic(str(clean), str(dst), weight_type=QuantType.QInt8, per_channel=True,
-                             op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=_external(src),
-                             extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
+            with quiet_quantizer_logs():
+                # DefaultTensorType: shape inference cannot type the outputs of ONNX Runtime's fused kernels
+                quantize_dynamic(str(clean), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                                 op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=_external(src),
+                                 extra_options={"MatMulConstBOnly": True,
+                                                "DefaultTensorType": onnx.TensorProto.FLOAT})
         finally:
             for p in (clean, clean.with_name(clean.name + ".data")):
                 p.unlink(missing_ok=True)

@@ -14,15 +14,15 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from ..model.fidelity import CONTINUATION_TOKENS, Answers, TokenLogits, agreement, from_state
 from ..model.prompts import LABELS
+from ..model.reference import ReferencePipeline
+from ..model.scoring import margins, pad_candidates, sum_logprobs
 from ..model.stored import fp32_compute, release_module
-from ..runtime.llm_base import pad_candidates, sum_logprobs
-from ..runtime.llm_torch import TORCH_LLMS
-from ..runtime.reference import ReferencePipeline
-from ..runtime.tasks import Tasks, diagnosis
-from .evalset import eval_cases, eval_volumes
-from .fidelity import CONTINUATION_TOKENS, TokenLogits, from_state, margins, token_fidelity
+from ..model.tasks import Tasks
+from ..model.evalset import eval_cases, eval_volumes
 from .near_ties import near_tie
+from .parity import torch_llm
 
 PAPER_LLM_PARAMETERS = 1e9  # LLMs this large get the paper-size budget
 
@@ -83,12 +83,12 @@ class ReferenceEval:
     def _measure(cls, model, tokenizer, budget, volumes, visual, cases, info) -> "ReferenceEval":
         with fp32_compute(model):
             tasks = Tasks(model.family, tokenizer, model.family.max_new_tokens)
-            llm = TORCH_LLMS[model.cfg.variant](model.llm, "fp32")
+            llm = torch_llm(model, "fp32")
             lengths = [budget.continuation_tokens if k < budget.continuation_cases else 0 for k in range(len(cases))]
             logits, conts = _run_cases(tasks, llm, visual, cases, lengths)
-        loglik = _logliks(logits, tasks)
-        labels, probs = _diagnoses(loglik)
-        return cls(volumes, visual, cases, probs, loglik, labels, conts, logits, tasks, llm.eos_token_id, budget, info)
+        ans = Answers.from_logliks(_logliks(logits, tasks), logits)
+        return cls(volumes, visual, cases, ans.probabilities, ans.loglik, ans.labels, conts, logits, tasks,
+                   llm.eos_token_id, budget, info)
 
     @property
     def volume_visual(self) -> torch.Tensor:
@@ -112,17 +112,9 @@ class ReferenceEval:
         keep = [c for c, (i, _) in enumerate(self.cases) if i < len(visual)]
         cand, _ = _run_cases(self.tasks, llm, visual, [self.cases[c] for c in keep],
                              [self.continuations[c] for c in keep])
-        loglik = _logliks(cand, self.tasks)
-        labels, probs = _diagnoses(loglik)
-        ref_ll = self.loglik[keep]
-        d_ll = np.abs(loglik - ref_ll)
-        return {"label_agreement": float(np.mean([a == self.labels[c] for a, c in zip(labels, keep)])),
-                "max_abs_prob_diff": float(np.abs(probs - self.probabilities[keep]).max()),
-                "max_abs_loglik_diff": float(d_ll.max()), "mean_abs_loglik_diff": float(d_ll.mean()),
-                "loglik_diff": {k: float(d) for k, d in zip(LABELS, (loglik - ref_ll).max(axis=0))},
-                "min_margin_nats": float(margins(ref_ll).min()),
-                "greedy_tokens_identical": self._greedy_identical(cand, keep),
-                "tokens": token_fidelity([self.logits[c] for c in keep], cand), "cases": len(keep)}
+        ref = Answers(self.labels, self.probabilities, self.loglik, self.logits).take(keep)
+        return {**agreement(Answers.from_logliks(_logliks(cand, self.tasks), cand), ref),
+                "greedy_tokens_identical": self._greedy_identical(cand, keep)}
 
     def _answer(self, tokens: list[int], with_eos: bool = False) -> list[int]:
         """A continuation as `ask` returns it: cut at the generation limit and at EOS (kept if `with_eos`)."""
@@ -150,7 +142,7 @@ class ReferenceEval:
             where = {"volume": i} if i < n else {"near_tie": i - n, **self.near_ties[i - n]}
             out.append({**where, "patient_text": t, "label": lab, "probabilities": dict(zip(LABELS, map(float, p))),
                         "log_likelihoods": dict(zip(LABELS, map(float, ll))), "margin_nats": float(m)})
-        return {"volumes": "export.evalset.eval_volumes(n, size, seed=1234)", "budget": self.budget.as_dict(),
+        return {"volumes": "model.evalset.eval_volumes(n, size, seed=1234)", "budget": self.budget.as_dict(),
                 "cases": out}
 
 
@@ -175,12 +167,6 @@ def _run_cases(tasks: Tasks, llm, visual: torch.Tensor, cases, continuations) ->
     out = [from_state(llm, llm.prefill(tasks.prompt_ids(text), visual[i:i + 1]), tasks.answer_ids, cont)
            for (i, text), cont in zip(cases, continuations)]
     return [logits for logits, _ in out], [tokens for _, tokens in out]
-
-
-def _diagnoses(loglik: np.ndarray) -> tuple[list[str], np.ndarray]:
-    """[n_cases, 3] log-likelihoods -> (labels, probabilities [n_cases, 3]) as `diagnose` gives them."""
-    rows = [diagnosis(ll) for ll in loglik]
-    return [r["label"] for r in rows], np.array([[r["probabilities"][k] for k in LABELS] for r in rows])
 
 
 def _logliks(logits: list[TokenLogits], tasks: Tasks) -> np.ndarray:

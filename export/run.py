@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import platform
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,31 +24,14 @@ from ..model.prompts import ANSWERS, DIAGNOSIS_QUESTION, PROMPT_TEMPLATE
 from ..model.random_init import write_random_checkpoint
 from ..model.stored import release_module
 from ..model.weights import load_weights, save_weights
+from ..bundle.writer import BundleWriter
 from ..preprocess import PreprocessSpec
-from .bundle_writer import BundleWriter
+from .context import ExportContext, ExportOptions
 from .progress import Progress, summary_table
 from .reference_eval import EvalBudget, ReferenceEval
 from .resources import Meter
 
 LLM_QUANTS = ("none", "int8", "int4", "fp16")
-
-
-@dataclass
-class ExportOptions:
-    out: Path
-    preset: str | None = None
-    checkpoint: Path | None = None
-    llm_dir: Path | None = None
-    precision: str = "fp32"  # vision graph: fp32 | int8 (CPU) | fp16 (adds a GPU graph)
-    llm_quant: str = "none"
-    trt: bool = False
-    onnx: bool = True
-    max_batch: int = 8
-    min_batch: int = 1
-    opt_batch: int = 1
-    eval_cases: int | None = None  # None: the budget for the model's size (reference_eval.EvalBudget)
-    near_ties: int = 2  # evaluation cases made to sit at a decision's edge (export/near_ties.py); none at paper size
-    seed: int = 0
 
 
 def versions() -> dict:
@@ -104,8 +86,7 @@ def export_bundle(opts: ExportOptions, quiet: bool = False) -> dict:
             np.save(writer.path("evaluation/near_ties.npy"), ref.near_tie_visual.numpy())
             writer.add("evaluation", "evaluation/near_ties.npy", kind="evaluation-inputs",
                        shape=list(ref.near_tie_visual.shape))
-        ctx = {"model": model, "tokenizer": tokenizer, "family": fam, "ref": ref, "writer": writer,
-               "opts": opts, "progress": progress, "work": Path(work)}
+        ctx = ExportContext(model, tokenizer, fam, ref, writer, opts, progress, Path(work))
         notes = []
         for step in steps:
             with progress.step(step.title):

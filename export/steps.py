@@ -16,20 +16,18 @@ import numpy as np
 import torch
 
 from ..errors import MedblipError
+from ..model.fidelity import check_vision
 from ..model.medblip import image_encoder_of
 from ..model.stored import fp32_compute, release_module
-from ..runtime.llm_ort import ORT_LLMS
-from ..runtime.llm_torch import TORCH_LLMS
 from .graphs_vision import VisionWriter
 from .llm_graphs import LLM_GRAPHS
 from .onnx_builder import WeightFile
-from .onnx_export import compare, export_onnx, io_spec, ort_session
+from ..engines.ort_session import ort_session
+from .onnx_export import export_onnx, io_spec
+from .parity import engine_visual, ort_llm, torch_llm
 from .quantize import FP32, LLM_FORMATS, VISION_FORMATS
 from .resources import Meter
 
-# vision graphs against the fp32 PyTorch visual tokens; int8 is a sanity bound (its fidelity is measured)
-VISION_TOL = {"fp32": {"max_abs_err": 1e-3, "cosine": 0.9999}, "fp16": {"max_abs_err": 5e-2, "cosine": 0.999},
-              "int8": {"max_abs_err": float("inf"), "cosine": 0.95}}
 LLM_FP32_PROB_TOL = 1e-4
 FP32_CHECK_BYTES = 4 << 30  # fp32 LLM graphs up to this size are written and held to the strict check first
 
@@ -46,7 +44,7 @@ class VisionOnnxStep:
     title = "vision graph -> ONNX (3D ViT + ln_vision + Q-Former + projection), checked with ONNX Runtime"
 
     def run(self, ctx) -> str | None:
-        ref, writer, model, opts = ctx["ref"], ctx["writer"], ctx["model"], ctx["opts"]
+        ref, writer, model, opts = ctx.ref, ctx.writer, ctx.model, ctx.opts
         precision = "int8" if opts.precision == "int8" else "fp32"
         with Meter() as meter:
             path = writer.path("vision/vision.onnx")
@@ -75,19 +73,15 @@ class VisionOnnxStep:
     @staticmethod
     def _check(visual: np.ndarray, ref, precision: str) -> dict:
         """Visual tokens against the fp32 reference's; fail if out of tolerance."""
-        parity = {**compare(visual, ref.volume_visual.numpy()), "volumes": len(ref.volumes)}
-        tol = VISION_TOL[precision]
-        if parity["max_abs_err"] > tol["max_abs_err"] or parity["cosine"] < tol["cosine"]:
-            raise MedblipError(f"vision ONNX ({precision}) disagrees with PyTorch: {parity}", code="parity_failed")
-        return parity
+        return check_vision(visual, ref.volume_visual.numpy(), precision, "vision ONNX")
 
     @staticmethod
     def _downstream(ctx, visual: np.ndarray) -> dict:
         """What the reduced-precision visual tokens do to the answers: the fp32 LLM run on them, against the
         reference (labels, probabilities, per-token top-1 and KL), so the figure is the vision graph's alone."""
-        model = ctx["model"]
+        model = ctx.model
         with torch.inference_mode(), fp32_compute(model):
-            out = ctx["ref"].compare(TORCH_LLMS[model.cfg.variant](model.llm, "fp32"), torch.from_numpy(visual))
+            out = ctx.ref.compare(torch_llm(model), torch.from_numpy(visual))
         release_module(model)
         return {**out, "llm": "fp32 PyTorch (the reference's)"}
 
@@ -97,11 +91,11 @@ class VisionOnnxStep:
         LayerNorm statistics; ln_vision, Q-Former and projection in fp32 (as transformers runs BLIP-2)."""
         with Meter() as meter:
             dst = writer.path("vision/vision_fp16.onnx")
-            encoder = image_encoder_of(ctx["model"], torch.float16)
+            encoder = image_encoder_of(ctx.model, torch.float16)
             files = export_onnx(encoder, (ref.volumes[:2],), dst, ["volume"], ["visual_tokens"],
-                                {"volume": {0: torch.export.Dim("batch", min=1, max=max(ctx["opts"].max_batch, 2))}})
+                                {"volume": {0: torch.export.Dim("batch", min=1, max=max(ctx.opts.max_batch, 2))}})
             del encoder
-            release_module(ctx["model"])
+            release_module(ctx.model)
             extra = {"data": f"vision/{files[1].name}"} if len(files) > 1 else None
             try:
                 sess = ort_session(dst)
@@ -120,14 +114,14 @@ class LlmOnnxStep:
         self.title = f"LLM graphs -> ONNX ({'fp32' if quant == 'none' else quant}), checked against the reference"
 
     def run(self, ctx) -> str | None:
-        model, writer = ctx["model"], ctx["writer"]
+        model, writer = ctx.model, ctx.writer
         formats = LLM_FORMATS[self.quant]
         fp32_bytes = 4 * sum(p.numel() for p in model.llm.parameters())
         bundle_dir = writer.path("llm/x").parent
         with Meter() as meter:
             if self.quant == "none" or fp32_bytes <= FP32_CHECK_BYTES:
                 # the writers' fp32 graphs, held to the reference's greedy tokens and probabilities
-                fp32_dir = bundle_dir if self.quant == "none" else ctx["work"] / "llm_fp32"
+                fp32_dir = bundle_dir if self.quant == "none" else ctx.work / "llm_fp32"
                 fp32_files, _ = self._write(model, fp32_dir, lambda decode: FP32)
                 strict = self._measure(ctx, fp32_files, "fp32")
                 if not strict["greedy_tokens_identical"] or strict["max_abs_prob_diff"] > LLM_FP32_PROB_TOL:
@@ -164,7 +158,7 @@ class LlmOnnxStep:
     def _measure(self, ctx, files: dict, precision: str) -> dict:
         backend = self._backend(ctx, files, precision)
         try:
-            return ctx["ref"].compare(backend)
+            return ctx.ref.compare(backend)
         finally:
             del backend
             gc.collect()
@@ -175,8 +169,8 @@ class LlmOnnxStep:
         """Register the graphs (already in the bundle's llm/ folder) as one artifact with its parity figures."""
         extra = _files(graphs, "llm")
         main = extra[next(iter(graphs))]
-        entry = ctx["writer"].add("llm_onnx", main, extra, kind="onnx", precision=precision,
-                                  family=ctx["model"].cfg.variant, graphs=list(graphs), parity=result,
+        entry = ctx.writer.add("llm_onnx", main, extra, kind="onnx", precision=precision,
+                                  family=ctx.model.cfg.variant, graphs=list(graphs), parity=result,
                                   **({"weight_formats": formats} if formats else {}), resources=resources)
         result["bytes_on_disk"] = entry["bytes"]
         if result.get("label_agreement", 1.0) < 1.0:
@@ -185,31 +179,30 @@ class LlmOnnxStep:
 
     @staticmethod
     def _backend(ctx, files: dict, precision: str):
-        llm = ctx["model"].llm
-        return ORT_LLMS[ctx["model"].cfg.variant]({n: f[0] for n, f in files.items()}, precision,
-                                                  int(llm.config.eos_token_id),
-                                                  decoder_start_token_id=getattr(llm.config, "decoder_start_token_id",
-                                                                                 0) or 0)
+        return ort_llm(ctx.model, {n: f[0] for n, f in files.items()}, precision)
 
 
 class TrtStep:
     title = "TensorRT FP16 engine of the vision graph"
 
     def run(self, ctx) -> str | None:
-        from .trt_engine import build_engine, trt_available
+        from ..engines.trt_build import build_engine, trt_available
 
         reason = trt_available()
         if reason:
             return f"--trt skipped: {reason}; the rest of the bundle is written"
-        opts, writer = ctx["opts"], ctx["writer"]
+        opts, writer = ctx.opts, ctx.writer
         src = writer.path("vision/vision_fp16.onnx")
         engine = writer.path("trt/vision_fp16.engine")
         with Meter() as meter:
             meta = build_engine(src, engine, min_batch=opts.min_batch, opt_batch=opts.opt_batch,
-                                max_batch=opts.max_batch, timing_cache_path=ctx["work"] / "timing.cache")
-        shutil.copy2(ctx["work"] / "timing.cache", writer.path("trt/timing.cache"))
+                                max_batch=opts.max_batch, timing_cache_path=ctx.work / "timing.cache")
+            # the engine as medblip-infer runs it, on the evaluation volumes, against the fp32 PyTorch tokens
+            parity = check_vision(engine_visual(engine, meta, ctx.ref.volumes), ctx.ref.volume_visual.numpy(),
+                                  "fp16", "TensorRT engine")
+        shutil.copy2(ctx.work / "timing.cache", writer.path("trt/timing.cache"))
         writer.add("vision_trt", "trt/vision_fp16.engine", {"timing_cache": "trt/timing.cache"}, kind="tensorrt",
-                   precision="fp16", **meta, resources=meter.result)
+                   precision="fp16", **meta, parity=parity, resources=meter.result)
         return None
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ScanError
-from .dicom_files import FileHeader, Frame, read_header
+from .dicom_files import FileHeader, Frame, quiet_pydicom, read_header
 from .dicom_series import DicomSeries, describe_skipped, find_series
 from .loaded import Geometry, LoadedVolume
 
@@ -93,6 +93,7 @@ def _where(f: Frame, headers: list[FileHeader]) -> str:
     return f"{_what(f.file, n)}, frame {f.index + 1}" if headers[f.file].frames > 1 else _what(f.file, n)
 
 
+@quiet_pydicom()
 def _read_pixels(path: Path, header: FileHeader, frames: list[Frame], zs: list[int], out: np.ndarray,
                  what: str) -> None:
     """Decode one file's frames into their slices of `out`, rescaled in float64 then stored as float32."""

@@ -14,14 +14,14 @@ decoder exists for it), missing_decoder (a decoder exists but is not installed).
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import struct
-import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from ..errors import ScanError
+from ..quiet import detached_logs, quiet_warnings
 
 CODECS_EXTRA = "dicom-codecs"
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
@@ -39,16 +39,12 @@ _HEADER_TAGS = _PROBE_TAGS + [
     "RescaleIntercept", "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
 ]
 
-_quiet = False
-
-
-def quiet_pydicom() -> None:
-    """pydicom's warnings and log lines quote tag values (an invalid date, a name): keep them out of every log."""
-    global _quiet
-    if not _quiet:
-        warnings.filterwarnings("ignore", module=r"(pydicom|medblip_edge\.preprocess\.dicom)")
-        logging.getLogger("pydicom").propagate = False
-        _quiet = True
+@contextmanager
+def quiet_pydicom():
+    """pydicom's warnings and log lines quote tag values (an invalid date, a name): none reaches a log while a DICOM
+    file is parsed or decoded here (also as a decorator)."""
+    with quiet_warnings(r"(pydicom|medblip_edge\.preprocess\.dicom)"), detached_logs("pydicom"):
+        yield
 
 
 def _head(path) -> bytes | None:
@@ -71,7 +67,6 @@ def has_dicom_preamble(path) -> bool:
 def _dcmread(path, what: str, **kw):
     import pydicom
 
-    quiet_pydicom()
     try:
         f = open(path, "rb")
     except OSError as e:
@@ -87,6 +82,7 @@ def _dcmread(path, what: str, **kw):
             from None
 
 
+@quiet_pydicom()
 def probe(path) -> tuple[str, str | None]:
     """A file met in a folder -> (kind, SeriesInstanceUID or None). kind: 'image' or what the skip count calls it."""
     head = _head(path)
@@ -251,6 +247,7 @@ def _check_decoder(ts, what: str) -> None:
                         code="missing_decoder")
 
 
+@quiet_pydicom()
 def read_header(path, file: int, what: str) -> tuple[FileHeader, list[Frame]]:
     """One file of a series -> its pixel format and its frames' geometry; raises ScanError. No pixel is read."""
     ds, f = _dcmread(path, what, specific_tags=_HEADER_TAGS)

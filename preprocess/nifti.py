@@ -47,6 +47,8 @@ import math
 import os
 import stat
 import zlib
+from dataclasses import dataclass
+
 import nibabel as nib
 import numpy as np
 
@@ -143,114 +145,144 @@ def nifti_geometry(hdr) -> Geometry | None:
     return Geometry(tuple(lps[:, 3]), tuple(norms), tuple((lps[:, :3] / norms).ravel()))
 
 
-def load_volume(path, *, max_voxels: int = DEFAULT_MAX_VOXELS, max_bytes: int = DEFAULT_MAX_BYTES) -> LoadedVolume:
-    """Read a .nii / .nii.gz file into float32 [Z, Y, X]; raise ScanError (one line, stable code) if unusable."""
-    p = _show(path)
-    with _open(path) as raw:
-        is_gz = raw.read(2) == b"\x1f\x8b"
-        raw.seek(0)
-        size_on_disk = os.fstat(raw.fileno()).st_size
-        stream = GunzipReader(raw) if is_gz else raw
+@dataclass(frozen=True)
+class _Header:
+    """What the header says, checked: the volume's shape (3 to 7 dims, the extra ones 1), dtype and data offset."""
 
-        head = _read(stream, 4, p)
-        if len(head) < 4:
-            raise ScanError(f"not a NIfTI file (empty or a few bytes): {p}", code="not_nifti")
-        sizes = (int.from_bytes(head, "little"), int.from_bytes(head, "big"))
-        sizeof_hdr = next((s for s in sizes if s in _HEADERS), None)
-        if sizeof_hdr is None:
-            raise ScanError(f"not a NIfTI-1/2 file (no NIfTI header): {p}", code="not_nifti")
-        header_cls, magic_one, magic_pair, version = _HEADERS[sizeof_hdr]
-        block = head + _read(stream, sizeof_hdr - 4, p)
-        if len(block) < sizeof_hdr:
-            raise ScanError(f"file ends inside the NIfTI header: {p}", code="truncated")
-        hdr = header_cls(binaryblock=bytes(block), check=False)
-        magic = bytes(hdr["magic"])[:3]
-        if magic == magic_pair:
-            raise ScanError(
-                f"NIfTI .hdr/.img pairs are not supported, convert to one .nii/.nii.gz file: {p}", code="unsupported_format"
-            )
-        if magic != magic_one:
-            raise ScanError(f"not a NIfTI-{version} file (bad magic {magic!r}, Analyze?): {p}", code="not_nifti")
+    hdr: object  # nibabel Nifti1Header / Nifti2Header
+    size: int  # sizeof_hdr: 348 or 540
+    version: int  # 1 or 2
+    shape: tuple
+    dtype: np.dtype
+    offset: int  # vox_offset: where the voxels start
 
-        dim = [int(d) for d in hdr["dim"]]
-        if not 1 <= dim[0] <= 7:
-            raise ScanError(f"invalid NIfTI dim[0]={dim[0]} (must be 1..7): {p}", code="bad_dims")
-        shape = tuple(dim[1 : dim[0] + 1])
-        if any(d < 1 for d in shape):
-            raise ScanError(f"invalid NIfTI dimensions {shape}: {p}", code="bad_dims")
-        if len(shape) < 3:
-            raise ScanError(f"image is {len(shape)}D {shape}, a 3D volume is needed: {p}", code="bad_dims")
-        if any(d != 1 for d in shape[3:]):
-            raise ScanError(
-                f"image has shape {shape}: {math.prod(shape[3:])} volumes, exactly one 3D volume is needed: {p}",
-                code="bad_dims",
-            )
-        try:
-            dtype = hdr.get_data_dtype()
-        except Exception:  # nibabel raises its own types for unknown datatype codes
-            dtype = None
-        if dtype is None or dtype.str[1:] not in _SUPPORTED:
-            name = "unknown" if dtype is None else str(dtype)
-            code = int(hdr["datatype"])
-            raise ScanError(f"unsupported NIfTI datatype {code} ({name}): {p}", code="unsupported_dtype")
+    @property
+    def nvox(self) -> int:
+        return math.prod(self.shape)
 
-        # Size checks come from the header alone, before any data is read or allocated.
-        nvox = math.prod(shape)
-        nbytes = nvox * dtype.itemsize
-        vox_offset = float(hdr["vox_offset"])
-        offset = int(vox_offset) if math.isfinite(vox_offset) else -1
-        if nvox > max_voxels or offset + nbytes > max_bytes:
-            raise ScanError(
-                f"volume {shape} ({nvox} voxels, {nbytes} bytes) exceeds the limit of "
-                f"{max_voxels} voxels / {max_bytes} bytes: {p}",
-                code="too_large",
-            )
-        if offset < sizeof_hdr + 4:  # the 4 extension-flag bytes always follow the header
-            raise ScanError(f"invalid vox_offset {vox_offset} (below {sizeof_hdr + 4}): {p}", code="bad_header")
-        if not is_gz and size_on_disk < offset + nbytes:
-            raise ScanError(
-                f"file has {size_on_disk} bytes but the header needs {offset + nbytes}: {p}", code="truncated"
-            )
+    @property
+    def nbytes(self) -> int:
+        return self.nvox * self.dtype.itemsize
 
-        skipped = _read(stream, offset - sizeof_hdr, p)  # extension flag and extensions: unused
-        data = _read(stream, nbytes, p) if len(skipped) == offset - sizeof_hdr else bytearray()
-        if len(data) < nbytes:
-            raise ScanError(f"data ends early: header needs {offset + nbytes} bytes: {p}", code="truncated")
-        if is_gz:
-            _drain(stream, p)
 
-    # On-disk order is i fastest; read C-order with reversed dims, that is SimpleITK's [k, j, i].
-    zyx = tuple(reversed(shape[:3]))
-    arr = np.frombuffer(data, dtype=dtype).reshape(zyx)
-    warnings: list[str] = []
-    nonfinite = 0
-    if dtype.kind == "f":
-        arr = arr.astype(dtype.newbyteorder("="))  # native and writable
-        bad = ~np.isfinite(arr)
-        nonfinite = int(np.count_nonzero(bad))
-        if nonfinite == nvox:
-            raise ScanError(f"no finite voxels (all {nvox} are NaN/Inf): {p}", code="no_finite_data")
-        if nonfinite:
-            arr[bad] = 0
-            warnings.append(f"{nonfinite} non-finite voxels set to 0")
-        del bad
+def read_header(stream, p: str):
+    """The NIfTI-1/2 header block at the start of `stream` -> (nibabel header, sizeof_hdr, version)."""
+    head = _read(stream, 4, p)
+    if len(head) < 4:
+        raise ScanError(f"not a NIfTI file (empty or a few bytes): {p}", code="not_nifti")
+    sizes = (int.from_bytes(head, "little"), int.from_bytes(head, "big"))
+    sizeof_hdr = next((s for s in sizes if s in _HEADERS), None)
+    if sizeof_hdr is None:
+        raise ScanError(f"not a NIfTI-1/2 file (no NIfTI header): {p}", code="not_nifti")
+    header_cls, magic_one, magic_pair, version = _HEADERS[sizeof_hdr]
+    block = head + _read(stream, sizeof_hdr - 4, p)
+    if len(block) < sizeof_hdr:
+        raise ScanError(f"file ends inside the NIfTI header: {p}", code="truncated")
+    hdr = header_cls(binaryblock=bytes(block), check=False)
+    magic = bytes(hdr["magic"])[:3]
+    if magic == magic_pair:
+        raise ScanError(
+            f"NIfTI .hdr/.img pairs are not supported, convert to one .nii/.nii.gz file: {p}", code="unsupported_format"
+        )
+    if magic != magic_one:
+        raise ScanError(f"not a NIfTI-{version} file (bad magic {magic!r}, Analyze?): {p}", code="not_nifti")
+    return hdr, sizeof_hdr, version
 
+
+def check_header(hdr, sizeof_hdr: int, version: int, p: str, *, max_voxels: int, max_bytes: int,
+                 size_on_disk: int | None) -> _Header:
+    """Dimensions, datatype and sizes from the header alone, before any voxel is read or allocated.
+    `size_on_disk`: the file's size when it is not compressed (None for gzip)."""
+    dim = [int(d) for d in hdr["dim"]]
+    if not 1 <= dim[0] <= 7:
+        raise ScanError(f"invalid NIfTI dim[0]={dim[0]} (must be 1..7): {p}", code="bad_dims")
+    shape = tuple(dim[1 : dim[0] + 1])
+    if any(d < 1 for d in shape):
+        raise ScanError(f"invalid NIfTI dimensions {shape}: {p}", code="bad_dims")
+    if len(shape) < 3:
+        raise ScanError(f"image is {len(shape)}D {shape}, a 3D volume is needed: {p}", code="bad_dims")
+    if any(d != 1 for d in shape[3:]):
+        raise ScanError(
+            f"image has shape {shape}: {math.prod(shape[3:])} volumes, exactly one 3D volume is needed: {p}",
+            code="bad_dims",
+        )
+    try:
+        dtype = hdr.get_data_dtype()
+    except Exception:  # nibabel raises its own types for unknown datatype codes
+        dtype = None
+    if dtype is None or dtype.str[1:] not in _SUPPORTED:
+        name = "unknown" if dtype is None else str(dtype)
+        code = int(hdr["datatype"])
+        raise ScanError(f"unsupported NIfTI datatype {code} ({name}): {p}", code="unsupported_dtype")
+
+    nvox = math.prod(shape)
+    nbytes = nvox * dtype.itemsize
+    vox_offset = float(hdr["vox_offset"])
+    offset = int(vox_offset) if math.isfinite(vox_offset) else -1
+    if nvox > max_voxels or offset + nbytes > max_bytes:
+        raise ScanError(
+            f"volume {shape} ({nvox} voxels, {nbytes} bytes) exceeds the limit of "
+            f"{max_voxels} voxels / {max_bytes} bytes: {p}",
+            code="too_large",
+        )
+    if offset < sizeof_hdr + 4:  # the 4 extension-flag bytes always follow the header
+        raise ScanError(f"invalid vox_offset {vox_offset} (below {sizeof_hdr + 4}): {p}", code="bad_header")
+    if size_on_disk is not None and size_on_disk < offset + nbytes:
+        raise ScanError(
+            f"file has {size_on_disk} bytes but the header needs {offset + nbytes}: {p}", code="truncated"
+        )
+    return _Header(hdr, sizeof_hdr, version, shape, dtype, offset)
+
+
+def read_voxels(stream, h: _Header, p: str, is_gz: bool) -> np.ndarray:
+    """The voxel bytes after the header and its extensions -> the on-disk dtype as SimpleITK's [k, j, i] array
+    (on-disk order is i fastest: C order with the dims reversed). A gzip stream is read to its end, so its CRC
+    and length are checked."""
+    skipped = _read(stream, h.offset - h.size, p)  # extension flag and extensions: unused
+    data = _read(stream, h.nbytes, p) if len(skipped) == h.offset - h.size else bytearray()
+    if len(data) < h.nbytes:
+        raise ScanError(f"data ends early: header needs {h.offset + h.nbytes} bytes: {p}", code="truncated")
+    if is_gz:
+        _drain(stream, p)
+    return np.frombuffer(data, dtype=h.dtype).reshape(tuple(reversed(h.shape[:3])))
+
+
+def zero_nonfinite(arr: np.ndarray, p: str, warnings: list[str]) -> tuple[np.ndarray, int]:
+    """SimpleITK's rule for float data: every NaN / Inf voxel becomes 0 (all of them: an error). -> (array, count)."""
+    if arr.dtype.kind != "f":
+        return arr, 0
+    arr = arr.astype(arr.dtype.newbyteorder("="))  # native and writable
+    bad = ~np.isfinite(arr)
+    nonfinite = int(np.count_nonzero(bad))
+    if nonfinite == arr.size:
+        raise ScanError(f"no finite voxels (all {arr.size} are NaN/Inf): {p}", code="no_finite_data")
+    if nonfinite:
+        arr[bad] = 0
+        warnings.append(f"{nonfinite} non-finite voxels set to 0")
+    return arr, nonfinite
+
+
+def apply_scaling(arr: np.ndarray, hdr, warnings: list[str]) -> tuple[np.ndarray, float, float]:
+    """SimpleITK's scl_slope / scl_inter rule: a zero slope reads as 1; scaling in float64 over the data cast to
+    float32 (float64 data stays float64), stored back in that type. -> (array, slope, inter) as applied."""
     slope, inter = _fixed(hdr["scl_slope"]), _fixed(hdr["scl_inter"])
     if slope == 0.0:
         if inter != 0.0:
             warnings.append(f"scl_slope {float(hdr['scl_slope'])} read as 1 with scl_inter {inter} (SimpleITK rule)")
         slope = 1.0
     if slope != 1.0 or inter != 0.0:
-        # ITK casts to float32 (float64 data stays float64), scales in double, stores back.
-        work = np.float64 if dtype.str[1:] == "f8" else np.float32
-        with np.errstate(over="ignore"):  # overflow to Inf is reported below as out_of_range
+        work = np.float64 if arr.dtype.str[1:] == "f8" else np.float32
+        with np.errstate(over="ignore"):  # overflow to Inf is reported as out_of_range
             arr = (arr.astype(work, copy=False).astype(np.float64) * slope + inter).astype(work)
+    return arr, slope, inter
 
-    # The training code's .astype(float) then float32; large integers round through float64 first.
+
+def as_float32(arr: np.ndarray, p: str, slope: float, inter: float) -> np.ndarray:
+    """The training code's .astype(float) then float32 (large integers round through float64 first); a volume
+    past float32's range or with one value only is an error."""
     wide_int = arr.dtype.kind in "iu" and arr.dtype.itemsize >= 4
     with np.errstate(over="ignore"):  # float64 past float32's range becomes Inf: reported below as out_of_range
         out = (arr.astype(np.float64) if wide_int else arr).astype(np.float32, copy=False)
-    del arr
     lo, hi = float(out.min()), float(out.max())
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ScanError(
@@ -258,6 +290,30 @@ def load_volume(path, *, max_voxels: int = DEFAULT_MAX_VOXELS, max_bytes: int = 
         )
     if lo == hi:
         raise ScanError(f"constant volume (every voxel is {lo}), nothing to normalise: {p}", code="constant_volume")
+    return out
+
+
+def load_volume(path, *, max_voxels: int = DEFAULT_MAX_VOXELS, max_bytes: int = DEFAULT_MAX_BYTES,
+                inflate=None) -> LoadedVolume:
+    """Read a .nii / .nii.gz file into float32 [Z, Y, X]; raise ScanError (one line, stable code) if unusable.
+
+    inflate: the zlib-compatible module that decompresses a .nii.gz (default: gunzip.inflater(), zlib-ng when
+    installed)."""
+    p = _show(path)
+    with _open(path) as raw:
+        is_gz = raw.read(2) == b"\x1f\x8b"
+        raw.seek(0)
+        size_on_disk = os.fstat(raw.fileno()).st_size
+        stream = GunzipReader(raw, inflate) if is_gz else raw
+        hdr, sizeof_hdr, version = read_header(stream, p)
+        h = check_header(hdr, sizeof_hdr, version, p, max_voxels=max_voxels, max_bytes=max_bytes,
+                         size_on_disk=None if is_gz else size_on_disk)
+        arr = read_voxels(stream, h, p, is_gz)
+    warnings: list[str] = []
+    arr, nonfinite = zero_nonfinite(arr, p, warnings)
+    arr, slope, inter = apply_scaling(arr, hdr, warnings)
+    out = as_float32(arr, p, slope, inter)
+    del arr
     if version == 2:
         warnings.append("NIfTI-2 file: the training loader (SimpleITK) cannot read NIfTI-2; read with NIfTI-1 rules")
-    return LoadedVolume(out, nonfinite, warnings, shape, dtype.str, nifti_geometry(hdr))
+    return LoadedVolume(out, nonfinite, warnings, h.shape, h.dtype.str, nifti_geometry(hdr))

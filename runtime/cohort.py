@@ -77,7 +77,7 @@ from ..preprocess.dicom_series import describe_skipped
 from . import pipeline as _pipeline
 from .prefetch import Prefetcher, Task, prepare_scan
 from .results_io import (FileSink, OldRow, ResumeIndex, Sink, StdoutSink, abspath, digest_or_none, error_row,
-                         out_format, read_old_rows, replace_file, scrub)
+                         exception_row, out_format, read_old_rows, replace_file)
 from .scan_inputs import ScanItem, expand_scans
 
 
@@ -262,14 +262,9 @@ def prepare_or_error(prepare, item, sha: str | None) -> tuple[str, object]:
     """`prepare()` -> ("prepared", PreparedScan or None), or ("error", the scan's error row)."""
     try:
         return ("prepared", prepare())
-    except ScanError as e:
-        row = error_row(item.name, sha or digest_or_none(item.scan()), e.code, scrub(str(e), item.path), item.series)
-    except MemoryError:
-        row = error_row(item.name, sha or digest_or_none(item.scan()), "out_of_memory",
-                        "not enough memory to read and preprocess this scan", item.series)
-    except OSError as e:  # e.g. the file vanished between reading and hashing
-        row = error_row(item.name, None, "unreadable", f"cannot read {item.name}: {e.strerror or e}", item.series)
-    return ("error", row)
+    except (ScanError, MemoryError, OSError) as e:
+        return ("error", exception_row(e, item.name, item.path, lambda: sha or digest_or_none(item.scan()),
+                                       item.series))
 
 
 def timeout_row(item, timeout_s: float) -> dict:

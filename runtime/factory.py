@@ -3,15 +3,31 @@
 from __future__ import annotations
 
 from ..errors import BackendUnavailable, MedblipError
-from .bundle import Bundle
+from ..bundle.reader import Bundle
 
 BACKENDS = ("auto", "torch", "ort", "trt")
 
 
 def _torch(bundle, device, precision):
-    from .backends_torch import torch_backends
+    """(vision, llm) sharing one MedBlip module."""
+    from .vision_torch import TorchVision, load_torch_model
 
-    return torch_backends(bundle, precision or "fp32", device)
+    precision = precision or "fp32"
+    model = load_torch_model(bundle, precision, device)
+    return TorchVision(model, precision, bundle.manifest.get("max_batch", 8)), _torch_llm(model, precision, device)
+
+
+def _torch_llm(model, precision: str, device: str):
+    """On CUDA, a family with a CUDA-graph decoder (T5: static cache, the step replayed as a graph) gets it;
+    otherwise the eager KV-cache module."""
+    from .llm_torch import TORCH_LLMS
+
+    choices = dict(TORCH_LLMS)
+    if str(device).startswith("cuda"):
+        from .llm_static_t5 import CUDA_GRAPH_LLMS
+
+        choices.update(CUDA_GRAPH_LLMS)
+    return choices[model.cfg.variant](model.llm, precision)
 
 
 def _ort_vision(bundle: Bundle, device: str, threads=None):

@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from ..model.scoring import greedy, pad_candidates, sum_logprobs
+
 
 class LlmBackend(ABC):
     """One LLM family on one runtime. `state` is whatever the backend keeps between verbs."""
@@ -35,38 +37,4 @@ class LlmBackend(ABC):
 
     def generate(self, state, max_new_tokens: int) -> list[int]:
         """Greedy decoding from a prefilled state; stops at EOS (not returned) or after `max_new_tokens`."""
-        out: list[int] = []
-        logits = state.next_logits
-        for i in range(max_new_tokens):
-            tok = int(logits.argmax())
-            if tok == self.eos_token_id:
-                break
-            out.append(tok)
-            if i + 1 < max_new_tokens:
-                logits = self.step(state, tok)
-        return out
-
-
-def pad_candidates(candidates: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad token lists -> (ids [n, L] int64, mask [n, L] bool)."""
-    n, length = len(candidates), max(len(c) for c in candidates)
-    ids = np.full((n, length), pad, dtype=np.int64)
-    mask = np.zeros((n, length), dtype=bool)
-    for i, c in enumerate(candidates):
-        ids[i, : len(c)] = c
-        mask[i, : len(c)] = True
-    return ids, mask
-
-
-def decoder_inputs(labels: np.ndarray, start: int) -> np.ndarray:
-    """T5 teacher forcing: labels [n,L] -> decoder input ids [n,L] (start token, then labels shifted right)."""
-    return np.concatenate([np.full((labels.shape[0], 1), start, np.int64), labels[:, :-1]], axis=1)
-
-
-def sum_logprobs(prev_logits: np.ndarray, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """prev_logits [n,L,V] (the logits that predict each token), ids/mask [n,L] -> sum log p per row [n] float64."""
-    x = prev_logits.astype(np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    logz = np.log(np.exp(x).sum(axis=-1))
-    picked = np.take_along_axis(x, ids[..., None], axis=-1)[..., 0]
-    return ((picked - logz) * mask).sum(axis=1)
+        return greedy(state.next_logits, lambda tok: self.step(state, tok), max_new_tokens, self.eos_token_id)[0]

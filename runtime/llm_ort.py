@@ -7,7 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from .llm_base import LlmBackend, decoder_inputs, pad_candidates
+from ..model.scoring import decoder_inputs, pad_candidates
+from .llm_base import LlmBackend
 from .ort_cache import step_cache
 from .ort_graph import OrtGraph, host
 
@@ -36,7 +37,7 @@ class _OrtLlm(LlmBackend):
 
 
 class OrtT5Llm(_OrtLlm):
-    """T5 graphs with one cache tensor per decoder layer (names from export/graphs_t5.layer_names)."""
+    """T5 graphs with one cache tensor per decoder layer (names from export/layerwise.layer_names)."""
 
     graph_names = ("t5_encoder", "t5_decoder_prefill", "t5_decoder_step")
     decode_graph = "t5_decoder_step"

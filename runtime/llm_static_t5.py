@@ -1,7 +1,7 @@
 """T5 on CUDA in the spirit of gpt-fast: static KV cache, fp16/bf16 weights, the decode step captured in a CUDA graph.
 
 Numerics: the residual stream stays fp32 and the FFN output projection `wo` keeps fp32 weights, because
-FLAN-T5 overflows fp16 there; norms and softmax run in fp32 (see export/graphs_t5.py).
+FLAN-T5 overflows fp16 there; norms and softmax run in fp32 (see model/t5_static.py).
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..export.graphs_t5 import T5DecoderPrefillGraph, T5EncoderGraph, _T5Decoder, attend, ffn, rms_norm, \
-    split_heads
-from .llm_base import LlmBackend, decoder_inputs, pad_candidates
+from ..model.t5_static import T5Decoder, T5DecoderPrefillGraph, T5EncoderGraph, attend, ffn, rms_norm, split_heads
+from ..model.scoring import decoder_inputs, pad_candidates
+from .llm_base import LlmBackend
 
 
-class StaticT5Step(_T5Decoder):
+class StaticT5Step(T5Decoder):
     """One decoder step at position `pos` over fixed-size caches: token [B,1], pos [1] -> logits [B,V].
 
     Every shape is fixed for a given (batch, max_len, max_src), so the step can be replayed as a CUDA graph.
@@ -138,3 +138,6 @@ class CudaGraphT5Llm(LlmBackend):
         ck, cv = (t.expand(-1, n, -1, -1, -1) for t in (state.cross_k, state.cross_v))
         logits, _, _ = self.prefill_graph(torch.as_tensor(dec_in, device=self.device), ck, cv)
         return logits.float().cpu().numpy()
+
+
+CUDA_GRAPH_LLMS = {"t5": CudaGraphT5Llm}  # families with a CUDA-graph decoder, chosen in factory.py on CUDA

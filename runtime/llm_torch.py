@@ -9,10 +9,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .llm_base import LlmBackend, decoder_inputs, pad_candidates
+from ..model.dtypes import DTYPES
+from ..model.scoring import decoder_inputs, pad_candidates
+from .llm_base import LlmBackend
 
 
-COMPUTE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -37,7 +38,7 @@ class _TorchLlm(LlmBackend):
         self.precision = precision
         self.device = next(llm.parameters()).device
         # the compute dtype: weights may be stored lower and upcast per block (model.stored.fp32_compute)
-        self.dtype = COMPUTE_DTYPES[precision]
+        self.dtype = DTYPES[precision]
         self.eos_token_id = int(llm.config.eos_token_id)
 
     def _ids(self, ids) -> torch.Tensor:

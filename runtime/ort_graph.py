@@ -6,22 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BackendUnavailable
-
-
-def ort_providers(device: str) -> tuple[list[str], str]:
-    """-> (execution providers, OrtValue device name) for 'cpu' or 'cuda[:N]'; one-line error if unavailable."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise BackendUnavailable("onnxruntime is not installed (pip install onnxruntime)")
-    if device.startswith("cuda"):
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise BackendUnavailable("onnxruntime has no CUDA execution provider here "
-                                     "(pip install medblip-edge[gpu] for onnxruntime-gpu, and a CUDA GPU)")
-        index = int(device.split(":")[1]) if ":" in device else 0
-        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"], "cuda"
-    return ["CPUExecutionProvider"], "cpu"
+from ..engines.ort_session import ort_providers, ort_session
 
 
 class OrtGraph:
@@ -34,16 +19,8 @@ class OrtGraph:
     """
 
     def __init__(self, path: Path, device: str = "cpu", threads: int | None = None, spin: bool = False):
-        import onnxruntime as ort
-
-        providers, self.device = ort_providers(device)
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
-        if threads:
-            so.intra_op_num_threads = threads
-        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-        self.session = ort.InferenceSession(str(path), so, providers=providers)
+        _, self.device = ort_providers(device)
+        self.session = ort_session(path, device, threads, spin=spin)
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
 

@@ -16,10 +16,10 @@ from ..model.llm import family
 from ..model.prompts import DIAGNOSIS_QUESTION
 from ..preprocess import PreprocessSpec, load_scan, to_model_input
 from ..preprocess.volume import as_scan
-from .bundle import Bundle
+from ..bundle.reader import Bundle
 from .factory import make_backends
 from .hugepages import HugePages, new_memory_on_huge_pages
-from .tasks import Tasks
+from ..model.tasks import Tasks
 
 
 @dataclass

@@ -6,7 +6,7 @@ import threading
 import time
 
 
-from .results_io import error_row, scrub
+from .results_io import exception_row
 from .scan_inputs import ScanItem
 
 
@@ -74,8 +74,7 @@ class Prefetcher:
         try:
             result = self.work(task)
         except BaseException as e:  # never lose a task: an unexpected failure is its error row
-            result = ("error", error_row(task.item.name, None, "internal_error",
-                                         scrub(f"unexpected {type(e).__name__} while reading: {e}", task.item.path)))
+            result = ("error", exception_row(e, task.item.name, task.item.path))
         # From here on this thread holds no reference to a tensor: the last reference to a volume must
         # never be dropped by a reader, since a daemon thread that releases the GIL inside torch's
         # deallocator while the interpreter exits is killed there, and C++ aborts the process.

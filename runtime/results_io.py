@@ -13,13 +13,11 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-
+from ..bundle.format import sha256_file
 from ..errors import MedblipError, ScanError
 from ..model.prompts import LABELS
-from .bundle import sha256_file
-
-
 
 # ------------------------------------------------------------------ rows
 
@@ -63,6 +61,21 @@ def error_row(name: str, sha: str | None, code: str, message: str, series: str |
         row["series"] = series
     row["error"] = {"code": code, "message": message}
     return row
+
+
+def exception_row(e: BaseException, name: str, path, digest: Callable[[], str | None] = lambda: None,
+                  series: str | None = None, where: str = "while reading") -> dict:
+    """The one conversion of a failure into a scan's error row: a ScanError keeps its code; MemoryError is
+    out_of_memory and OSError unreadable; anything else is internal_error naming the exception's type and
+    `where` it happened. Messages are scrubbed of the scan's directories; `digest()` gives the scan's SHA-256
+    where the scan itself was read (a scan or memory error)."""
+    if isinstance(e, ScanError):
+        return error_row(name, digest(), e.code, scrub(str(e), path), series)
+    if isinstance(e, MemoryError):
+        return error_row(name, digest(), "out_of_memory", "not enough memory to read and preprocess this scan", series)
+    if isinstance(e, OSError):  # e.g. the file vanished between reading and hashing
+        return error_row(name, None, "unreadable", f"cannot read {name}: {e.strerror or e}", series)
+    return error_row(name, None, "internal_error", scrub(f"unexpected {type(e).__name__} {where}: {e}", path), series)
 
 
 def _csv_columns(include_paths: bool) -> list[str]:

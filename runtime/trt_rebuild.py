@@ -3,7 +3,9 @@
 A serialized engine only runs on the GPU architecture and TensorRT version it was built for. The bundle
 is never modified (its files are SHA-256 checked): the engine goes into a cache folder keyed by the
 graph's SHA-256 and this machine's engine key, next to its metadata and timing cache, and later runs
-reuse it. Folder: $MEDBLIP_TRT_CACHE, else ~/.cache/medblip-edge/trt.
+reuse it. A new engine is run on the bundle's evaluation volumes and held to the fp32 PyTorch visual tokens
+(the export's fp16 tolerance) before it is kept; its figures go into its metadata, and an engine outside the
+tolerance is deleted and refused. Folder: $MEDBLIP_TRT_CACHE, else ~/.cache/medblip-edge/trt.
 """
 
 from __future__ import annotations
@@ -14,11 +16,18 @@ import os
 import sys
 from pathlib import Path
 
-from ..errors import BackendUnavailable
-from ..export.trt_engine import build_engine, engine_key, trt_available
+import torch
 
-SOURCE = "vision_onnx_fp16"  # the graph the export builds its engine from (precision from its own types)
-SHIPPED = "vision_trt"
+from ..errors import BackendUnavailable, MedblipError
+from ..model.evalset import eval_volumes
+from ..model.fidelity import check_vision
+from ..model.stored import fp32_compute
+from ..model.weights import load_weights
+from ..bundle.format import VISION_ONNX_FP16, VISION_TRT
+from ..engines.trt_build import build_engine, engine_key, trt_available
+
+SOURCE = VISION_ONNX_FP16  # the graph the export builds its engine from (precision from its own types)
+SHIPPED = VISION_TRT
 
 
 def cache_root() -> Path:
@@ -53,7 +62,7 @@ def engine_for_here(bundle) -> tuple[Path, dict]:
     engine, meta_path = folder / "vision_fp16.engine", folder / "engine.json"
     if engine.is_file() and meta_path.is_file():
         meta = json.loads(meta_path.read_text())
-        if {k: meta.get(k) for k in key} == key:
+        if {k: meta.get(k) for k in key} == key and "parity" in meta:
             return engine, meta
     profile = _profile(bundle)
     print(f"building a TensorRT engine for {key['gpu']} / TensorRT {key['tensorrt']} into {folder} "
@@ -61,7 +70,26 @@ def engine_for_here(bundle) -> tuple[Path, dict]:
     meta = build_engine(bundle.path(SOURCE), engine, min_batch=profile["min"], opt_batch=profile["opt"],
                         max_batch=profile["max"], timing_cache_path=folder / "timing.cache")
     meta = {**meta, "precision": "fp16", "graph_sha256": graph}
+    try:
+        meta["parity"] = _check(bundle, engine, meta)
+    except MedblipError:
+        engine.unlink(missing_ok=True)
+        raise
     tmp = meta_path.with_name(".engine.json.partial")
     tmp.write_text(json.dumps(meta, indent=1))
     os.replace(tmp, meta_path)  # written last: an engine without its metadata is rebuilt, never trusted
     return engine, meta
+
+
+def _check(bundle, engine: Path, meta: dict) -> dict:
+    """The new engine's visual tokens on the bundle's evaluation volumes against PyTorch's from the bundle's own
+    weights (computed in fp32 as stored) -> {max_abs_err, cosine, volumes}; raises parity_failed outside tolerance."""
+    from .vision_trt import TrtVision
+
+    volumes = eval_volumes(2, bundle.config.vision.image_size)  # as the export checks a paper-size engine
+    model = load_weights(bundle.config, bundle.path("torch"), dtype=None)
+    with torch.inference_mode(), fp32_compute(model):
+        want = torch.cat([model.visual_tokens(volumes[i:i + 1]) for i in range(len(volumes))]).float().numpy()
+    del model
+    got = TrtVision(engine, meta).run(volumes).numpy()
+    return check_vision(got, want, "fp16", "rebuilt TensorRT engine")

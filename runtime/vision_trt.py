@@ -7,10 +7,11 @@ from pathlib import Path
 import torch
 
 from ..errors import BackendUnavailable, BundleError, MedblipError
-from ..export.trt_engine import INPUT, OUTPUT, engine_key, trt_available
+from ..bundle.format import VISION_INPUT as INPUT, VISION_OUTPUT as OUTPUT, VISION_TRT
+from ..engines.trt_build import engine_key, trt_available
 from .vision_base import VisionBackend
 
-ARTIFACT = "vision_trt"  # manifest entry: files.main = the engine; precision, profile and engine_key() fields
+ARTIFACT = VISION_TRT  # manifest entry: files.main = the engine; precision, profile and engine_key() fields
 
 
 class EngineMismatch(BackendUnavailable):

@@ -29,7 +29,7 @@ import numpy as np
 from ..errors import MedblipError
 from ..runtime.cohort import (InferOptions, RunOutput, check_options, expand_inputs, prepare_or_error, scan_row,
                               timeout_row)
-from ..runtime.results_io import abspath, digest_or_none
+from ..runtime.results_io import abspath, digest_or_none, exception_row
 from ..runtime.scan_inputs import ScanItem
 from . import ray_cluster
 
@@ -67,8 +67,7 @@ def _read(rec: dict, spec: dict, timeout_s: float) -> dict:
             box["result"] = prepare_or_error(lambda: read_scan(item.scan(), spec, sha, lambda: not abandoned.is_set()),
                                              item, sha)
         except BaseException as e:  # noqa: BLE001 -- an error row, never a failed task
-            box["result"] = ("error", {"scan": item.name, "scan_sha256": None, "error": {
-                "code": "internal_error", "message": f"unexpected {type(e).__name__} while reading"}})
+            box["result"] = ("error", exception_row(e, item.name, item.path))
         done.set()
 
     threading.Thread(target=read, name="medblip-read", daemon=True).start()
@@ -159,7 +158,7 @@ def _plan(opts: InferOptions, ray_opts: RayOptions, cluster, manifest: dict) -> 
 
 def run_infer_ray(opts: InferOptions, ray_opts: RayOptions) -> int:
     """Run every scan on a Ray cluster; returns the number of scans whose row is an error (resumed rows included)."""
-    from ..runtime.bundle import Bundle
+    from ..bundle.reader import Bundle
 
     check_options(opts)
     if ray_opts.max_batch < 1 or (ray_opts.actors is not None and ray_opts.actors < 1):

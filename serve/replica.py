@@ -26,7 +26,7 @@ from pathlib import Path
 from ray import serve
 
 from ..errors import ScanError
-from ..runtime.results_io import error_row, scrub, sha_or_none
+from ..runtime.results_io import error_row, exception_row, scrub, sha_or_none
 from .config import ReplicaConfig
 from .upload import RequestError, read_upload
 
@@ -153,15 +153,9 @@ class MedblipReplica:
         try:
             prepared = await loop.run_in_executor(self.readers, self.pipe.prepare, upload.path)
             timing["read"] = _ms(t0)
-        except ScanError as e:
-            return error_row(upload.name, sha_or_none(upload.path), e.code, scrub(str(e), upload.path)), \
-                STATUS_SCAN_ERROR
-        except MemoryError:
-            return error_row(upload.name, sha_or_none(upload.path), "out_of_memory",
-                             "not enough memory to read and preprocess this scan"), 503
         except Exception as e:  # noqa: BLE001 -- never take the replica down; the message names no path
-            return error_row(upload.name, None, "internal_error",
-                             scrub(f"unexpected {type(e).__name__} while reading: {e}", upload.path)), 500
+            status = STATUS_SCAN_ERROR if isinstance(e, ScanError) else 503 if isinstance(e, MemoryError) else 500
+            return exception_row(e, upload.name, upload.path, lambda: sha_or_none(upload.path)), status
         try:
             t0 = time.perf_counter()
             visual, share = await self._visual(prepared.volume)
@@ -171,7 +165,7 @@ class MedblipReplica:
             row = await loop.run_in_executor(self.model, self.pipe.answer, prepared, visual, upload.patient_text,
                                              upload.question)
             timing["llm"] = _ms(t0)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 -- whatever it is, the model failed on a scan that was read
             return error_row(upload.name, prepared.sha256, "internal_error",
                              scrub(f"unexpected {type(e).__name__} in the model: {e}", upload.path)), 500
         row["timings_ms"]["total"] = round(sum(row["timings_ms"].values()), 3)

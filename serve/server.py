@@ -86,7 +86,7 @@ def _wait_ready(url: str, timeout_s: float, stop: threading.Event) -> dict:
 def run_server(opts: ServeOptions, stop: threading.Event | None = None, on_started=None) -> None:
     """Serve until `stop` is set. `on_started()` runs once Ray is up (the command line's signal handlers go in
     then: Ray installs its own SIGTERM handler when it starts, which would end the process at once)."""
-    from ..runtime.bundle import Bundle
+    from ..bundle.reader import Bundle
 
     _check(opts)
     Bundle.open(opts.replica.bundle, verify=True)  # fail fast, before Ray starts

@@ -175,7 +175,7 @@ def test_bundles_of_one_preset_share_identical_files(tmp_path):
     assert saved >= (a / "torch" / "weights.safetensors").stat().st_size
     assert os.path.samefile(a / "torch" / "weights.safetensors", b / "torch" / "weights.safetensors")
     assert not os.path.samefile(a / "llm" / "llm.data", b / "llm" / "llm.data")
-    from medblip_edge.runtime.bundle import Bundle
+    from medblip_edge.bundle.reader import Bundle
 
     Bundle.open(b)  # still verifies
 

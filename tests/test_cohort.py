@@ -200,7 +200,7 @@ def test_hung_reader_gives_a_timeout_row_and_the_run_exits(full_run):
 def test_same_scan_same_digest(full_run, cohort):
     rows, _, _ = full_run
     folder, _ = cohort
-    from medblip_edge.runtime.bundle import sha256_file
+    from medblip_edge.bundle.format import sha256_file
 
     for row in rows[:5]:
         if row["scan_sha256"]:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from medblip_edge.export.evalset import eval_volumes
+from medblip_edge.model.evalset import eval_volumes
 from medblip_edge.export.run import ExportOptions, export_bundle
 from medblip_edge.model.prompts import LABELS
 from medblip_edge.runtime.llm_static_t5 import CudaGraphT5Llm

@@ -16,11 +16,13 @@ import torch
 
 from bundles import tiny_onnx_bundle
 from medblip_edge.errors import BundleError, MedblipError
-from medblip_edge.export.onnx_export import compare, ort_session
+from medblip_edge.engines.ort_session import ort_session
+from medblip_edge.model.fidelity import compare
 from medblip_edge.export.reference_eval import EvalBudget, ReferenceEval
 from medblip_edge.export.run import ExportOptions, export_bundle
 from medblip_edge.model.weights import load_weights
-from medblip_edge.runtime.bundle import SCHEMA_VERSION, Bundle, sha256_file
+from medblip_edge.bundle.format import SCHEMA_VERSION, sha256_file
+from medblip_edge.bundle.reader import Bundle
 from medblip_edge.runtime.factory import make_backends
 
 CASES = [("tiny", "none"), ("tiny", "int4"), ("tiny-biomedlm", "int8"), ("tiny-biomedlm", "fp16")]

@@ -8,10 +8,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from medblip_edge.export.graphs_t5 import T5DecoderPrefillGraph, T5DecoderStepGraph
+from medblip_edge.model.t5_static import T5DecoderPrefillGraph, T5DecoderStepGraph
 from medblip_edge.export.graphs_t5_fused import T5DecoderWriter
 from medblip_edge.export.llm_graphs import traced_t5_step
-from medblip_edge.export.onnx_export import ort_session
+from medblip_edge.engines.ort_session import ort_session
 from medblip_edge.export.quantize import QUANTIZERS
 from medblip_edge.model.config import preset
 from medblip_edge.model.llm import family
@@ -153,7 +153,7 @@ def test_unknown_activation_is_refused():
 
 def test_fused_encoder_matches_traced_module(tmp_path):
     """Prompts short and long enough that the bidirectional relative positions saturate (> 128 apart)."""
-    from medblip_edge.export.graphs_t5 import T5EncoderGraph
+    from medblip_edge.model.t5_static import T5EncoderGraph
     from medblip_edge.export.graphs_t5_fused import T5EncoderWriter
 
     t5 = _t5({})

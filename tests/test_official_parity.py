@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from medblip_edge.export.fidelity import log_softmax
+from medblip_edge.model.scoring import log_softmax
 from medblip_edge.export.run import ExportOptions, export_bundle
 from medblip_edge.model.checkpoint import load_checkpoint
 from medblip_edge.model.llm import family
@@ -27,7 +27,7 @@ from medblip_edge.model.prompts import ANSWERS, LABELS, build_prompt
 from medblip_edge.preprocess import load_volume, to_model_input
 from medblip_edge.runtime.llm_torch import TORCH_LLMS
 from medblip_edge.runtime.pipeline import Pipeline
-from medblip_edge.runtime.tasks import Tasks
+from medblip_edge.model.tasks import Tasks
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official"
 VARIANTS = ("t5", "biomedlm")

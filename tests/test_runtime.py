@@ -11,11 +11,11 @@ import torch
 
 from bundles import tiny_onnx_bundle
 from medblip_edge.errors import BackendUnavailable, MedblipError
-from medblip_edge.export.evalset import eval_volumes
+from medblip_edge.model.evalset import eval_volumes
 from medblip_edge.model.weights import load_weights
-from medblip_edge.runtime.bundle import Bundle
+from medblip_edge.bundle.reader import Bundle
 from medblip_edge.runtime.pipeline import Pipeline
-from medblip_edge.runtime.reference import ReferencePipeline
+from medblip_edge.model.reference import ReferencePipeline
 
 FP32_PROB_TOL = 1e-4
 

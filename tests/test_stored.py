@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from medblip_edge.export.evalset import eval_volumes
+from medblip_edge.model.evalset import eval_volumes
 from medblip_edge.model.checkpoint import load_checkpoint, read_state_dict, to_training_key
 from medblip_edge.model.config import preset
 from medblip_edge.model.random_init import random_model, storage_dtype, write_random_checkpoint

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from bundles import tiny_onnx_bundle
-from medblip_edge.errors import BackendUnavailable
-from medblip_edge.export.trt_engine import build_engine, engine_key, trt_available
+from medblip_edge.engines.trt_build import build_engine, engine_key, trt_available
+from medblip_edge.errors import BackendUnavailable, MedblipError
+from medblip_edge.model import fidelity
 from medblip_edge.runtime.vision_trt import TrtVision
 
 REASON = trt_available()
@@ -161,3 +162,34 @@ def test_engine_from_another_machine_is_rebuilt_once_and_cached(tmp_path, monkey
     vols = torch.rand(2, 1, S, S, S)
     got, want = again.visual_tokens(vols), fallback.visual_tokens(vols)
     assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.999
+    # the export checked its engine on the evaluation volumes, the rebuild checked the new one the same way
+    assert manifest["artifacts"]["vision_trt"]["parity"]["max_abs_err"] <= fidelity.VISION_TOL["fp16"]["max_abs_err"]
+    meta = json.loads(engine.with_name("engine.json").read_text())
+    assert meta["parity"]["cosine"] >= fidelity.VISION_TOL["fp16"]["cosine"] and meta["parity"]["volumes"] == 2
+
+
+@needs_trt
+def test_rebuilt_engine_outside_tolerance_is_refused_and_deleted(tmp_path, monkeypatch):
+    from medblip_edge.export.run import ExportOptions, export_bundle
+    from medblip_edge.runtime.pipeline import Pipeline
+
+    bundle = tmp_path / "bundle"
+    export_bundle(ExportOptions(out=bundle, preset="tiny", llm_quant="none", precision="fp16", max_batch=2),
+                  quiet=True)
+    monkeypatch.setenv("MEDBLIP_TRT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(fidelity.VISION_TOL, "fp16", {"max_abs_err": 0.0, "cosine": 1.1})  # no engine can meet it
+    with pytest.raises(MedblipError, match="rebuilt TensorRT engine") as e:
+        Pipeline.from_bundle(bundle, backend="trt", rebuild_trt=True)
+    assert e.value.code == "parity_failed"
+    assert not list((tmp_path / "cache").glob("*/vision_fp16.engine")) and \
+        not list((tmp_path / "cache").glob("*/engine.json"))
+
+
+def test_vision_check_refuses_tokens_outside_tolerance():
+    """The one check every vision artifact passes before it ships (ONNX at export, TensorRT at export or rebuild)."""
+    ref = torch.randn(2, 4, 8).numpy()
+    ok = fidelity.check_vision(ref + 1e-3, ref, "fp16", "engine")
+    assert ok["volumes"] == 2 and ok["max_abs_err"] == pytest.approx(1e-3, rel=1e-3) and ok["cosine"] > 0.999
+    with pytest.raises(MedblipError, match=r"engine \(fp16\) disagrees with PyTorch") as e:
+        fidelity.check_vision(ref + 0.2, ref, "fp16", "engine")
+    assert e.value.code == "parity_failed"

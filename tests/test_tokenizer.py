@@ -13,7 +13,8 @@ from medblip_edge.model.llm import family
 from medblip_edge.model.prompts import ANSWERS, build_prompt
 from medblip_edge.model.tokenizer import TextTokenizer
 from medblip_edge.model.tokenizer_build import corpus, t5_tokenizer_json
-from medblip_edge.runtime.bundle import MANIFEST, Bundle
+from medblip_edge.bundle.format import MANIFEST
+from medblip_edge.bundle.reader import Bundle
 
 OFFICIAL = Path(__file__).parent / "fixtures" / "official"
 

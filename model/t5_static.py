@@ -1,7 +1,7 @@
-"""Export-only T5 graphs over the Hugging Face module's weights, with the KV cache as plain tensors.
+"""The static T5 forms: the Hugging Face module's weights computed with the KV cache as plain tensors.
 
-The modules compute with stacked caches [L,B,H,*,dk] (the CUDA static-cache backend reuses them);
-`Layerwise` gives each one the shipped interface, one cache tensor per decoder layer i < L:
+The modules compute with stacked caches [L,B,H,*,dk]; the export traces them (export/layerwise.py gives each one
+the shipped interface, one cache tensor per decoder layer i < L) and the CUDA static-cache backend runs them:
   encoder:         prompt_ids [1,T] int64, visual [B,Q,d] -> encoder_out [B,S,d], cross_k_i, cross_v_i [B,H,S,dk]
   decoder_prefill: decoder_ids [B,T] int64, cross_k_i, cross_v_i -> logits [B,T,V], present_k_i, present_v_i [B,H,T,dk]
   decoder_step:    decoder_ids [B,1] int64, past_k_i, past_v_i [B,H,P,dk], cross_k_i, cross_v_i
@@ -61,7 +61,10 @@ class T5EncoderGraph(nn.Module):
         return enc, torch.stack(ks), torch.stack(vs)
 
 
-class _T5Decoder(nn.Module):
+class T5Decoder(nn.Module):
+    """The T5 decoder over caches given as stacked tensors [L,B,H,*,dk]: `run` is the graph forms' and the CUDA
+    static-cache backend's one decoder computation."""
+
     def __init__(self, t5):
         super().__init__()
         self.t5 = t5
@@ -109,35 +112,11 @@ class _T5Decoder(nn.Module):
         return logits, torch.stack(new_k), torch.stack(new_v)
 
 
-class T5DecoderPrefillGraph(_T5Decoder):
+class T5DecoderPrefillGraph(T5Decoder):
     def forward(self, decoder_ids, cross_k, cross_v):
         return self.run(decoder_ids, None, None, cross_k, cross_v)
 
 
-class T5DecoderStepGraph(_T5Decoder):
+class T5DecoderStepGraph(T5Decoder):
     def forward(self, decoder_ids, past_k, past_v, cross_k, cross_v):
         return self.run(decoder_ids, past_k, past_v, cross_k, cross_v)
-
-
-def layer_names(names: tuple[str, ...] | list[str], layers: int) -> list[str]:
-    """("past_k", "past_v"), 2 -> past_k_0, past_k_1, past_v_0, past_v_1: the per-layer cache names, in order."""
-    return [f"{n}_{i}" for n in names for i in range(layers)]
-
-
-class Layerwise(nn.Module):
-    """Export adapter: `graph` with its stacked [L,B,H,*,dk] caches taken and returned as one tensor per layer.
-
-    forward(*plain, *cache_lists): `plain` tensors pass through; each following list of L tensors is
-    stacked; every 5-D output is split back into L tensors (the other outputs are returned as they are).
-    """
-
-    def __init__(self, graph: nn.Module, plain: int):
-        super().__init__()
-        self.inner, self.plain = graph, plain  # not `graph`: the name clashes with fx.GraphModule.graph
-
-    def forward(self, *args):
-        stacked = [torch.stack(list(layers)) for layers in args[self.plain:]]
-        out = []
-        for t in self.inner(*args[:self.plain], *stacked):
-            out.extend(t.unbind(0) if t.dim() == 5 else [t])
-        return tuple(out)

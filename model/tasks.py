@@ -1,21 +1,10 @@
-"""The two tasks as functions of an LLM backend: diagnose (score the three answers) and ask (greedy answer)."""
+"""The two tasks over any LLM backend (runtime/llm_base.LlmBackend): diagnose (score the three answers) and ask
+(greedy answer)."""
 
 from __future__ import annotations
 
-import numpy as np
-
-from ..model.prompts import ANSWERS, DIAGNOSIS_QUESTION, LABELS, build_prompt
-
-
-def diagnosis(loglik) -> dict:
-    """Sum log p of each answer [3] (LABELS order) -> {label, probabilities (softmax over the 3), answer,
-    log_likelihoods}."""
-    ll = np.asarray(loglik, dtype=np.float64)
-    p = np.exp(ll - ll.max())
-    p /= p.sum()
-    best = int(np.argmax(ll))
-    return {"label": LABELS[best], "probabilities": {k: float(v) for k, v in zip(LABELS, p)},
-            "answer": ANSWERS[LABELS[best]], "log_likelihoods": {k: float(s) for k, s in zip(LABELS, ll)}}
+from .prompts import ANSWERS, DIAGNOSIS_QUESTION, LABELS, build_prompt
+from .scoring import diagnosis
 
 
 class Tasks:

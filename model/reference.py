@@ -12,15 +12,15 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from ..model.prompts import ANSWERS, DIAGNOSIS_QUESTION, LABELS, build_prompt
-from ..model.vit3d import training_forms
-from .backends_torch import DTYPES
-from .tasks import diagnosis
+from .dtypes import dtype_name
+from .prompts import ANSWERS, DIAGNOSIS_QUESTION, LABELS, build_prompt
+from .scoring import diagnosis, sequence_logprob
+from .vit3d import training_forms
 
 
 # what the published code runs on a GPU (modeling_medblip_t5.py, eva_vit.convert_weights_to_fp16)
 def gpu_precision_names(family) -> dict:
-    llm = {dtype: name for name, dtype in DTYPES.items()}[family.storage_dtype]
+    llm = dtype_name(family.storage_dtype)
     return {"vision": "fp16 Linear weights under fp16 autocast; Conv3d, LayerNorms, Q-Former, projection fp32",
             "llm": f"{llm} weights, {llm} autocast for scoring" + (" and generate" if family.generate_under_autocast
                                                                   else "; generate without autocast")}
@@ -94,9 +94,8 @@ class ReferencePipeline:
     @torch.no_grad()
     def answer_loglik(self, visual: torch.Tensor, patient_text: str, answer: str) -> float:
         """Sum log p(answer | scan, prompt)."""
-        target = torch.tensor(self.family.answer_ids(self.tokenizer, answer), device=visual.device)
-        logits = self.answer_logits(visual, patient_text, answer)
-        return float(torch.log_softmax(logits, -1).gather(-1, target[:, None]).sum())
+        ids = self.family.answer_ids(self.tokenizer, answer)
+        return float(sequence_logprob(self.answer_logits(visual, patient_text, answer), ids))
 
     @torch.no_grad()
     def visual_tokens(self, volume: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..runtime.bundle import MANIFEST, SCHEMA_VERSION, sha256_file
+from .format import MANIFEST, SCHEMA_VERSION, sha256_file
 
 
 class BundleWriter:

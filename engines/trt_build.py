@@ -12,9 +12,9 @@ import os
 import time
 from pathlib import Path
 
+from ..bundle.format import VISION_INPUT as INPUT
 from ..errors import BackendUnavailable, MedblipError
 
-INPUT, OUTPUT = "volume", "visual_tokens"
 
 
 def trt_available() -> str | None:

@@ -1,8 +1,7 @@
-"""A bundle on disk: manifest.json + artifacts, each checked against its SHA-256 before use."""
+"""Reading a bundle: manifest.json + artifacts, each checked against its SHA-256 before use."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,19 +9,7 @@ from pathlib import Path
 from ..errors import BundleError
 from ..model.config import MedBlipConfig
 from ..model.tokenizer import TextTokenizer
-
-# 2: the tokenizer is one tokenizer.json run by `tokenizers` (model/tokenizer.py); 3: graphs written op by op
-# into one weight file per artifact, GPT-2 graphs with per-layer caches, the evaluation budget in the manifest
-SCHEMA_VERSION = 3
-MANIFEST = "manifest.json"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+from .format import MANIFEST, SCHEMA_VERSION, sha256_file
 
 
 @dataclass

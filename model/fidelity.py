@@ -12,14 +12,32 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import MedblipError
+from .prompts import LABELS
+from .scoring import diagnosis, greedy, log_softmax, margins, pad_candidates
+
 CONTINUATION_TOKENS = 60  # the published T5 code's generation limit
 
+# vision artifacts' visual tokens against the fp32 PyTorch ones; int8 is a sanity bound (its fidelity is measured)
+VISION_TOL = {"fp32": {"max_abs_err": 1e-3, "cosine": 0.9999}, "fp16": {"max_abs_err": 5e-2, "cosine": 0.999},
+              "int8": {"max_abs_err": float("inf"), "cosine": 0.95}}
 
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    """[..., V] logits -> log-probabilities, float64."""
-    x = np.asarray(x, np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+def compare(a: np.ndarray, b: np.ndarray) -> dict:
+    """max abs error and cosine similarity of two tensors (flattened)."""
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    cos = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+    return {"max_abs_err": float(np.abs(a - b).max()), "cosine": cos}
+
+
+def check_vision(visual, reference, precision: str, what: str) -> dict:
+    """A vision artifact's visual tokens [n,Q,d] against the fp32 PyTorch ones -> {max_abs_err, cosine, volumes};
+    raises parity_failed outside VISION_TOL[precision], so such an artifact never ships."""
+    parity = {**compare(visual, reference), "volumes": len(reference)}
+    tol = VISION_TOL[precision]
+    if parity["max_abs_err"] > tol["max_abs_err"] or parity["cosine"] < tol["cosine"]:
+        raise MedblipError(f"{what} ({precision}) disagrees with PyTorch: {parity}", code="parity_failed")
+    return parity
 
 
 def _host(x) -> np.ndarray:
@@ -38,13 +56,8 @@ class TokenLogits:
 def greedy_tokens(llm, state, n: int) -> tuple[list[int], np.ndarray]:
     """n greedy tokens from a prefilled state, not stopping at EOS (so every case gives n positions), and the
     logits [n, V] that predicted each."""
-    out, logits, seen = [], state.next_logits, []
-    for i in range(n):
-        seen.append(_host(logits))
-        out.append(int(seen[-1].argmax()))
-        if i + 1 < n:
-            logits = llm.step(state, out[-1])
-    return out, _stacked(seen, state)
+    out, seen = greedy(state.next_logits, lambda tok: llm.step(state, tok), n, keep_logits=True)
+    return out, _stacked([_host(x) for x in seen], state)
 
 
 def follow(llm, state, tokens: list[int]) -> np.ndarray:
@@ -63,8 +76,6 @@ def from_state(llm, state, answers: list[list[int]], continuation: list[int] | i
     """From a prefilled state: the logits predicting each answer token (one batched scoring pass) and each
     continuation token, `continuation` being the tokens to feed (teacher forcing) or how many to decode
     greedily (EOS not stopping it). -> (the logits, the continuation's tokens)."""
-    from ..runtime.llm_base import pad_candidates
-
     ans = _host(llm.candidate_logits(state, answers))
     _, mask = pad_candidates(answers, pad=0)
     if isinstance(continuation, int):
@@ -111,7 +122,37 @@ def token_fidelity(ref: list[TokenLogits], cand: list[TokenLogits]) -> dict:
     return {**_summary(*both), **out}
 
 
-def margins(loglik: np.ndarray) -> np.ndarray:
-    """[n, 3] per-answer log-likelihoods -> [n] gap between the best and the second-best answer (nats)."""
-    top2 = np.sort(np.asarray(loglik, np.float64), axis=1)[:, -2:]
-    return top2[:, 1] - top2[:, 0]
+@dataclass
+class Answers:
+    """A format's answers over the evaluation cases: labels, probabilities [n,3] and log-likelihoods [n,3] (LABELS
+    order), and per case the teacher-forced logits (answers, continuation) the per-token figures come from."""
+
+    labels: list
+    probabilities: np.ndarray
+    loglik: np.ndarray
+    logits: list
+
+    @classmethod
+    def from_logliks(cls, loglik, logits: list) -> "Answers":
+        """[n,3] log-likelihoods -> the labels and probabilities `diagnose` gives for them."""
+        rows = [diagnosis(ll) for ll in np.asarray(loglik, np.float64)]
+        return cls([r["label"] for r in rows], np.array([[r["probabilities"][k] for k in LABELS] for r in rows]),
+                   np.asarray(loglik, np.float64), logits)
+
+    def take(self, keep: list[int]) -> "Answers":
+        return Answers([self.labels[c] for c in keep], self.probabilities[keep], self.loglik[keep],
+                       [self.logits[c] for c in keep])
+
+
+def agreement(cand: Answers, ref: Answers) -> dict:
+    """The one comparison of a format with the fp32 reference on the same cases: label agreement, probability and
+    log-likelihood differences, the reference's smallest margin between its two best answers (how far a label was
+    from flipping) and the per-token top-1 agreement and KL."""
+    d = cand.loglik - ref.loglik
+    return {"cases": len(ref.labels),
+            "label_agreement": float(np.mean([a == b for a, b in zip(cand.labels, ref.labels)])),
+            "max_abs_prob_diff": float(np.abs(cand.probabilities - ref.probabilities).max()),
+            "max_abs_loglik_diff": float(np.abs(d).max()), "mean_abs_loglik_diff": float(np.abs(d).mean()),
+            "loglik_diff": {k: float(x) for k, x in zip(LABELS, d.max(axis=0))},
+            "min_margin_nats": float(margins(ref.loglik).min()),
+            "tokens": token_fidelity(ref.logits, cand.logits)}

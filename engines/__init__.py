@@ -1,0 +1,1 @@
+"""Building and opening inference engines: ONNX Runtime sessions and TensorRT plans."""

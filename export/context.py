@@ -1,0 +1,40 @@
+"""What an export is asked to do (ExportOptions) and what every step is handed (ExportContext)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class ExportOptions:
+    out: Path
+    preset: str | None = None
+    checkpoint: Path | None = None
+    llm_dir: Path | None = None
+    precision: str = "fp32"  # vision graph: fp32 | int8 (CPU) | fp16 (adds a GPU graph)
+    llm_quant: str = "none"
+    trt: bool = False
+    onnx: bool = True
+    max_batch: int = 8
+    min_batch: int = 1
+    opt_batch: int = 1
+    eval_cases: int | None = None  # None: the budget for the model's size (reference_eval.EvalBudget)
+    near_ties: int = 2  # evaluation cases made to sit at a decision's edge (export/near_ties.py); none at paper size
+    seed: int = 0
+
+
+@dataclass
+class ExportContext:
+    """Handed to every step (steps.py): the model in its stored dtypes, the fp32 reference to compare with, and the
+    bundle being written."""
+
+    model: Any  # model.medblip.MedBlip, weights as stored
+    tokenizer: Any  # model.tokenizer.TextTokenizer
+    family: Any  # model.llm family of the LLM (T5 or GPT-2)
+    ref: Any  # export.reference_eval.ReferenceEval
+    writer: Any  # bundle.writer.BundleWriter
+    opts: ExportOptions
+    progress: Any  # export.progress.Progress
+    work: Path  # scratch folder, removed after the export
