@@ -16,10 +16,12 @@ The functions are plain and importable (tests/test_docs.py calls them without mk
 from __future__ import annotations
 
 import ast
+import atexit
 import importlib
 import inspect
 import os
 import re
+import shutil
 import sys
 import tempfile
 import tomllib
@@ -46,6 +48,7 @@ def import_from_checkout(module: str):
         for name in [m for m in sys.modules if m == PACKAGE or m.startswith(PACKAGE + ".")]:
             del sys.modules[name]
         link_dir = Path(tempfile.mkdtemp(prefix="medblip-docs-"))
+        atexit.register(shutil.rmtree, link_dir, True)
         (link_dir / PACKAGE).symlink_to(ROOT, target_is_directory=True)
         sys.path.insert(0, str(link_dir))
         importlib.invalidate_caches()
