@@ -1,10 +1,11 @@
-"""The bad-input corpus: ONE table of cases, used by tests/test_bad_inputs.py and rendered into the README.
+"""The bad-input corpus: ONE table of cases, used by tests/test_bad_inputs.py and rendered into the docs.
 
 Each case builds its input from a real volume (tests/volumes.py) into a folder and
 says what `medblip-infer` must do with it: an error row with a stable code, or a
 result ("ok"), or a result whose `warnings` is not empty ("ok+warning").
-`markdown_table()` renders the table that README.md carries between
-`<!-- bad-inputs:start -->` and `<!-- bad-inputs:end -->`; a test keeps them equal.
+`markdown_table()` renders the table that docs/inputs/bad-inputs.md carries between
+`<!-- bad-inputs:start -->` and `<!-- bad-inputs:end -->`; a test keeps them equal, and the
+docs build (docs/hooks.py) renders it afresh.
 
     python tests/badinputs.py   # prints the table
 """
@@ -337,9 +338,9 @@ def _root_reads_all() -> str | None:
 @dataclass(frozen=True)
 class BadInput:
     name: str  # case id
-    input: str  # what the input is (README column 1)
+    input: str  # what the input is (table column 1)
     expect: str  # error code, "ok" or "ok+warning"
-    does: str  # what medblip-infer does with it (README column 3)
+    does: str  # what medblip-infer does with it (table column 3)
     build: Callable[[Path], Path]
     skip: Callable[[], str | None] = lambda: None  # a reason this case cannot be made here
     shown: str | None = None  # the row's `scan` when it is not the built path's name (a folder named in a CSV)
@@ -447,7 +448,7 @@ def _outcome(expect: str) -> str:
 
 
 def markdown_table() -> str:
-    """The README table: one line per case (input, outcome, what the tool does), ending with a newline."""
+    """The docs table: one line per case (input, outcome, what the tool does), ending with a newline."""
     lines = ["| Input | Row | What `medblip-infer` does |", "|---|---|---|"]
     for c in CASES:
         lines.append(f"| {c.input} | {_outcome(c.expect)} | {c.does} |")

@@ -1,4 +1,4 @@
-"""The bad-input corpus (tests/badinputs.py) through the real `medblip-infer` CLI, in one run, and the README table."""
+"""The bad-input corpus (tests/badinputs.py) through the real `medblip-infer` CLI, in one run, and the docs table."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from badinputs import BY_NAME, CASES, README_END, README_START, build_all, child_preexec, markdown_table
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+TABLE_PAGE = Path(__file__).resolve().parent.parent / "docs" / "inputs" / "bad-inputs.md"
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +77,9 @@ def test_markdown_table_lists_every_case():
         assert case.input in table and case.does in table
 
 
-def test_readme_table_is_current():
-    text = README.read_text(encoding="utf-8") if README.is_file() else ""
-    if README_START not in text or README_END not in text:
-        pytest.skip(f"README.md has no {README_START} ... {README_END} section yet")
+def test_docs_table_is_current():
+    text = TABLE_PAGE.read_text(encoding="utf-8")
+    assert README_START in text and README_END in text, f"{TABLE_PAGE.name} lost its {README_START} ... {README_END}"
     section = text.split(README_START, 1)[1].split(README_END, 1)[0]
-    assert section.strip() == markdown_table().strip(), "run: python tests/badinputs.py, paste it into README.md"
+    assert section.strip() == markdown_table().strip(), \
+        "run: python tests/badinputs.py, paste it into docs/inputs/bad-inputs.md between the markers"
