@@ -1,4 +1,4 @@
-"""Print the path of a real T1 brain MRI shipped in nilearn's wheel (the README's demo scan).
+"""Print the path of a real T1 brain MRI shipped in nilearn's wheel (the set-up command's demo scan).
 
     medblip-infer "$(python -m medblip_edge.demo_scan)" --bundle demo-bundle
 """

@@ -2,7 +2,7 @@
 
 Only DICOM Part 10 files (the 128-byte preamble followed by `DICM`) are read. No tag value
 ever goes into a message: files are named by their place in the series, modalities and
-transfer syntaxes only from fixed lists (see the privacy rule in the README).
+transfer syntaxes only from fixed lists (see the privacy rule in docs/guides/infer.md, Privacy).
 
 ScanError codes raised here: unreadable, bad_header (pydicom cannot parse the header),
 not_mr (another modality), unsupported_dtype (colour, 1-bit or float pixels, MONOCHROME1),

@@ -69,7 +69,7 @@ def _show(path) -> str:
     """The file name for a one-line message: control characters escaped, the rest as is.
 
     Only the name, never the directories: folders often carry patient names or IDs,
-    and messages end up in output rows and logs (see the privacy rule in the README).
+    and messages end up in output rows and logs (see the privacy rule in docs/guides/infer.md, Privacy).
     """
     s = os.fsdecode(path).rstrip("/" + os.sep) or os.fsdecode(path)
     s = os.path.basename(s) or s

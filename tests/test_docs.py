@@ -141,3 +141,20 @@ def test_mkdocs_build_strict(tmp_path):
     assert "medblip-infer" in cli and "--include-paths" in cli and "generated:cli" not in cli
     codes = (tmp_path / "site" / "reference" / "error-codes.html").read_text(encoding="utf-8")
     assert "corrupt_gzip" in codes and "generated:error-codes" not in codes
+
+
+# a source file named with its folder: model/scoring.py, runtime/factory.py, tests/test_docs.py, ...
+SOURCE_PATH = re.compile(r"(?<![\w./-])((?:model|bundle|engines|preprocess|export|runtime|serve|benchmarks|tests|docs)"
+                         r"/[A-Za-z0-9_/]+\.(?:py|sh|md))\b")
+
+
+def test_source_paths_exist():
+    """Hand-written pages name files by path; a module that moves must take its mentions with it."""
+    found, missing = set(), []
+    for page in [README, *pages()]:
+        for m in SOURCE_PATH.finditer(page.read_text(encoding="utf-8")):
+            found.add(m.group(1))
+            if not (ROOT / m.group(1)).is_file():
+                missing.append(f"{page.relative_to(ROOT)}: {m.group(1)}")
+    assert len(found) >= 20, f"only {len(found)} source paths found; is the pattern still right?"
+    assert not missing, "source paths that are not in the repository:\n" + "\n".join(missing)
