@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,3 +38,22 @@ class ExportContext:
     opts: ExportOptions
     progress: Any  # export.progress.Progress
     work: Path  # scratch folder, removed after the export
+
+
+@dataclass
+class Artifact:
+    """One artifact a step made and checked, its files already in the bundle's temporary folder: what the export
+    registers in the manifest (BundleWriter.add), its parity figures and resources among the fields in `meta`."""
+
+    name: str  # manifest key, a name from bundle/format.py
+    main: str  # bundle-relative path of its main file (or folder)
+    extra: dict | None = None  # role -> bundle-relative path of its other files
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class StepResult:
+    """What a step returns: the artifacts it made (possibly none) and a note for the user."""
+
+    artifacts: list[Artifact] = field(default_factory=list)
+    note: str | None = None

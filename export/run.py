@@ -24,6 +24,7 @@ from ..model.prompts import ANSWERS, DIAGNOSIS_QUESTION, PROMPT_TEMPLATE
 from ..model.random_init import write_random_checkpoint
 from ..model.stored import release_module
 from ..model.weights import load_weights, save_weights
+from ..bundle.format import TOKENIZER, TORCH
 from ..bundle.writer import BundleWriter
 from ..preprocess import PreprocessSpec
 from .context import ExportContext, ExportOptions
@@ -70,12 +71,12 @@ def export_bundle(opts: ExportOptions, quiet: bool = False) -> dict:
         with progress.step("PyTorch weights (stored dtypes) and tokenizer"), Meter() as meter:
             save_weights(model, writer.path("torch/weights.safetensors"))
             tokenizer.save(writer.path("tokenizer/x").parent)
-        writer.add("torch", "torch/weights.safetensors", kind="torch-weights", precision="as stored",
+        writer.add(TORCH, "torch/weights.safetensors", kind="torch-weights", precision="as stored",
                    parity={"reference": True}, resources=meter.result)
         if random_weights:  # the same tensors are in the bundle now: map those, and free the disk the preset used
             model = load_weights(model.cfg, writer.path("torch/weights.safetensors"), dtype=None)
             Path(ckpt).unlink()
-        writer.add("tokenizer", "tokenizer/tokenizer.json", kind="tokenizer", runs_with="tokenizers",
+        writer.add(TOKENIZER, "tokenizer/tokenizer.json", kind="tokenizer", runs_with="tokenizers",
                    clean_up_tokenization_spaces=tokenizer.clean_up_spaces)
         budget = EvalBudget.for_model(model, opts.eval_cases, opts.near_ties)
         with progress.step(f"fp32 reference on the evaluation set ({budget.cases} cases + {budget.near_ties} near "
@@ -90,10 +91,12 @@ def export_bundle(opts: ExportOptions, quiet: bool = False) -> dict:
         notes = []
         for step in steps:
             with progress.step(step.title):
-                note = step.run(ctx)
-                if note:
-                    notes.append(note)
-                    progress.note(note)
+                done = step.run(ctx)
+                for art in done.artifacts:  # checked by the step: registered with its figures
+                    writer.add(art.name, art.main, art.extra, **art.meta)
+                if done.note:
+                    notes.append(done.note)
+                    progress.note(done.note)
         manifest = {
             "random_weights": random_weights,
             "model": {"variant": model.cfg.variant, "config": model.cfg.as_dict(),

@@ -1,7 +1,8 @@
-"""Export steps after the PyTorch weights: each makes one artifact and checks it against the fp32 reference.
+"""Export steps after the PyTorch weights: each makes its artifacts and checks them against the fp32 reference.
 
-A step's `run(ctx)` writes into the bundle's temporary folder and registers the artifact only after its
-check passed; it returns an optional note for the user (e.g. why TensorRT was skipped). Every graph is
+A step's `run(ctx)` writes into the bundle's temporary folder and returns a StepResult: the artifacts whose
+check passed (the export registers them in the manifest) and an optional note for the user (e.g. why
+TensorRT was skipped). Every graph is
 written op by op from the weights as stored, one layer at a time, in its final format (export/graphs_*.py),
 and each artifact records the time, peak RSS and bytes it took.
 """
@@ -16,9 +17,11 @@ import numpy as np
 import torch
 
 from ..errors import MedblipError
+from ..bundle.format import LLM_ONNX, VISION_INPUT, VISION_ONNX, VISION_ONNX_FP16, VISION_OUTPUT, VISION_TRT
 from ..model.fidelity import check_vision
 from ..model.medblip import image_encoder_of
 from ..model.stored import fp32_compute, release_module
+from .context import Artifact, StepResult
 from .graphs_vision import VisionWriter
 from .llm_graphs import LLM_GRAPHS
 from .onnx_builder import WeightFile
@@ -43,7 +46,7 @@ def _files(graph_files: dict[str, list[Path]], folder: str) -> dict[str, str]:
 class VisionOnnxStep:
     title = "vision graph -> ONNX (3D ViT + ln_vision + Q-Former + projection), checked with ONNX Runtime"
 
-    def run(self, ctx) -> str | None:
+    def run(self, ctx) -> StepResult:
         ref, writer, model, opts = ctx.ref, ctx.writer, ctx.model, ctx.opts
         precision = "int8" if opts.precision == "int8" else "fp32"
         with Meter() as meter:
@@ -58,16 +61,16 @@ class VisionOnnxStep:
             parity = self._check(visual, ref, precision)
             if precision != "fp32":
                 parity["downstream"] = self._downstream(ctx, visual)
-        writer.add("vision_onnx", "vision/vision.onnx", {"data": "vision/vision.data"}, kind="onnx",
-                   precision=precision, **io, parity=parity, resources=meter.result)
+        made = [Artifact(VISION_ONNX, "vision/vision.onnx", {"data": "vision/vision.data"},
+                         dict(kind="onnx", precision=precision, **io, parity=parity, resources=meter.result))]
         if opts.precision == "fp16" or opts.trt:
-            self._fp16(ctx, writer, ref)
-        return None
+            made.append(self._fp16(ctx, writer, ref))
+        return StepResult(made)
 
     @staticmethod
     def _visual(sess, ref) -> np.ndarray:
         """The eval volumes in batches of 2 (exercises the dynamic batch axis) -> [n,Q,d]."""
-        return np.concatenate([sess.run(None, {"volume": ref.volumes[i:i + 2].numpy()})[0]
+        return np.concatenate([sess.run(None, {VISION_INPUT: ref.volumes[i:i + 2].numpy()})[0]
                                for i in range(0, len(ref.volumes), 2)])
 
     @staticmethod
@@ -86,14 +89,14 @@ class VisionOnnxStep:
         return {**out, "llm": "fp32 PyTorch (the reference's)"}
 
     @staticmethod
-    def _fp16(ctx, writer, ref) -> None:
+    def _fp16(ctx, writer, ref) -> Artifact:
         """fp16 graph for GPUs and TensorRT's strongly typed mode, traced: the ViT in fp16 with fp32 softmax and
         LayerNorm statistics; ln_vision, Q-Former and projection in fp32 (as transformers runs BLIP-2)."""
         with Meter() as meter:
             dst = writer.path("vision/vision_fp16.onnx")
             encoder = image_encoder_of(ctx.model, torch.float16)
-            files = export_onnx(encoder, (ref.volumes[:2],), dst, ["volume"], ["visual_tokens"],
-                                {"volume": {0: torch.export.Dim("batch", min=1, max=max(ctx.opts.max_batch, 2))}})
+            files = export_onnx(encoder, (ref.volumes[:2],), dst, [VISION_INPUT], [VISION_OUTPUT],
+                                {VISION_INPUT: {0: torch.export.Dim("batch", min=1, max=max(ctx.opts.max_batch, 2))}})
             del encoder
             release_module(ctx.model)
             extra = {"data": f"vision/{files[1].name}"} if len(files) > 1 else None
@@ -104,8 +107,8 @@ class VisionOnnxStep:
                 del sess
             except Exception as e:  # CPU providers lack some fp16 kernels; the figure then comes from the GPU run
                 parity, io = {"checked": False, "reason": str(e).splitlines()[0][:160]}, {}
-        writer.add("vision_onnx_fp16", "vision/vision_fp16.onnx", extra, kind="onnx", precision="fp16", **io,
-                   parity=parity, resources=meter.result)
+        return Artifact(VISION_ONNX_FP16, "vision/vision_fp16.onnx", extra,
+                        dict(kind="onnx", precision="fp16", **io, parity=parity, resources=meter.result))
 
 
 class LlmOnnxStep:
@@ -113,7 +116,7 @@ class LlmOnnxStep:
         self.quant = quant
         self.title = f"LLM graphs -> ONNX ({'fp32' if quant == 'none' else quant}), checked against the reference"
 
-    def run(self, ctx) -> str | None:
+    def run(self, ctx) -> StepResult:
         model, writer = ctx.model, ctx.writer
         formats = LLM_FORMATS[self.quant]
         fp32_bytes = 4 * sum(p.numel() for p in model.llm.parameters())
@@ -165,17 +168,19 @@ class LlmOnnxStep:
 
     @staticmethod
     def _ship(ctx, graphs: dict[str, list[Path]], precision: str, result: dict, formats: dict[str, str],
-              resources: dict) -> str | None:
-        """Register the graphs (already in the bundle's llm/ folder) as one artifact with its parity figures."""
+              resources: dict) -> StepResult:
+        """The graphs (already in the bundle's llm/ folder) as one artifact with its parity figures."""
         extra = _files(graphs, "llm")
         main = extra[next(iter(graphs))]
-        entry = ctx.writer.add("llm_onnx", main, extra, kind="onnx", precision=precision,
-                                  family=ctx.model.cfg.variant, graphs=list(graphs), parity=result,
-                                  **({"weight_formats": formats} if formats else {}), resources=resources)
-        result["bytes_on_disk"] = entry["bytes"]
+        result["bytes_on_disk"] = sum(f.stat().st_size for f in {f for files in graphs.values() for f in files})
+        art = Artifact(LLM_ONNX, main, extra, dict(kind="onnx", precision=precision, family=ctx.model.cfg.variant,
+                                                   graphs=list(graphs), parity=result,
+                                                   **({"weight_formats": formats} if formats else {}),
+                                                   resources=resources))
+        note = None
         if result.get("label_agreement", 1.0) < 1.0:
-            return f"{precision} LLM: label agreement {result['label_agreement']:.2f} on the evaluation set"
-        return None
+            note = f"{precision} LLM: label agreement {result['label_agreement']:.2f} on the evaluation set"
+        return StepResult([art], note)
 
     @staticmethod
     def _backend(ctx, files: dict, precision: str):
@@ -185,12 +190,12 @@ class LlmOnnxStep:
 class TrtStep:
     title = "TensorRT FP16 engine of the vision graph"
 
-    def run(self, ctx) -> str | None:
+    def run(self, ctx) -> StepResult:
         from ..engines.trt_build import build_engine, trt_available
 
         reason = trt_available()
         if reason:
-            return f"--trt skipped: {reason}; the rest of the bundle is written"
+            return StepResult(note=f"--trt skipped: {reason}; the rest of the bundle is written")
         opts, writer = ctx.opts, ctx.writer
         src = writer.path("vision/vision_fp16.onnx")
         engine = writer.path("trt/vision_fp16.engine")
@@ -201,9 +206,9 @@ class TrtStep:
             parity = check_vision(engine_visual(engine, meta, ctx.ref.volumes), ctx.ref.volume_visual.numpy(),
                                   "fp16", "TensorRT engine")
         shutil.copy2(ctx.work / "timing.cache", writer.path("trt/timing.cache"))
-        writer.add("vision_trt", "trt/vision_fp16.engine", {"timing_cache": "trt/timing.cache"}, kind="tensorrt",
-                   precision="fp16", **meta, parity=parity, resources=meter.result)
-        return None
+        return StepResult([Artifact(VISION_TRT, "trt/vision_fp16.engine", {"timing_cache": "trt/timing.cache"},
+                                    dict(kind="tensorrt", precision="fp16", **meta, parity=parity,
+                                         resources=meter.result))])
 
 
 def plan_steps(opts) -> list:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..bundle.format import LLM_ONNX, VISION_ONNX, VISION_ONNX_FP16, VISION_TRT
 from ..errors import BackendUnavailable, MedblipError
 from ..bundle.reader import Bundle
 
@@ -33,15 +34,15 @@ def _torch_llm(model, precision: str, device: str):
 def _ort_vision(bundle: Bundle, device: str, threads=None):
     from .vision_ort import OrtVision
 
-    fp16 = device.startswith("cuda") and bundle.has("vision_onnx_fp16")
-    art = "vision_onnx_fp16" if fp16 else "vision_onnx"
+    fp16 = device.startswith("cuda") and bundle.has(VISION_ONNX_FP16)
+    art = VISION_ONNX_FP16 if fp16 else VISION_ONNX
     return OrtVision(bundle.path(art), bundle.artifacts[art]["precision"], bundle.manifest["max_batch"], device, threads)
 
 
 def _ort_llm(bundle: Bundle, device: str, threads=None):
     from .llm_ort import ORT_LLMS
 
-    art = bundle.artifacts["llm_onnx"]
+    art = bundle.artifacts[LLM_ONNX]
     llm_cfg = bundle.config.llm
     paths = {g: bundle.root / art["files"][g] for g in art["graphs"]}
     return ORT_LLMS[bundle.config.variant](paths, art["precision"], int(llm_cfg["eos_token_id"]), device, threads,
@@ -53,7 +54,7 @@ def _trt_vision(bundle: Bundle, rebuild: bool):
     from .trt_rebuild import engine_for_here
     from .vision_trt import EngineMismatch, TrtVision
 
-    if bundle.has("vision_trt"):
+    if bundle.has(VISION_TRT):
         try:
             return TrtVision.from_bundle(bundle)
         except EngineMismatch:
@@ -79,7 +80,7 @@ def make_backends(bundle: Bundle, backend: str, device: str, precision: str | No
     if backend == "torch" or (backend == "auto" and precision is not None):
         vision, llm = _torch(bundle, device, precision)
         return vision, llm, {"vision": "torch", "llm": "torch"}
-    has_onnx = bundle.has("vision_onnx") and bundle.has("llm_onnx")
+    has_onnx = bundle.has(VISION_ONNX) and bundle.has(LLM_ONNX)
     if backend in ("ort", "trt") and not has_onnx:
         raise BackendUnavailable(f"bundle {bundle.root.name} has no ONNX graphs (exported with --no-onnx)")
     if backend == "auto" and not has_onnx:
@@ -87,7 +88,7 @@ def make_backends(bundle: Bundle, backend: str, device: str, precision: str | No
         return vision, llm, {"vision": "torch", "llm": "torch", "why": "bundle has no ONNX graphs"}
     llm = _ort_llm(bundle, device, threads)
     why = None
-    if backend == "trt" or (backend == "auto" and (bundle.has("vision_trt") or rebuild_trt)):
+    if backend == "trt" or (backend == "auto" and (bundle.has(VISION_TRT) or rebuild_trt)):
         try:
             return _trt_vision(bundle, rebuild_trt), llm, {"vision": "trt", "llm": "ort"}
         except BackendUnavailable as e:
