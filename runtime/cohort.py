@@ -224,7 +224,7 @@ def run_infer(opts: InferOptions) -> int:
             if prepared:
                 t0 = time.perf_counter()
                 visual = pipe.visual_tokens(torch.cat([p.volume for p in prepared], dim=0))
-                share = round((time.perf_counter() - t0) * 1000.0 / len(prepared), 3)
+                share = _pipeline.elapsed_ms(t0, len(prepared))
             k = 0
             for task in group:
                 item = task.item

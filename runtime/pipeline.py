@@ -35,8 +35,9 @@ class PreparedScan:
     series: str | None = None  # DICOM: short hash of the series UID
 
 
-def _ms(t0: float) -> float:
-    return round((time.perf_counter() - t0) * 1000.0, 3)
+def elapsed_ms(t0: float, share: int = 1) -> float:
+    """Wall time since `t0` (time.perf_counter) in ms, rounded to 1 us; divided among `share` scans of a batch."""
+    return round((time.perf_counter() - t0) * 1000.0 / share, 3)
 
 
 def read_scan(scan, spec: PreprocessSpec, sha256: str | None = None, may_preprocess=None) -> PreparedScan | None:
@@ -50,14 +51,14 @@ def read_scan(scan, spec: PreprocessSpec, sha256: str | None = None, may_preproc
     source = as_scan(scan)
     t0 = time.perf_counter()
     loaded = load_scan(source)
-    load_ms = _ms(t0)
+    load_ms = elapsed_ms(t0)
     digest = sha256 or source.sha256()
     if may_preprocess is not None and not may_preprocess():
         return None
     t1 = time.perf_counter()
     volume = to_model_input(loaded.array, spec.size)  # [1,1,S,S,S]
     return PreparedScan(source.name, digest, volume, list(loaded.warnings),
-                        {"load": load_ms, "preprocess": _ms(t1)}, loaded.orientation, loaded.series)
+                        {"load": load_ms, "preprocess": elapsed_ms(t1)}, loaded.orientation, loaded.series)
 
 
 class Pipeline:
@@ -117,7 +118,7 @@ class Pipeline:
         row = self.classify(visual, patient_text)
         if question is not None:
             row["answer"] = self.ask(visual, patient_text, question)
-        timings = dict(prepared.timings_ms, llm=_ms(t0))
+        timings = dict(prepared.timings_ms, llm=elapsed_ms(t0))
         series = {"series": prepared.series} if prepared.series else {}
         return {"scan": prepared.name, "scan_sha256": prepared.sha256, **series, "orientation": prepared.orientation,
                 **row,
@@ -135,7 +136,7 @@ class Pipeline:
         prepared = self.prepare(scan)
         t1 = time.perf_counter()
         visual = self.visual_tokens(prepared.volume)
-        prepared.timings_ms["vision"] = _ms(t1)
+        prepared.timings_ms["vision"] = elapsed_ms(t1)
         row = self.answer(prepared, visual, patient_text, question)
-        row["timings_ms"]["total"] = _ms(t0)
+        row["timings_ms"]["total"] = elapsed_ms(t0)
         return row

@@ -29,6 +29,7 @@ import numpy as np
 from ..errors import MedblipError
 from ..runtime.cohort import (InferOptions, RunOutput, check_options, expand_inputs, prepare_or_error, scan_row,
                               timeout_row)
+from ..runtime.pipeline import elapsed_ms
 from ..runtime.results_io import abspath, digest_or_none, exception_row
 from ..runtime.scan_inputs import ScanItem
 from . import ray_cluster
@@ -112,7 +113,7 @@ class _Model:
             volumes = torch.cat([torch.from_numpy(np.ascontiguousarray(batch["volume"][k]))[None] for k in todo])
             t0 = time.perf_counter()
             visual = self.pipe.visual_tokens(volumes)  # [B,Q,d]
-            share = round((time.perf_counter() - t0) * 1000.0 / len(todo), 3)
+            share = elapsed_ms(t0, len(todo))
             for n, k in enumerate(todo):
                 meta = json.loads(batch["meta"][k])
                 prepared = PreparedScan(meta["name"], meta["sha256"], volumes[n : n + 1], meta["warnings"],

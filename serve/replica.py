@@ -26,6 +26,7 @@ from pathlib import Path
 from ray import serve
 
 from ..errors import ScanError
+from ..runtime.pipeline import elapsed_ms
 from ..runtime.results_io import error_row, exception_row, scrub, sha_or_none
 from .config import ReplicaConfig
 from .upload import RequestError, read_upload
@@ -74,10 +75,6 @@ def _json(body: dict, status: int = 200, timing: dict | None = None):
 def server_timing(timing: dict) -> str:
     """{"upload": 4.2, ...} (ms) -> the Server-Timing header value "upload;dur=4.2, ..." (RFC: W3C Server Timing)."""
     return ", ".join(f"{name};dur={ms:g}" for name, ms in timing.items())
-
-
-def _ms(t0: float) -> float:
-    return round((time.perf_counter() - t0) * 1000.0, 3)
 
 
 class MedblipReplica:
@@ -129,7 +126,7 @@ class MedblipReplica:
         except asyncio.TimeoutError:
             return self._refuse(RequestError(STATUS_TIMEOUT, "timeout", "the upload took longer than the "
                                              f"server's {self.config.timeout_s:g} s limit"))
-        upload_ms = _ms(t0)
+        upload_ms = elapsed_ms(t0)
         timing = {"upload": upload_ms}  # wall time per step of this request, queues and batch waits included
         try:
             left = self.config.timeout_s - upload_ms / 1000.0
@@ -143,7 +140,7 @@ class MedblipReplica:
         if status == 200:
             self.metrics.row({"upload": upload_ms, **row["timings_ms"]})
         self.metrics.answered(status, row["error"]["code"] if "error" in row else None)
-        timing["app"] = _ms(t0)
+        timing["app"] = elapsed_ms(t0)
         return _json(row, status, timing)
 
     async def _row(self, upload, timing: dict) -> tuple[dict, int]:
@@ -152,7 +149,7 @@ class MedblipReplica:
         t0 = time.perf_counter()
         try:
             prepared = await loop.run_in_executor(self.readers, self.pipe.prepare, upload.path)
-            timing["read"] = _ms(t0)
+            timing["read"] = elapsed_ms(t0)
         except Exception as e:  # noqa: BLE001 -- never take the replica down; the message names no path
             status = STATUS_SCAN_ERROR if isinstance(e, ScanError) else 503 if isinstance(e, MemoryError) else 500
             return exception_row(e, upload.name, upload.path, lambda: sha_or_none(upload.path)), status
@@ -160,11 +157,11 @@ class MedblipReplica:
             t0 = time.perf_counter()
             visual, share = await self._visual(prepared.volume)
             prepared.timings_ms["vision"] = share
-            timing["vision"] = _ms(t0)
+            timing["vision"] = elapsed_ms(t0)
             t0 = time.perf_counter()
             row = await loop.run_in_executor(self.model, self.pipe.answer, prepared, visual, upload.patient_text,
                                              upload.question)
-            timing["llm"] = _ms(t0)
+            timing["llm"] = elapsed_ms(t0)
         except Exception as e:  # noqa: BLE001 -- whatever it is, the model failed on a scan that was read
             return error_row(upload.name, prepared.sha256, "internal_error",
                              scrub(f"unexpected {type(e).__name__} in the model: {e}", upload.path)), 500
@@ -189,6 +186,6 @@ class MedblipReplica:
         t0 = time.perf_counter()
         batch = volumes[0] if len(volumes) == 1 else torch.cat(volumes, dim=0)  # [B,1,S,S,S]
         visual = await asyncio.get_running_loop().run_in_executor(self.model, self.pipe.visual_tokens, batch)
-        share = round(_ms(t0) / len(volumes), 3)
+        share = elapsed_ms(t0, len(volumes))
         self.metrics.batch.observe(len(volumes))
         return [(visual[i : i + 1], share) for i in range(len(volumes))]
