@@ -1,0 +1,49 @@
+"""`medblip-bench SUITE ...` (also `python -m medblip_edge.benchmarks SUITE ...`): one group over the suites,
+each loaded only when named. Options before any suite name (the pipeline benchmark's command line before
+the suites existed, `medblip-bench --preset small --out DIR`) run the `pipeline` suite."""
+
+from __future__ import annotations
+
+import importlib
+import shlex
+
+import click
+
+from .suite import COMMAND
+
+# name -> (module in this package, the one line `medblip-bench --help` shows for it)
+SUITES = {
+    "pipeline": ("pipeline", "Every stage, backend and precision against the reference"),
+}
+
+
+class BenchGroup(click.Group):
+    """The suites, loaded lazily; `errors` wraps the invocation (one-line errors, exit 2)."""
+
+    def __init__(self, *args, errors=lambda fn: fn, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.errors = errors
+
+    def list_commands(self, ctx) -> list[str]:
+        return list(SUITES)
+
+    def get_command(self, ctx, name: str) -> click.Command | None:
+        if name not in SUITES:
+            return None
+        return importlib.import_module(f"{__package__}.{SUITES[name][0]}").command
+
+    def format_commands(self, ctx, formatter) -> None:
+        with formatter.section("Suites (each with --help)"):
+            formatter.write_dl([(name, line) for name, (_, line) in SUITES.items()])
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        if args and args[0].startswith("-") and args[0] not in ctx.help_option_names:
+            args = ["pipeline", *args]
+        ctx.meta[COMMAND] = f"{ctx.info_name} {shlex.join(args)}".rstrip()
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx):
+        return self.errors(super().invoke)(ctx)
+
+    def main(self, args=None, prog_name: str | None = None, **kwargs):
+        return super().main(args, prog_name or self.name, **kwargs)
