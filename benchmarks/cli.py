@@ -14,6 +14,9 @@ from .suite import COMMAND
 # name -> (module in this package, the one line `medblip-bench --help` shows for it)
 SUITES = {
     "pipeline": ("pipeline", "Every stage, backend and precision against the reference"),
+    "decode-formats": ("decode_formats", "The decode step per graph form and weight format"),
+    "vision-forms": ("vision_forms", "The ViT's training forms against its fused forms"),
+    "gunzip": ("gunzip", "Gzip inflate and NIfTI read with zlib and zlib-ng"),
 }
 
 
