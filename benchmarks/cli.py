@@ -17,6 +17,8 @@ SUITES = {
     "decode-formats": ("decode_formats", "The decode step per graph form and weight format"),
     "vision-forms": ("vision_forms", "The ViT's training forms against its fused forms"),
     "gunzip": ("gunzip", "Gzip inflate and NIfTI read with zlib and zlib-ng"),
+    "serve-load": ("serve_load", "medblip-serve under load beside the in-process pipeline"),
+    "ray-cohort": ("ray_cohort", "A cohort through --engine ray beside the local engine"),
 }
 
 
