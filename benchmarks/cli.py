@@ -19,6 +19,7 @@ SUITES = {
     "gunzip": ("gunzip", "Gzip inflate and NIfTI read with zlib and zlib-ng"),
     "serve-load": ("serve_load", "medblip-serve under load beside the in-process pipeline"),
     "ray-cohort": ("ray_cohort", "A cohort through --engine ray beside the local engine"),
+    "export-quality": ("export_quality", "Export fidelity to fp32 per LLM format and vision graph"),
 }
 
 
