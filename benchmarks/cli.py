@@ -9,7 +9,7 @@ import shlex
 
 import click
 
-from .suite import COMMAND
+COMMAND = "medblip_edge.bench.command"  # ctx.meta key: the command line as typed, read by suite.py
 
 # name -> (module in this package, the one line `medblip-bench --help` shows for it)
 SUITES = {

@@ -14,10 +14,10 @@ from typing import Callable
 import click
 
 from ..errors import MedblipError
+from .cli import COMMAND
 from .timing import Clock
 
 RESULTS = Path("results")  # committed results live in the repository's top-level results/ folder
-COMMAND = "medblip_edge.bench.command"  # ctx.meta key: the command line as typed, set by the group
 
 
 @dataclass

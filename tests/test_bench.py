@@ -151,6 +151,12 @@ def test_help_lists_every_suite_with_one_line():
         assert re.search(rf"^  {name} +\S", listed, re.M), name
 
 
+def test_the_command_line_module_stays_light():
+    """cli.py (every console script, and the docs' CLI reference) imports no suite, so no torch, until one is named."""
+    code = "import sys, medblip_edge.cli; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
 @pytest.mark.parametrize("name", SUITES)
 def test_each_suite_explains_its_options(name):
     r = _bench([name, "--help"])
