@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from bundles import tiny_onnx_bundle
 from commands import console_command
@@ -212,6 +213,44 @@ def test_default_out_is_the_results_folder(tmp_path, monkeypatch):
     assert first.parent == Path("results") and first.name.startswith("cpu-gunzip-")
     first.mkdir(parents=True)
     assert default_out("gunzip").name == first.name + "-b" and default_out("x", "cuda").name.startswith("gpu-x-")
+
+
+def _torch_rows_on_eval_volume(tmp_path, *extra) -> dict:
+    """The GPU session's pipeline command (one bundle of PyTorch weights, the evaluation volume as input)."""
+    out = tmp_path / "torch-eval"
+    proc = subprocess.run(_bench_cmd() + ["pipeline", "--preset", "tiny", "--backends", "torch", "--scan", "eval",
+                                          "--quick", "--batch", "1,2", *extra, "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["scan"]["name"] == "evaluation volume 0" and "input" in res["timing_notes"]
+    assert "torch" in res["bundles"][0]["artifacts"] and not {"vision_onnx", "llm_onnx"} & set(res["bundles"][0]["artifacts"])
+    for r in res["rows"]:
+        assert "load" not in r["stages_ms"] and r["stages_ms"]["end_to_end"]["p50"] > 0
+    return res
+
+
+@pytest.mark.slow
+def test_pipeline_on_the_evaluation_volume_with_torch_rows_only(tmp_path):
+    res = _torch_rows_on_eval_volume(tmp_path)
+    assert [r["name"] for r in res["rows"]] == ["reference", "torch fp32"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_pipeline_on_cuda_through_the_factory(tmp_path):
+    """The GPU rows: the published code's GPU dtypes, torch fp32/fp16/bf16, the eager decoder beside the graph."""
+    res = _torch_rows_on_eval_volume(tmp_path, "--device", "cuda", "--compare-decode")
+    rows = {r["name"]: r for r in res["rows"]}
+    assert set(rows) == {"reference", "torch fp32", "torch fp16", "torch bf16"}
+    assert "autocast" in rows["reference"]["precision"]["vision"] and res["machine"]["gpu"]
+    for name in ("torch fp32", "torch fp16", "torch bf16"):
+        assert rows[name]["stages_ms"]["decode_step_eager"]["n"] >= 1 and rows[name]["memory"]["gpu_peak_mib"] > 0
+
+
+def test_compare_decode_needs_cuda(tmp_path):
+    r = _bench(["pipeline", "--preset", "tiny", "--compare-decode", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "--compare-decode" in r.output and not (tmp_path / "x").exists()
 
 
 @pytest.mark.slow
