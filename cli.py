@@ -146,30 +146,24 @@ def infer_main(scans, bundle_dir, backend, device, precision, patient_text, ques
 
 # -- medblip-bench --------------------------------------------------------------
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--bundle", "bundle_dirs", type=click.Path(path_type=Path), multiple=True,
-              help="Bundle to benchmark (repeat for several: one ORT row each; the first gives the torch rows).")
-@click.option("--preset", help="Or: export this preset first (INT8 and INT4 LLM bundles) and benchmark it.")
-@click.option("--backends", default="torch,ort", show_default=True, help="Comma list of torch, ort, trt.")
-@click.option("--batch", "batches", default="1,2,4", show_default=True, help="Vision batch sizes (comma list).")
-@click.option("--iters", type=int, default=5, show_default=True, help="Timed iterations per row.")
-@click.option("--warmup", type=int, default=1, show_default=True, help="Untimed iterations first.")
-@click.option("--reference-iters", type=int, default=None,
-              help="Timed iterations of the reference row (default: --iters; at the paper's sizes one takes minutes).")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
-@click.option("--quick", is_flag=True, help="Few iterations, small batches: finishes in under 2 minutes for tiny.")
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
-              help="Folder for results.json, report.md and the PNG plots.")
-@one_line_errors
-def bench_main(bundle_dirs, preset, backends, batches, iters, warmup, reference_iters, device, quick, out_dir):
-    """Benchmark per stage (load, preprocess, vision, LLM prefill, decode step, end to end) against the
-    plain PyTorch reference and against this machine's measured limits. Each row runs in its own process.
-    """
-    from .benchmarks.run import BenchOptions, run_bench
+from .benchmarks.cli import BenchGroup  # noqa: E402  (click only: each suite is imported when it is named)
 
-    run_bench(BenchOptions(bundles=list(bundle_dirs), preset=preset, backends=[b for b in backends.split(",") if b],
-                           batches=[int(b) for b in batches.split(",") if b], iters=iters, warmup=warmup,
-                           reference_iters=reference_iters, device=device, quick=quick, out=out_dir))
+bench_main = BenchGroup(
+    "medblip-bench", errors=one_line_errors, help="""Benchmarks, one suite at a time, on the machine at hand.
+
+    Every suite records this machine (CPU and its flags, cores, RAM, GPU, library versions, load
+    averages and what other processes took) and the command line that ran it, and writes
+    results.json and report.md (its tables) into --out, by default results/<cpu|gpu>-<suite>-<date>;
+    the tables are printed too. `python -m medblip_edge.benchmarks SUITE ...` is the same command
+    where the console scripts are not installed.
+
+    \b
+    Examples:
+      medblip-bench pipeline --preset tiny --quick --out /tmp/bench
+      medblip-bench pipeline --device cuda --preset paper-t5 --backends torch --scan eval
+      medblip-bench gunzip --iters 10
+    """,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 
 
 # -- medblip-serve --------------------------------------------------------------

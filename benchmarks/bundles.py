@@ -1,4 +1,4 @@
-"""The inputs of a run: the bundles (given, or exported from a preset) and the real scan."""
+"""The pipeline suite's inputs: the bundles (given, or exported from a preset) and the real scan."""
 
 from __future__ import annotations
 
@@ -49,14 +49,17 @@ def _large(preset: str) -> bool:
         >= PARALLEL_EXPORT_PARAMETERS
 
 
-def export_preset(preset: str, root: Path, device: str, trt: bool, max_batch: int) -> list[Path]:
+def export_preset(preset: str, root: Path, device: str, trt: bool, max_batch: int, onnx: bool = True) -> list[Path]:
     """Export `preset` once per LLM quantization into `root`, in parallel processes when memory allows; files
-    the bundles have in common (same path, same SHA-256: the PyTorch weights) are stored once (hard links)."""
+    the bundles have in common (same path, same SHA-256: the PyTorch weights) are stored once (hard links).
+    Without `onnx` (only torch rows asked for): one bundle of PyTorch weights, no graphs."""
     import psutil
 
     kinds = PRESET_BUNDLES["cuda" if device.startswith("cuda") else "cpu"]
     jobs = [{"out": root / f"{preset}-{q}", "preset": preset, "llm_quant": q, "max_batch": max_batch,
              "precision": vision, "trt": trt} for q, vision in kinds]
+    if not onnx:
+        jobs = [{"out": root / f"{preset}-torch", "preset": preset, "max_batch": max_batch, "onnx": False}]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     # an export is mostly single-threaded graph writing, so two at once roughly halve the wait;
     # a small-preset export peaks near 2 GiB, a paper-size one near 7 (INT8/INT4 LLM): those run one by one

@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import time
 from typing import Callable
 
 import numpy as np
 import torch
 
 from ..runtime.hugepages import collapse_buffer
-from .timing import sync
+from .timing import time_calls
 
 
 def _best_s(fn: Callable[[], object], device: str, reps: int, warmup: int = 1) -> float:
-    """Fastest of `reps` timed calls (the ceiling is the best the hardware did, not the typical)."""
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(reps):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
+    """Fastest of `reps` timed calls, in seconds (the ceiling is the best the hardware did, not the typical)."""
+    return min(time_calls(fn, device, reps, warmup)[0]) / 1e3
 
 
 def _torch_mm(n: int, dtype: torch.dtype, device: str, reps: int) -> dict:

@@ -1,4 +1,5 @@
-"""What the numbers were measured on: CPU, cores, RAM, GPU, library versions, date."""
+"""What the numbers were measured on: CPU, cores, RAM, GPU, library versions, date, and how busy the machine was
+while they were measured (the one machine capture of every suite)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ import datetime
 import os
 import platform
 import subprocess
-import time
 from pathlib import Path
 
 import torch
+
+from .timing import Clock
 
 # CPU features that decide which fast matmul paths exist (AMX/VNNI for int8 and bf16).
 _FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16",
@@ -84,7 +86,7 @@ class OtherLoad:
         import psutil
 
         self._proc = psutil.Process()
-        self._t, self._sys, self._own = time.perf_counter(), self._busy(), self._own_cpu()
+        self._clock, self._sys, self._own = Clock(), self._busy(), self._own_cpu()
         return self
 
     @staticmethod
@@ -99,8 +101,27 @@ class OtherLoad:
         return c.user + c.system + c.children_user + c.children_system
 
     def stop(self) -> dict:
-        wall = time.perf_counter() - self._t
+        wall = self._clock.elapsed_s()
         other = max(0.0, (self._busy() - self._sys) - (self._own_cpu() - self._own))
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         return {"other_cpu_s": round(other, 1), "wall_s": round(wall, 1),
                 "other_busy_fraction": round(other / (wall * cores), 3) if wall > 0 else 0.0}
+
+
+def load_average() -> list[float] | None:
+    """1, 5 and 15 minute load averages (None where the OS has none)."""
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+class MachineWatch:
+    """`with MachineWatch() as w:` -> w.info: `machine_info()` plus the load averages at the start and the end
+    and the CPU time other processes took meanwhile (timings on a shared machine include their contention)."""
+
+    def __enter__(self) -> "MachineWatch":
+        self.info = {**machine_info(), "load_average_start": load_average()}
+        self._others = OtherLoad().start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.info["other_processes"] = self._others.stop()
+        self.info["load_average_end"] = load_average()

@@ -1,6 +1,4 @@
-"""Load run against `medblip-serve`, beside the in-process pipeline in the same run.
-
-    python -m medblip_edge.benchmarks.serve_load --bundle BUNDLE --out DIR [--config SPEC ...] [--fault]
+"""`medblip-bench serve-load`: a load run against `medblip-serve`, beside the in-process pipeline in the same run.
 
 1. In process, no server: `Pipeline.from_bundle(BUNDLE)(scan)` called one after another (the
    sequential rate), the vision stage's cost per scan at batch 1, 2, 4 (does batching pay on this
@@ -19,15 +17,12 @@
 3. With `--fault`, on the first configuration: another load run during which the replica process is
    killed (SIGKILL) after `--kill-after` seconds: every request's status and latency, and how long
    until rows came again.
-Writes DIR/serve_load.json and DIR/report.md. The machine's load average is recorded before and after.
 """
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures as cf
 import json
-import os
 import signal
 import socket
 import statistics
@@ -35,35 +30,37 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import psutil
-import requests
+import click
 
-from .machine import machine_info
-from .timing import p50_ms
+from ..errors import MedblipError
+from .suite import Outcome, Run, suite
+from .timing import Clock, now, p50_ms, summary, time_calls
 
 DEFAULT_CONFIGS = ("", "max_batch=4,batch_wait_ms=10", "replicas=2,threads=1")
 
 
-def _pct(xs, q) -> float:
-    return round(float(np.percentile(np.asarray(xs) * 1000.0, q)), 1)
+@dataclass
+class LoadOptions:
+    """The suite's options, as every step of the run reads them."""
 
-
-def _timed(fn, n: int) -> tuple[list[float], float]:
-    """n calls of fn() -> (seconds per call, wall seconds)."""
-    lat, t0 = [], time.perf_counter()
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        lat.append(time.perf_counter() - t)
-    return lat, time.perf_counter() - t0
+    bundle: Path
+    scan: Path
+    configs: tuple[str, ...]
+    clients: int
+    requests: int
+    sequential: int
+    timeout: float
+    fault: bool
+    kill_after: float
 
 
 def sequential(pipe, scan: Path, n: int) -> dict:
-    lat, wall = _timed(lambda: pipe(scan), n)
-    return {"calls": n, "p50_ms": _pct(lat, 50), "p99_ms": _pct(lat, 99), "per_s": round(n / wall, 3)}
+    clock = Clock()
+    s = summary(time_calls(lambda: pipe(scan), "cpu", n, warmup=0)[0])
+    return {"calls": n, "p50_ms": s["p50"], "p99_ms": s["p99"], "per_s": round(n / clock.elapsed_s(), 3)}
 
 
 def vision_batch_costs(pipe, scan: Path, iters: int = 3) -> dict:
@@ -93,9 +90,9 @@ def side_by_side(bundle: Path, scan: Path, n: int, lanes: int = 2) -> dict:
         pipe = Pipeline.from_bundle(bundle, threads=1)
         pipe(scan)
         with cf.ThreadPoolExecutor(lanes) as pool:
-            t0 = time.perf_counter()
+            clock = Clock()
             list(pool.map(lambda _: pipe(scan), range(n)))
-            wall = time.perf_counter() - t0
+            wall = clock.elapsed_s()
     finally:
         torch.set_num_threads(threads)
     return {"calls": n, "lanes": lanes, "threads_each": 1, "per_s": round(n / wall, 3)}
@@ -124,7 +121,7 @@ def start_server(bundle: Path, spec: str, timeout: float) -> tuple[subprocess.Po
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = proc.stdout.readline()
     if not line.strip():
-        raise SystemExit(f"medblip-serve did not start: {' '.join(cmd)}")
+        raise MedblipError(f"medblip-serve did not start: {' '.join(cmd)}", code="bench_failed")
     return proc, json.loads(line)
 
 
@@ -135,6 +132,8 @@ def stop_server(proc: subprocess.Popen) -> int:
 
 def _batches(metrics_url: str) -> dict:
     """{batch size upper bound: cumulative count} of medblip_vision_batch_size."""
+    import requests
+
     out: dict[float, float] = {}
     for line in requests.get(metrics_url, timeout=30).text.splitlines():
         if line.startswith("ray_medblip_vision_batch_size_bucket{"):
@@ -168,40 +167,46 @@ def parse_server_timing(header: str) -> dict:
 def interleaved(pipe, url: str, scan: Path, n: int, timeout: float) -> dict:
     """n pairs (in-process call, then one POST): both p50s, the median of the differences, and the p50 split
     of the server's time by its Server-Timing header."""
-    data, session = scan.read_bytes(), requests.Session()
+    import requests
+
+    data, session, clock = scan.read_bytes(), requests.Session(), Clock()
     local, served, timing = [], [], []
     for _ in range(n):
-        t = time.perf_counter()
+        t = clock.now()
         pipe(scan)
-        local.append(time.perf_counter() - t)
-        t = time.perf_counter()
+        local.append(clock.ms_since(t))
+        t = clock.now()
         r = session.post(url, files={"scan": (scan.name, data)}, timeout=timeout)
-        served.append(time.perf_counter() - t)
+        served.append(clock.ms_since(t))
         if r.status_code != 200:
-            raise SystemExit(f"the server answered {r.status_code}: {r.text[:200]}")
+            raise MedblipError(f"the server answered {r.status_code}: {r.text[:200]}", code="bench_failed")
         st = parse_server_timing(r.headers.get("Server-Timing", ""))
         st["compute"] = r.json()["timings_ms"]["total"]
-        st["http_and_hop"] = served[-1] * 1000.0 - st.get("app", 0.0)
+        st["http_and_hop"] = served[-1] - st.get("app", 0.0)
         timing.append(st)
-    return {"pairs": n, "in_process_p50_ms": _pct(local, 50), "server_p50_ms": _pct(served, 50),
-            "overhead_p50_ms": round(statistics.median((b - a) * 1000.0 for a, b in zip(local, served)), 1),
+    return {"pairs": n, "in_process_p50_ms": summary(local)["p50"], "server_p50_ms": summary(served)["p50"],
+            "overhead_p50_ms": round(statistics.median(b - a for a, b in zip(local, served)), 1),
             "server_timing_p50_ms": {k: round(statistics.median(t[k] for t in timing), 1) for k in timing[0]}}
 
 
 def load(url: str, scan: Path, clients: int, n: int, timeout: float, during=None) -> list[tuple]:
-    """n POSTs from `clients` threads -> [(status or None, seconds, error code or exception name, start, end)]
-    (start and end: perf_counter seconds)."""
+    """n POSTs from `clients` threads -> [(status or None, ms, error code or exception name, start, end)]
+    (start and end: the shared clock's seconds, timing.now())."""
+    import requests
+
     data = scan.read_bytes()
 
     def one(i):
-        t = time.perf_counter()
+        t = now()
         try:
             r = requests.post(url, files={"scan": (scan.name, data)}, timeout=timeout)
             code = r.json().get("error", {}).get("code") if r.headers.get("content-type", "").startswith(
                 "application/json") else r.text[:80]
-            return r.status_code, time.perf_counter() - t, code, t, time.perf_counter()
+            status = r.status_code
         except requests.RequestException as e:
-            return None, time.perf_counter() - t, type(e).__name__, t, time.perf_counter()
+            status, code = None, type(e).__name__
+        end = now()
+        return status, (end - t) * 1e3, code, t, end
 
     with cf.ThreadPoolExecutor(clients) as pool:
         futures = [pool.submit(one, i) for i in range(n)]
@@ -216,117 +221,92 @@ def summarize(results: list[tuple], wall: float) -> dict:
     for st, _, code, *_ in results:
         key = f"{st} {code}" if st != 200 else "200"
         statuses[key] = statuses.get(key, 0) + 1
+    s = summary(ok)
     return {"requests": len(results), "ok": len(ok), "failed": len(results) - len(ok), "statuses": statuses,
-            "p50_ms": _pct(ok, 50) if ok else None, "p99_ms": _pct(ok, 99) if ok else None,
-            "max_ms": _pct([r[1] for r in results], 100), "per_s": round(len(ok) / wall, 3)}
+            "p50_ms": s["p50"], "p99_ms": s["p99"], "max_ms": summary([r[1] for r in results])["max"],
+            "per_s": round(len(ok) / wall, 3)}
 
 
-def run_config(pipe, spec: str, args, log, fault: bool) -> dict:
-    proc, info = start_server(args.bundle, spec, args.timeout)
+def run_config(run: Run, pipe, spec: str, opts: LoadOptions, fault: bool) -> dict:
+    proc, info = start_server(opts.bundle, spec, opts.timeout)
     res: dict = {"config": spec or "default"}
+    client_s = opts.timeout + 30
     try:
         res["server"] = {k: info[k] for k in ("replicas", "threads", "backend", "max_batch", "startup_s")}
-        load(info["url"], args.scan, 1, 3, args.timeout + 30)  # warm-up
-        res["one_client"] = interleaved(pipe, info["url"], args.scan, args.sequential, args.timeout + 30)
-        log(f"  one client: {res['one_client']}")
+        load(info["url"], opts.scan, 1, 3, client_s)  # warm-up
+        res["one_client"] = interleaved(pipe, info["url"], opts.scan, opts.sequential, client_s)
+        run.say(f"  one client: {res['one_client']}")
         time.sleep(3)
-        res["in_process"] = sequential(pipe, args.scan, args.sequential)  # server idle, just before the load
+        res["in_process"] = sequential(pipe, opts.scan, opts.sequential)  # server idle, just before the load
         before = _batches(info["metrics"])
-        t0 = time.perf_counter()
-        res["load"] = summarize(load(info["url"], args.scan, args.clients, args.requests, args.timeout + 30),
-                                time.perf_counter() - t0)
-        res["load"]["clients"] = args.clients
+        clock = Clock()
+        res["load"] = summarize(load(info["url"], opts.scan, opts.clients, opts.requests, client_s),
+                                clock.elapsed_s())
+        res["load"]["clients"] = opts.clients
         res["throughput_vs_in_process"] = round(res["load"]["per_s"] / res["in_process"]["per_s"], 2)
         time.sleep(12)  # Ray's metrics agent exports every few seconds
         res["load"]["vision_batches"] = _sizes(before, _batches(info["metrics"]))
-        log(f"  load: {res['load']}, {res['throughput_vs_in_process']}x in process")
+        run.say(f"  load: {res['load']}, {res['throughput_vs_in_process']}x in process")
         if fault:
-            res["fault"] = fault_run(proc, info, args)
-            log(f"  fault: {res['fault']}")
+            res["fault"] = fault_run(proc, info, opts)
+            run.say(f"  fault: {res['fault']}")
     finally:
         res["server_exit"] = stop_server(proc)
     return res
 
 
-def fault_run(proc: subprocess.Popen, info: dict, args) -> dict:
+def fault_run(proc: subprocess.Popen, info: dict, opts: LoadOptions) -> dict:
+    import psutil
+    import requests
+
     replica = [p for p in psutil.Process(proc.pid).children(recursive=True)
                if "ServeReplica" in " ".join(p.cmdline())][0]
-    killed = {}
+    killed, client_s = {}, opts.timeout + 30
 
     def kill():
-        time.sleep(args.kill_after)
-        killed["at"] = time.perf_counter()
+        time.sleep(opts.kill_after)
+        killed["at"] = now()
         replica.kill()
 
-    t0 = time.perf_counter()
-    results = load(info["url"], args.scan, args.clients, args.requests, args.timeout + 30,
+    clock = Clock()
+    results = load(info["url"], opts.scan, opts.clients, opts.requests, client_s,
                    during=threading.Thread(target=kill, daemon=True).start)
-    out = summarize(results, time.perf_counter() - t0)
-    out.update(killed_after_s=args.kill_after, client_timeout_s=args.timeout + 30)
+    out = summarize(results, clock.elapsed_s())
+    out.update(killed_after_s=opts.kill_after, client_timeout_s=client_s)
     # the new replica's first row: the first 200 that ended over a second after the kill (an answer from the killed
     # replica would have been on its way within milliseconds)
     again = [end for status, _, _, _, end in results if status == 200 and end > killed["at"] + 1.0]
     if not again:  # the run ended before the replacement answered: ask until it does
-        while requests.post(info["url"], files={"scan": (args.scan.name, args.scan.read_bytes())},
-                            timeout=args.timeout + 30).status_code != 200:
+        while requests.post(info["url"], files={"scan": (opts.scan.name, opts.scan.read_bytes())},
+                            timeout=client_s).status_code != 200:
             time.sleep(1)
-        again = [time.perf_counter()]
+        again = [now()]
     out["rows_again_s_after_kill"] = round(min(again) - killed["at"], 1)
     return out
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--bundle", type=Path, required=True)
-    ap.add_argument("--scan", type=Path, default=None, help="default: the MNI152 T1 in nilearn's wheel")
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--config", action="append", default=None,
-                    help='medblip-serve options as "key=value,..." (repeatable; "" is the default server)')
-    ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--requests", type=int, default=200)
-    ap.add_argument("--sequential", type=int, default=20)
-    ap.add_argument("--timeout", type=float, default=60.0)
-    ap.add_argument("--fault", action="store_true")
-    ap.add_argument("--kill-after", type=float, default=5.0)
-    args = ap.parse_args(argv)
+def measure(run: Run, opts: LoadOptions) -> dict:
     from ..runtime.pipeline import Pipeline
 
-    if args.scan is None:
-        from ..demo_scan import mni_t1_path
-
-        args.scan = Path(mni_t1_path())
-    configs = DEFAULT_CONFIGS if args.config is None else tuple(args.config)
-    args.out.mkdir(parents=True, exist_ok=True)
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    res = {"command": "python -m medblip_edge.benchmarks.serve_load " + " ".join(argv or sys.argv[1:]),
-           "machine": machine_info(), "load_before": os.getloadavg()}
-    log("in process ...")
-    pipe = Pipeline.from_bundle(args.bundle)
+    run.say("in process ...")
+    pipe = Pipeline.from_bundle(opts.bundle)
     for _ in range(2):
-        pipe(args.scan)
-    res["in_process"] = sequential(pipe, args.scan, args.sequential)
-    res["vision_ms_per_scan_by_batch"] = vision_batch_costs(pipe, args.scan)
-    res["side_by_side"] = side_by_side(args.bundle, args.scan, args.sequential)
-    log(f"  {res['in_process']}, vision per scan by batch {res['vision_ms_per_scan_by_batch']}, "
-        f"two at a time {res['side_by_side']}")
+        pipe(opts.scan)
+    res = {"in_process": sequential(pipe, opts.scan, opts.sequential),
+           "vision_ms_per_scan_by_batch": vision_batch_costs(pipe, opts.scan),
+           "side_by_side": side_by_side(opts.bundle, opts.scan, opts.sequential)}
+    run.say(f"  {res['in_process']}, vision per scan by batch {res['vision_ms_per_scan_by_batch']}, "
+            f"two at a time {res['side_by_side']}")
     res["configs"] = []
-    for i, spec in enumerate(configs):
-        log(f"server {spec or 'default'} ...")
-        res["configs"].append(run_config(pipe, spec, args, log, fault=args.fault and i == 0))
-    res["load_after"] = os.getloadavg()
-    (args.out / "serve_load.json").write_text(json.dumps(res, indent=1) + "\n")
-    (args.out / "report.md").write_text(report(res))
-    print(report(res))
+    for i, spec in enumerate(opts.configs):
+        run.say(f"server {spec or 'default'} ...")
+        res["configs"].append(run_config(run, pipe, spec, opts, fault=opts.fault and i == 0))
+    return res
 
 
 def report(r: dict) -> str:
-    m, ip, sbs = r["machine"], r["in_process"], r["side_by_side"]
-    lines = [f"# medblip-serve load run, {m.get('date', '')}", "",
-             f"`{r['command']}`", "",
-             f"Machine: {m.get('cpu', {}).get('model', '?')} ({', '.join(m.get('cpu', {}).get('flags', []))}), "
-             f"{m.get('cores', {}).get('usable', '?')} cores; load average before {r['load_before'][0]:.2f}, after "
-             f"{r['load_after'][0]:.2f}.", "",
-             "In process, no server:", "",
+    ip, sbs = r["in_process"], r["side_by_side"]
+    lines = ["In process, no server:", "",
              f"- sequential: p50 {ip['p50_ms']} ms, {ip['per_s']} scans/s",
              f"- {sbs['lanes']} calls at a time, one compute thread each: {sbs['per_s']} scans/s "
              f"({sbs['per_s'] / ip['per_s']:.2f}x sequential)",
@@ -356,5 +336,55 @@ def report(r: dict) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    main()
+def _configs(ctx, param, value: tuple) -> tuple[str, ...]:
+    """--config values checked at parse time (a bad one is a usage error before any server starts)."""
+    for spec in value:
+        try:
+            config_flags(spec)
+        except SystemExit as e:
+            raise click.BadParameter(str(e)) from None
+    return value or DEFAULT_CONFIGS
+
+
+@suite("serve-load")
+@click.option("--bundle", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Bundle to serve and to run in process.")
+@click.option("--scan", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Scan every request uploads [default: the MNI152 T1 in nilearn's wheel].")
+@click.option("--config", "configs", multiple=True, callback=_configs,
+              help='medblip-serve options as "key=value,..." (`_` for `-`; repeatable; "" is the default server) '
+                   '[default: "", "max_batch=4,batch_wait_ms=10", "replicas=2,threads=1"].')
+@click.option("--clients", type=int, default=8, show_default=True, help="Clients at once in the load run.")
+@click.option("--requests", type=int, default=200, show_default=True, help="Requests in the load run.")
+@click.option("--sequential", type=int, default=20, show_default=True,
+              help="In-process calls per sequential block and one-client pairs.")
+@click.option("--timeout", type=float, default=60.0, show_default=True,
+              help="The server's per-request limit in seconds (clients wait 30 s more).")
+@click.option("--fault", is_flag=True, help="On the first configuration, another load run during which the replica "
+              "is killed (SIGKILL): every request's status and latency, and how long until rows came again.")
+@click.option("--kill-after", type=float, default=5.0, show_default=True, help="--fault: seconds into that run.")
+def command(run: Run, bundle: Path, scan: Path | None, configs: tuple, clients: int, requests: int, sequential: int,
+            timeout: float, fault: bool, kill_after: float) -> Outcome:
+    """Run the real medblip-serve (a local Ray cluster on 127.0.0.1) under load, beside the in-process pipeline
+    on the same machine in the same run; needs the serve extra.
+
+    \b
+    Measures:
+      in process: the sequential rate, vision per scan at batch 1, 2, 4, two calls at a time
+      per server configuration: one client interleaved with in-process calls (the server's overhead,
+        split by its Server-Timing header); --clients at once (p50/p99, scans/s against the
+        in-process rate, failed requests, vision batch sizes from the server's metrics)
+      with --fault: a replica killed mid-run
+    """
+    if scan is None:
+        from .bundles import mni_scan
+
+        scan = mni_scan()
+    opts = LoadOptions(bundle, scan, configs, clients, requests, sequential, timeout, fault, kill_after)
+    return Outcome("medblip-serve load run", measure(run, opts), report)
+
+
+if __name__ == "__main__":  # the old module path
+    from .moved import forward
+
+    forward("serve-load")

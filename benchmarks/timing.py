@@ -1,4 +1,5 @@
-"""Clocks that wait for the device, percentile summaries, and peak-memory watchers."""
+"""The one timer of every suite: a clock whose reads wait for the device, repeated calls timed alike,
+percentile summaries, and peak-memory watchers."""
 
 from __future__ import annotations
 
@@ -12,27 +13,50 @@ from ..export.resources import PeakRss
 
 def sync(device: str) -> None:
     """Wait for queued GPU work, so a clock read after it counts that work (no-op on CPU)."""
-    if device.startswith("cuda") and torch.cuda.is_available():
+    if str(device).startswith("cuda") and torch.cuda.is_available():
         torch.cuda.synchronize()
 
 
-def now(device: str) -> float:
+def now(device: str = "cpu") -> float:
     """perf_counter seconds, read only after the device is idle."""
     sync(device)
     return time.perf_counter()
 
 
-def p50_ms(fn, device: str = "cpu", iters: int = 5, warmup: int = 1) -> tuple[float, object]:
-    """(p50 ms of `iters` calls of fn() after `warmup` untimed ones, each clock read with the device idle;
-    the last call's result)."""
-    out = None
+class Clock:
+    """A run's clock on one device: `now()` reads it with the device idle, `ms_since(t0)` and `elapsed_s()`
+    (since the clock was made) measure with it. Passed to whatever times or reports progress."""
+
+    def __init__(self, device: str = "cpu"):
+        self.device = str(device)
+        self.start = self.now()
+
+    def now(self) -> float:
+        return now(self.device)
+
+    def ms_since(self, t0: float) -> float:
+        return (self.now() - t0) * 1e3
+
+    def elapsed_s(self) -> float:
+        return self.now() - self.start
+
+
+def time_calls(fn, device: str = "cpu", iters: int = 5, warmup: int = 1) -> tuple[list[float], object]:
+    """`warmup` untimed calls of fn(), then `iters` calls each timed alone with the device idle at both reads
+    -> (ms per timed call, the last call's result)."""
+    clock, out, times = Clock(device), None, []
     for _ in range(warmup):
         out = fn()
-    times = []
     for _ in range(iters):
-        t0 = now(device)
+        t0 = clock.now()
         out = fn()
-        times.append((now(device) - t0) * 1000.0)
+        times.append(clock.ms_since(t0))
+    return times, out
+
+
+def p50_ms(fn, device: str = "cpu", iters: int = 5, warmup: int = 1) -> tuple[float, object]:
+    """(p50 ms of `time_calls`, the last call's result)."""
+    times, out = time_calls(fn, device, iters, warmup)
     return round(float(np.median(times)), 3), out
 
 

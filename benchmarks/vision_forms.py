@@ -1,7 +1,4 @@
-"""The ViT's training-code forms against its fused forms, on one device, in one run.
-
-    python -m medblip_edge.benchmarks.vision_forms --preset paper-t5 [--device cuda] [--dtype fp16]
-        [--depth 4] [--batch 1 --batch 8] [--iters 10] [--out FILE.json]
+"""`medblip-bench vision-forms`: the ViT's training-code forms against its fused forms, on one device, in one run.
 
 Forms compared (model/vit3d.py): the patch embedding as the Conv3d the checkpoint stores
 (`forward_conv`) or as one GEMM over the volume cut into patches (`forward`); attention as scores +
@@ -13,20 +10,17 @@ p50 ms, and the largest difference of the output from the training form's.
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from dataclasses import replace
-from pathlib import Path
 
+import click
 import torch
 
-from ..model.config import preset
+from ..errors import MedblipError
+from ..model.config import preset as preset_config
 from ..model.dtypes import DTYPES
 from ..model.vit3d import VisionTransformer3d, training_forms
-from .machine import machine_info
+from .suite import Outcome, Run, device_option, suite
 from .timing import p50_ms
-
 
 
 def compare(name: str, training, fused, device: str, iters: int) -> dict:
@@ -43,8 +37,8 @@ def _in_training_forms(vit: VisionTransformer3d, x: torch.Tensor) -> torch.Tenso
 
 
 @torch.inference_mode()
-def run(preset_name: str, device: str, dtype: str, depth: int | None, batches: list[int], iters: int) -> dict:
-    cfg = preset(preset_name).vision
+def run_forms(preset: str, device: str, dtype: str, depth: int | None, batches: list[int], iters: int) -> dict:
+    cfg = preset_config(preset).vision
     cfg = replace(cfg, depth=depth or cfg.depth)
     torch.manual_seed(0)
     vit = VisionTransformer3d(cfg).to(device=device, dtype=DTYPES[dtype]).eval()
@@ -60,12 +54,11 @@ def run(preset_name: str, device: str, dtype: str, depth: int | None, batches: l
                                             lambda: attn(tokens), device, iters)})
         rows.append({"batch": b, **compare(f"ViT ({cfg.depth} blocks)", lambda: _in_training_forms(vit, x),
                                             lambda: vit(x), device, iters)})
-    return {"preset": preset_name, "device": device, "dtype": dtype, "depth": cfg.depth, "iters": iters,
-            "machine": machine_info(), "rows": rows}
+    return {"preset": preset, "device": device, "dtype": dtype, "depth": cfg.depth, "iters": iters, "rows": rows}
 
 
 def report(r: dict) -> str:
-    lines = [f"{r['preset']} vision, {r['dtype']} on {r['device']} ({r['depth']} blocks), p50 of {r['iters']}:",
+    lines = [f"{r['preset']} vision, {r['dtype']} on {r['device']} ({r['depth']} blocks), p50 of {r['iters']}:", "",
              "| batch | op | training form ms | fused form ms | speed-up | max abs diff |",
              "| ---: | --- | ---: | ---: | ---: | ---: |"]
     for row in r["rows"]:
@@ -74,25 +67,36 @@ def report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="small")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", choices=list(DTYPES), default="fp32")
-    ap.add_argument("--depth", type=int, default=None, help="blocks kept (default: the preset's)")
-    ap.add_argument("--batch", type=int, action="append", default=None, help="repeatable (default: 1)")
-    ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
-    args = ap.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: torch sees no CUDA GPU")
-    r = run(args.preset, args.device, args.dtype, args.depth, args.batch or [1], args.iters)
-    r["command"] = "python -m medblip_edge.benchmarks.vision_forms " + " ".join(argv or sys.argv[1:])
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(r, indent=1) + "\n")
-    print(report(r))
+@suite("vision-forms")
+@click.option("--preset", default="small", show_default=True,
+              help="Model sizes to build (random weights): tiny, small, paper-t5, ...")
+@device_option
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True, help="Weights and input.")
+@click.option("--depth", type=int, default=None, help="ViT blocks kept [default: the preset's]; fewer let a "
+              "paper-size run fit a CPU (per-block figures scale with depth).")
+@click.option("--batch", type=int, multiple=True, help="Volumes per call; repeatable [default: 1].")
+@click.option("--iters", type=int, default=5, show_default=True, help="Timed calls per form (p50 reported; 2 "
+              "untimed first).")
+def command(run: Run, preset: str, device: str, dtype: str, depth: int | None, batch: tuple, iters: int) -> Outcome:
+    """Time the ViT's training-code forms against the fused forms the runtime and the export use, and give the
+    largest difference of their outputs.
+
+    Rows per batch: the patch embedding as the checkpoint's Conv3d (`forward_conv`) or one GEMM over the
+    volume cut into patches; attention of one block as scores + fp32 softmax + weighted sum (`forward_eager`)
+    or scaled_dot_product_attention; the whole ViT with each set (model/vit3d.py). Weights are random at the
+    preset's sizes.
+
+    \b
+    Example (a GPU):
+      medblip-bench vision-forms --preset paper-t5 --device cuda --dtype fp16 --batch 1 --batch 8 --iters 10
+    """
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MedblipError("--device cuda but torch sees no CUDA GPU", code="backend_unavailable")
+    return Outcome("ViT training forms against fused forms",
+                   run_forms(preset, device, dtype, depth, list(batch) or [1], iters), report)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the old module path
+    from .moved import forward
+
+    forward("vision-forms")

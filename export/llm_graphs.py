@@ -48,7 +48,7 @@ LLM_GRAPHS = {"t5": t5_graphs, "gpt2": gpt2_graphs}
 @torch.no_grad()
 def traced_t5_step(t5, path: Path) -> list[Path]:
     """The T5 decoder step traced from model/t5_static.T5DecoderStepGraph (the unfused graph the fused one replaced;
-    benchmarks/decode_variants.py times the two against each other)."""
+    `medblip-bench decode-formats` times the two against each other)."""
     from .onnx_export import export_onnx
 
     batch, past, src = Dim("batch", min=1, max=64), Dim("past", min=1, max=2048), Dim("src", min=1, max=2048)

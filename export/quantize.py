@@ -10,11 +10,11 @@ depends on how many rows the matmuls see:
   8 bits, block 128, which reads the weights once with integer dot products.
 int4 is MatMulNBits at 4 bits: block 32 in the gemm graphs, which score the diagnosis (small blocks
 keep a 4-bit grid close to the weights), block 128 in the decode step (faster there: 5.27 against
-6.43 ms on the small preset in benchmarks/results/cpu-small-decode-variants-2026-11-28; greedy-token
+6.43 ms on the small preset in results/cpu-small-decode-variants-2026-11-28; greedy-token
 agreement with fp32 is recorded in the manifest like every other figure).
 
 MatMulNBits is symmetric and blockwise (one fp32 scale per block along K); at accuracy level 4 the
-CPU kernel quantizes activations to INT8 per block. `python -m medblip_edge.benchmarks.decode_variants`
+CPU kernel quantizes activations to INT8 per block. `medblip-bench decode-formats`
 times these choices against each other on one machine.
 """
 

@@ -2,7 +2,7 @@
 
 Inflating the 1.6 MB MNI template (8.7 MB of voxels) took 26 ms with the standard zlib and 10 ms with
 zlib-ng on the 2-core AVX2 EPYC, and the whole NIfTI read 37 ms and 22 ms
-(`python -m medblip_edge.benchmarks.gunzip`). The bytes are the same by construction: both are DEFLATE
+(`medblip-bench gunzip`). The bytes are the same by construction: both are DEFLATE
 decoders, and the gzip trailer's CRC-32 and length are checked.
 
 `GunzipReader(raw).readinto(view)` accepts what `gzip.GzipFile` accepts and refuses what it refuses:

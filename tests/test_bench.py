@@ -1,4 +1,6 @@
-"""medblip-bench smoke test: the quick mode on the tiny preset writes its files, and results.json has its schema.
+"""medblip-bench: the pipeline suite's quick mode on the tiny preset writes its files and results.json has its
+schema; every suite is listed and explains itself; the old command lines name (or run) the new ones; the cheap
+suites write results.json with the machine and the command in it.
 
 Speeds are not checked (CI machines differ); the shape of every row is.
 """
@@ -7,11 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from bundles import tiny_onnx_bundle
 from commands import console_command
@@ -28,10 +32,26 @@ def _bench_cmd() -> list[str]:
     return console_command("medblip-bench")
 
 
+SUITES = ("pipeline", "decode-formats", "vision-forms", "gunzip", "serve-load", "ray-cohort", "export-quality")
+# old module path -> the suite it forwards to, or None: it names the new command and exits 2
+OLD_MODULES = {"decode_variants": "decode-formats", "vision_forms": "vision-forms", "gunzip": "gunzip",
+               "serve_load": "serve-load", "cohort_ray": "ray-cohort", "export_quality": "export-quality",
+               "gpu_paper_t5": None, "paper_vision_export": None}
+
+
+def _bench(args: list[str]):
+    """medblip-bench in this process -> click's Result (output holds stdout and stderr)."""
+    from click.testing import CliRunner
+
+    from medblip_edge.cli import bench_main
+
+    return CliRunner().invoke(bench_main, args)
+
+
 @pytest.fixture(scope="module")
 def bench_out(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bench") / "quick"
-    proc = subprocess.run(_bench_cmd() + ["--preset", "tiny", "--quick", "--out", str(out)],
+    proc = subprocess.run(_bench_cmd() + ["pipeline", "--preset", "tiny", "--quick", "--out", str(out)],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
@@ -42,6 +62,7 @@ def results(bench_out) -> dict:
     return json.loads((bench_out / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_files_exist(bench_out):
     for name in ("results.json", "report.md") + PLOTS:
         assert (bench_out / name).stat().st_size > 0, name
@@ -53,6 +74,7 @@ def test_files_exist(bench_out):
         assert heading in report
 
 
+@pytest.mark.slow
 def test_machine_and_limits(results):
     m = results["machine"]
     assert isinstance(m["cpu"]["model"], str) and m["cores"]["logical"] >= 1 and m["ram_gib"] > 0
@@ -69,6 +91,7 @@ def test_machine_and_limits(results):
         assert mem["bytes_per_s"] >= max(mem["huge_page_rates"].values())
 
 
+@pytest.mark.slow
 def test_rows_have_speed_quality_and_floors(results):
     rows = results["rows"]
     assert rows[0]["is_reference"] and rows[0]["name"] == "reference" and rows[0]["ratio_to_reference"] == 1.0
@@ -95,6 +118,7 @@ def test_rows_have_speed_quality_and_floors(results):
     assert rows[1]["agreement"]["max_abs_prob_diff"] == 0.0  # torch fp32 is the quality baseline itself
 
 
+@pytest.mark.slow
 def test_counted_sizes_match_the_manifest(results):
     """The FLOP/byte counts are only as good as the parameter counts behind them."""
     params = results["bundles"][0]["parameters"]
@@ -102,19 +126,142 @@ def test_counted_sizes_match_the_manifest(results):
     assert abs(results["costs"]["vision"]["weights"] / (params["vision"] + params["qformer"]) - 1) < 0.03
 
 
-def test_usage_error_is_one_line():
-    proc = subprocess.run(_bench_cmd() + ["--out", "unused"], capture_output=True, text=True, timeout=120)
+@pytest.mark.slow
+def test_results_record_the_command(bench_out, results):
+    assert results["suite"] == "pipeline"
+    assert results["command"] == f"medblip-bench pipeline --preset tiny --quick --out {bench_out}"
+    assert results["machine"]["load_average_start"] and "other_processes" in results["machine"]
+
+
+@pytest.mark.parametrize("old_form", [False, True])
+def test_usage_error_is_one_line(old_form, tmp_path):
+    """`medblip-bench --out X` (no suite: the pipeline benchmark's command line before the suites) is the pipeline
+    suite; a usage error is one line either way, and leaves no output folder behind."""
+    args = ["--out", str(tmp_path / "unused")]
+    proc = subprocess.run(_bench_cmd() + (args if old_form else ["pipeline", *args]), capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error [usage]") and proc.stderr.count("\n") == 1
+    assert not (tmp_path / "unused").exists()
 
 
-def test_decode_variants_times_every_weight_format(tmp_path):
-    """The script behind the weight-format choice: traced vs fused step graphs, each format, one table."""
+def test_help_lists_every_suite_with_one_line():
+    r = _bench(["--help"])
+    assert r.exit_code == 0
+    listed = r.output.split("Suites", 1)[1]
+    for name in SUITES:
+        assert re.search(rf"^  {name} +\S", listed, re.M), name
+
+
+def test_the_command_line_module_stays_light():
+    """cli.py (every console script, and the docs' CLI reference) imports no suite, so no torch, until one is named."""
+    code = "import sys, medblip_edge.cli; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+@pytest.mark.parametrize("name", SUITES)
+def test_each_suite_explains_its_options(name):
+    r = _bench([name, "--help"])
+    assert r.exit_code == 0, r.output
+    assert f"Usage: medblip-bench {name}" in r.output and "--out" in r.output and len(r.output.splitlines()) > 8
+
+
+@pytest.mark.parametrize("old", sorted(OLD_MODULES))
+def test_old_module_paths_name_the_new_command(old):
+    proc = subprocess.run([sys.executable, "-m", f"medblip_edge.benchmarks.{old}", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    first = proc.stderr.splitlines()[0]
+    suite = OLD_MODULES[old]
+    if suite is None:  # no longer a tool of its own: the command doing its work, and exit 2
+        assert proc.returncode == 2 and re.fullmatch(r"moved: use `medblip-bench \S+ .*`", first), proc.stderr
+    else:  # forwarded with its arguments
+        assert first == f"moved: use `medblip-bench {suite} --help`", proc.stderr
+        assert proc.returncode == 0 and f"Usage: medblip-bench {suite}" in proc.stdout
+
+
+def _suite_results(out: Path, suite: str) -> dict:
+    res = json.loads((out / "results.json").read_text())
+    assert res["suite"] == suite and res["command"].startswith(f"medblip-bench {suite} ")
+    m = res["machine"]
+    assert m["cpu"]["model"] and m["cores"]["usable"] >= 1 and m["versions"]["torch"] and m["date"]
+    assert "load_average_end" in m and "other_processes" in m
+    report = (out / "report.md").read_text()
+    assert f"Command: `{res['command']}`" in report and m["cpu"]["model"] in report
+    return res
+
+
+def test_gunzip_suite_writes_results(tmp_path, mni_path):
+    r = _bench(["gunzip", "--scan", str(mni_path), "--iters", "2", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    res = _suite_results(tmp_path, "gunzip")
+    assert res["rows"][0]["decoder"] == "zlib" and all(row["same_bytes_as_zlib"] for row in res["rows"])
+    assert all(row["inflate_p50_ms"] > 0 and row["load_volume_p50_ms"] > 0 for row in res["rows"])
+    assert "| zlib |" in r.output
+
+
+def test_vision_forms_suite_writes_results(tmp_path):
+    r = _bench(["vision-forms", "--preset", "tiny", "--iters", "1", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    res = _suite_results(tmp_path, "vision-forms")
+    assert res["options"]["preset"] == "tiny" and len(res["rows"]) == 3 and res["rows"][0]["batch"] == 1
+
+
+def test_default_out_is_the_results_folder(tmp_path, monkeypatch):
+    from medblip_edge.benchmarks.suite import default_out
+
+    monkeypatch.chdir(tmp_path)
+    first = default_out("gunzip")
+    assert first.parent == Path("results") and first.name.startswith("cpu-gunzip-")
+    first.mkdir(parents=True)
+    assert default_out("gunzip").name == first.name + "-b" and default_out("x", "cuda").name.startswith("gpu-x-")
+
+
+def _torch_rows_on_eval_volume(tmp_path, *extra) -> dict:
+    """The GPU session's pipeline command (one bundle of PyTorch weights, the evaluation volume as input)."""
+    out = tmp_path / "torch-eval"
+    proc = subprocess.run(_bench_cmd() + ["pipeline", "--preset", "tiny", "--backends", "torch", "--scan", "eval",
+                                          "--quick", "--batch", "1,2", *extra, "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["scan"]["name"] == "evaluation volume 0" and "input" in res["timing_notes"]
+    assert "torch" in res["bundles"][0]["artifacts"] and not {"vision_onnx", "llm_onnx"} & set(res["bundles"][0]["artifacts"])
+    for r in res["rows"]:
+        assert "load" not in r["stages_ms"] and r["stages_ms"]["end_to_end"]["p50"] > 0
+    return res
+
+
+@pytest.mark.slow
+def test_pipeline_on_the_evaluation_volume_with_torch_rows_only(tmp_path):
+    res = _torch_rows_on_eval_volume(tmp_path)
+    assert [r["name"] for r in res["rows"]] == ["reference", "torch fp32"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_pipeline_on_cuda_through_the_factory(tmp_path):
+    """The GPU rows: the published code's GPU dtypes, torch fp32/fp16/bf16, the eager decoder beside the graph."""
+    res = _torch_rows_on_eval_volume(tmp_path, "--device", "cuda", "--compare-decode")
+    rows = {r["name"]: r for r in res["rows"]}
+    assert set(rows) == {"reference", "torch fp32", "torch fp16", "torch bf16"}
+    assert "autocast" in rows["reference"]["precision"]["vision"] and res["machine"]["gpu"]
+    for name in ("torch fp32", "torch fp16", "torch bf16"):
+        assert rows[name]["stages_ms"]["decode_step_eager"]["n"] >= 1 and rows[name]["memory"]["gpu_peak_mib"] > 0
+
+
+def test_compare_decode_needs_cuda(tmp_path):
+    r = _bench(["pipeline", "--preset", "tiny", "--compare-decode", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "--compare-decode" in r.output and not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_decode_formats_times_every_weight_format(tmp_path):
+    """The suite behind the weight-format choice: traced vs fused step graphs, each format, one table."""
     out = tmp_path / "variants"
-    proc = subprocess.run([sys.executable, "-m", "medblip_edge.benchmarks.decode_variants", "--bundle",
-                           str(tiny_onnx_bundle("tiny", "int8")), "--out", str(out), "--rounds", "1", "--per-round", "2"],
+    proc = subprocess.run(_bench_cmd() + ["decode-formats", "--bundle", str(tiny_onnx_bundle("tiny", "int8")),
+                                          "--out", str(out), "--rounds", "1", "--per-round", "2"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads((out / "decode_variants.json").read_text())
+    res = json.loads((out / "results.json").read_text())
     rows = {r["variant"]: r for r in res["rows"]}
     formats = ("fp32", "int8-dynamic", "int8-block32", "int8-block128", "int4-block32", "int4-block128")
     shipped = {f"fused {res['shipped'][k]} (4 KiB pages)" for k in ("int8", "int4")}
@@ -144,7 +291,7 @@ def test_a_floor_beaten_is_not_reported_as_a_ratio():
 
 
 def test_torch_precisions_this_cpu_emulates_are_skipped_with_the_reason():
-    from medblip_edge.benchmarks.run import BenchOptions, _row_specs
+    from medblip_edge.benchmarks.pipeline import PipelineOptions, plan_of, row_jobs
 
     class B:  # a stand-in for a Bundle: only what _row_specs reads
         root = Path("b")
@@ -155,14 +302,16 @@ def test_torch_precisions_this_cpu_emulates_are_skipped_with_the_reason():
 
     limits = {"matmul": {"fp32": {"flops_per_s": 1e11},
                          "bf16": {"skipped": "a 512x512 probe ran at 0.27 GFLOP/s", "probe_flops_per_s": 2.7e8}}}
-    rows, skipped = _row_specs(BenchOptions(bundles=[Path("b")]), [B()], limits)
-    assert [r["name"] for r in rows] == ["torch fp32", "ort int8"]
+    opts = PipelineOptions(bundles=[Path("b")])
+    rows, skipped = row_jobs(opts, [B()], limits, plan_of(opts, None))
+    assert [r.name for r in rows] == ["torch fp32", "ort int8"]
     assert skipped[0]["name"] == "torch bf16" and "emulated" in skipped[0]["reason"]
     limits["matmul"]["bf16"] = {"flops_per_s": 2e12}  # AMX: bf16 is real there, and measured
-    rows, _ = _row_specs(BenchOptions(bundles=[Path("b")]), [B()], limits)
-    assert "torch bf16" in [r["name"] for r in rows]
+    rows, _ = row_jobs(opts, [B()], limits, plan_of(opts, None))
+    assert "torch bf16" in [r.name for r in rows]
 
 
+@pytest.mark.slow
 def test_bundles_of_one_preset_share_identical_files(tmp_path):
     import shutil
 
@@ -180,20 +329,23 @@ def test_bundles_of_one_preset_share_identical_files(tmp_path):
     Bundle.open(b)  # still verifies
 
 
+@pytest.mark.slow
 def test_export_quality_figures_move_for_int8_and_not_for_fp32(tmp_path):
     """The per-token figures can fail: fp32 graphs agree with the reference to float rounding on every
     position, INT8 weights move log-likelihoods and next-token distributions measurably."""
-    from medblip_edge.benchmarks.export_quality import main
-
-    main(["--presets", "tiny", "--formats", "int8", "--out", str(tmp_path)])
-    res = json.loads((tmp_path / "quality.json").read_text())
+    r = _bench(["export-quality", "--presets", "tiny", "--formats", "int8", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "results.json").read_text())
     fp32, int8 = res["rows"]
     assert fp32["format"] == "fp32 (ONNX)" and int8["format"] == "int8"
     assert fp32["top1_answers"] == fp32["top1_continuation"] == 1.0 and fp32["kl_max"] < 1e-6
     assert fp32["positions"] == int8["positions"] > 60  # answers of every case + a 60-token continuation
     assert int8["kl_mean"] > 1e-4 and int8["max_abs_loglik_diff"] > 1e-2
     assert int8["min_margin_nats"] > 0 and int8["label_agreement"] in (0.0, 0.25, 0.5, 0.75, 1.0)
-    assert "| tiny | int8 |" in (tmp_path / "quality.md").read_text()
+    assert "| tiny | int8 |" in (tmp_path / "report.md").read_text()
+    vision, = res["vision"]  # the export's own vision check, held to its tolerance
+    assert vision["graph"] == "vision_onnx" and vision["precision"] == "fp32" and vision["checked"]
+    assert vision["max_abs_err"] <= vision["tolerance"]["max_abs_err"] and vision["cosine"] >= vision["tolerance"]["cosine"]
 
 
 def test_ceiling_probe_skips_slow_paths_but_always_keeps_fp32():

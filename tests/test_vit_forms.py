@@ -52,13 +52,18 @@ def test_fused_attention_is_the_eager_attention(cfg, dtype, tol):
         torch.testing.assert_close(attn(tokens).float(), attn.forward_eager(tokens).float(), rtol=tol, atol=tol)
 
 
-def test_vision_forms_benchmark_reports_both_forms_and_restores_the_model(cfg, tmp_path, capsys):
-    out = tmp_path / "forms.json"
-    vision_forms.main(["--preset", "tiny", "--iters", "1", "--batch", "1", "--batch", "2", "--out", str(out)])
-    r = json.loads(out.read_text())
+def test_vision_forms_benchmark_reports_both_forms_and_restores_the_model(cfg, tmp_path):
+    from click.testing import CliRunner
+
+    from medblip_edge.cli import bench_main
+
+    run = CliRunner().invoke(bench_main, ["vision-forms", "--preset", "tiny", "--iters", "1", "--batch", "1", "--batch",
+                                          "2", "--out", str(tmp_path)])
+    assert run.exit_code == 0, run.output
+    r = json.loads((tmp_path / "results.json").read_text())
     assert [row["op"] for row in r["rows"]][:3] == ["patch embedding", "attention (one block)", "ViT (2 blocks)"]
     assert len(r["rows"]) == 6 and all(row["max_abs_diff"] < 1e-3 for row in r["rows"])
-    assert "| 2 | ViT (2 blocks) |" in capsys.readouterr().out
+    assert "| 2 | ViT (2 blocks) |" in run.output
     vit = VisionTransformer3d(cfg)
     with vision_forms.training_forms(vit):
         assert vit.patch_embed_3d.forward == vit.patch_embed_3d.forward_conv

@@ -1,4 +1,4 @@
-"""results.json -> report.md (tables readable at a glance) and PNG plots (matplotlib, Agg)."""
+"""The pipeline suite's figures -> report.md's tables (readable at a glance) and PNG plots (matplotlib, Agg)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 from ..export.quantize import QUANTIZERS
 
 STAGES = ("load", "preprocess", "vision", "prefill", "score", "decode_step", "classify", "end_to_end")
+EXTRA_STAGES = ("decode_step_eager",)  # shown where measured (--compare-decode)
 FLOOR_STAGES = ("vision", "prefill", "decode_step", "score", "classify")
 
 
@@ -24,10 +25,6 @@ def _rate(x: float) -> str:
         if x >= scale:
             return f"{x / scale:.3g} {unit}"
     return f"{x:.3g} "
-
-
-def _loads(avg) -> str:
-    return "/".join(f"{x:.1f}" for x in avg) if avg else "-"
 
 
 def _x(ratio: float) -> str:
@@ -109,15 +106,16 @@ def _memory(rows: list[dict]) -> list[str]:
 
 
 def _stages(rows: list[dict]) -> list[str]:
+    stages = STAGES + tuple(st for st in EXTRA_STAGES if any(st in r["stages_ms"] for r in rows))
     body = []
     for r in rows:
         cells = []
-        for st in STAGES:
+        for st in stages:
             s = r["stages_ms"].get(st)
             cells.append("-" if not s or s["p50"] is None else
                          f"{fmt_ms(s['p50'])} / {fmt_ms(s['p90'])} / {fmt_ms(s['p99'])}")
         body.append([_label(r)] + cells)
-    return _table(["row (p50 / p90 / p99)"] + list(STAGES), body)
+    return _table(["row (p50 / p90 / p99)"] + list(stages), body)
 
 
 def _throughput(rows: list[dict]) -> list[str]:
@@ -185,27 +183,11 @@ def _limits(limits: dict) -> list[str]:
 
 
 def markdown(res: dict) -> str:
-    """The report as one markdown string."""
-    m, rows = res["machine"], res["rows"]
-    gpu = f"{m['gpu']['name']} (driver {m['gpu']['driver']})" if m["gpu"] else "none"
-    src = res["options"].get("preset") or ", ".join(Path(b).name for b in res["options"]["bundles"])
-    lines = [f"# medblip-bench: {src} on {m['cpu']['model']}", ""]
-    if res.get("command"):
-        lines += [f"Command: `{res['command']}`", ""]
-    lines += [f"{m['date']} · {m['cores']['usable']} usable cores ({m['cores']['physical']} physical), "
-              f"{m['ram_gib']} GiB RAM · torch threads {m['torch_threads']} · GPU: "
-              f"{gpu} · device {res['plan']['device']}",
-              f"torch {m['versions']['torch']}, onnxruntime {m['versions']['onnxruntime']}, transformers "
-              f"{m['versions']['transformers']} · CPU flags: {', '.join(m['cpu']['flags']) or '-'} · "
-              f"load average at start {_loads(m['load_average_start'])}, end {_loads(m['load_average_end'])}", "",
-              f"Scan: {res['scan']['name']} ({res['scan']['source']}). {res['plan']['iters']} timed iterations after "
-              f"{res['plan']['warmup']} warm-up per row; {res['plan']['decode_steps']} decode steps per iteration. "
-              f"Export {res['export_s']:.0f} s, measuring {res['measure_s']:.0f} s, total {res['total_s']:.0f} s.", ""]
-    busy = m.get("other_processes") or {}
-    if busy.get("other_busy_fraction", 0) > 0.05:
-        lines += [f"**Shared machine:** other processes used {busy['other_busy_fraction']:.0%} of the CPUs "
-                  f"({busy['other_cpu_s']:.0f} CPU-s in {busy['wall_s']:.0f} s) while this ran; timings include "
-                  "their contention (multi-threaded torch suffers most).", ""]
+    """The report's tables (below the writer's title, command and machine lines) as one markdown string."""
+    rows, plan = res["rows"], res["plan"]
+    lines = [f"Device {plan['device']}. Scan: {res['scan']['name']} ({res['scan']['source']}). {plan['iters']} timed "
+             f"iterations after {plan['warmup']} warm-up per row; {plan['decode_steps']} decode steps per iteration. "
+             f"Export {res['export_s']:.0f} s, measuring {res['measure_s']:.0f} s, total {res['total_s']:.0f} s.", ""]
     if any(b["random_weights"] for b in res["bundles"]):
         lines += ["Weights are random (a preset): speeds are real, diagnoses are not.", ""]
     lines += ["## Speed and quality", "",
@@ -215,7 +197,7 @@ def markdown(res: dict) -> str:
     lines += _summary(rows) + _pages(rows)
     lines += ["", "## Quality per token", "",
               "Teacher-forced on the baseline's tokens: the three answers as classify scores them, and a "
-              f"greedy continuation of the prompt (EOS not stopping it) on the first evaluation cases as ask decodes "
+              "greedy continuation of the prompt (EOS not stopping it) on the first evaluation cases as ask decodes "
               "it. top-1: the share of positions where the row's most likely next token is the baseline's; KL: "
               "KL(baseline || row) in nats per position. The smallest margin is the baseline's gap between its two "
               "best answers over the cases: a label flips only when log-likelihoods move by about that much.", ""]
@@ -292,15 +274,4 @@ def plots(res: dict, out: Path) -> list[str]:
     fig.savefig(out / "ratio_to_floor.png", dpi=110)
     files.append("ratio_to_floor.png")
     plt.close("all")
-    return files
-
-
-def write_outputs(res: dict, out: Path) -> list[str]:
-    """report.md + plots into `out` (results.json is written by the caller); -> file names."""
-    files = ["results.json", "report.md"]
-    try:
-        files += plots(res, out)
-    except ImportError:  # matplotlib is optional (medblip-edge[bench]); the tables still say everything
-        res.setdefault("notes", []).append("matplotlib not installed: no plots")
-    (out / "report.md").write_text(markdown(res))
     return files
