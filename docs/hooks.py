@@ -126,14 +126,25 @@ def command_markdown(name: str, cmd) -> str:
     return "\n".join(lines) + "\n"
 
 
-def cli_reference() -> str:
-    """Every console script in pyproject, rendered from its click command."""
-    parts = []
+def commands() -> dict:
+    """Every console script in pyproject and, for a group (medblip-bench), each of its subcommands as
+    "script SUB": name -> click command."""
+    import click
+
+    out = {}
     for name, target in scripts().items():
         module, _, attr = target.partition(":")
-        mod = import_from_checkout(module.removeprefix(PACKAGE + "."))
-        parts.append(command_markdown(name, getattr(mod, attr)))
-    return "\n".join(parts)
+        cmd = getattr(import_from_checkout(module.removeprefix(PACKAGE + ".")), attr)
+        out[name] = cmd
+        if isinstance(cmd, click.Group):
+            ctx = click.Context(cmd, info_name=name)
+            out.update({f"{name} {sub}": cmd.get_command(ctx, sub) for sub in cmd.list_commands(ctx)})
+    return out
+
+
+def cli_reference() -> str:
+    """Every console script in pyproject (a group's subcommands included), rendered from its click command."""
+    return "\n".join(command_markdown(name, cmd) for name, cmd in commands().items())
 
 
 # ------------------------------------------------------------------ error codes (source scan)
