@@ -5,12 +5,20 @@ the fp32 PyTorch reference on the evaluation set (block by block upcast), then m
 compare it with that reference before it is registered in the manifest. Nothing holds the model in fp32:
 a paper-size export stays within a few GB of the checkpoint's own size. Each step's time and peak
 RSS, and each artifact's, are in the manifest (`export`, `artifacts.*.resources`).
+
+Fault injection: with MEDBLIP_EXPORT_PAUSE_AFTER=<artifact> (torch, tokenizer, evaluation, vision_onnx,
+llm_onnx, vision_trt), once that artifact is written and registered in the partial folder the export prints
+`medblip-export: paused after <artifact> in <partial folder>` to stderr and sleeps until it is killed, so a
+test can kill it at a known point (tests/test_export_bundle.py).
 """
 
 from __future__ import annotations
 
+import os
 import platform
+import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +40,7 @@ from .reference_eval import EvalBudget, ReferenceEval
 from .resources import Meter
 
 LLM_QUANTS = ("none", "int8", "int4", "fp16")
+PAUSE_ENV = "MEDBLIP_EXPORT_PAUSE_AFTER"
 
 
 @dataclass
@@ -60,6 +69,15 @@ def versions() -> dict:
         except Exception:  # optional packages: absent is a fact worth recording
             out[mod] = None
     return out
+
+
+def _pause_if_asked(writer: BundleWriter) -> None:
+    """Block here, for good, once the artifact named in $MEDBLIP_EXPORT_PAUSE_AFTER is registered (see above)."""
+    name = os.environ.get(PAUSE_ENV)
+    if name and name in writer.artifacts:
+        print(f"medblip-export: paused after {name} in {writer.tmp}", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(60)
 
 
 def export_bundle(opts: ExportOptions, quiet: bool = False) -> dict:
@@ -95,6 +113,7 @@ def export_bundle(opts: ExportOptions, quiet: bool = False) -> dict:
             Path(ckpt).unlink()
         writer.add("tokenizer", "tokenizer/tokenizer.json", kind="tokenizer", runs_with="tokenizers",
                    clean_up_tokenization_spaces=tokenizer.clean_up_spaces)
+        _pause_if_asked(writer)
         budget = EvalBudget.for_model(model, opts.eval_cases, opts.near_ties)
         with progress.step(f"fp32 reference on the evaluation set ({budget.cases} cases + {budget.near_ties} near "
                            f"ties, {budget.continuation_cases} x {budget.continuation_tokens}-token continuation)"):
@@ -104,12 +123,14 @@ def export_bundle(opts: ExportOptions, quiet: bool = False) -> dict:
             np.save(writer.path("evaluation/near_ties.npy"), ref.near_tie_visual.numpy())
             writer.add("evaluation", "evaluation/near_ties.npy", kind="evaluation-inputs",
                        shape=list(ref.near_tie_visual.shape))
+            _pause_if_asked(writer)
         ctx = {"model": model, "tokenizer": tokenizer, "family": fam, "ref": ref, "writer": writer,
                "opts": opts, "progress": progress, "work": Path(work)}
         notes = []
         for step in steps:
             with progress.step(step.title):
                 note = step.run(ctx)
+                _pause_if_asked(writer)
                 if note:
                     notes.append(note)
                     progress.note(note)
