@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -153,17 +153,52 @@ def test_failed_export_keeps_the_old_bundle(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["b"], "no partial folder left behind"
 
 
-def test_killed_export_leaves_no_half_written_bundle(tmp_path):
+def _export_killed_after(out: Path, artifact: str) -> Path:
+    """Run medblip-export into `out`, paused (MEDBLIP_EXPORT_PAUSE_AFTER) once `artifact` is in its partial
+    folder, then SIGKILL it there: -> the partial folder it was writing."""
+    env = dict(os.environ, MEDBLIP_EXPORT_PAUSE_AFTER=artifact)
+    proc = subprocess.Popen([sys.executable, "-m", "medblip_edge.cli_export", "--preset", "tiny", "--out", str(out),
+                             "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    guard = threading.Timer(600, proc.kill)  # a hang fails the test below instead of blocking the run
+    guard.start()
+    try:
+        paused = next((line for line in proc.stderr if line.startswith(f"medblip-export: paused after {artifact} in ")),
+                      None)
+        assert paused is not None and proc.poll() is None, f"the export never paused (exit {proc.wait()})"
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+    finally:
+        guard.cancel()
+        proc.kill()
+        proc.stderr.close()
+    return Path(paused.rstrip("\n").split(" in ", 1)[1])
+
+
+@pytest.mark.parametrize("previous", [False, True], ids=["no-previous-bundle", "over-a-previous-bundle"])
+def test_killed_export_leaves_no_half_written_bundle(tmp_path, tiny_bundle, previous):
+    """Killed (SIGKILL) while its partial folder holds the PyTorch weights and tokenizer: --out is absent, or
+    still the previous bundle byte for byte. The partial folder cannot be removed by a killed process: it stays,
+    hidden beside --out, without a manifest, and the next export to --out ignores it (BundleWriter)."""
+    import shutil
+
     out = tmp_path / "b"
-    proc = subprocess.Popen([sys.executable, "-m", "medblip_edge.cli_export", "--preset", "tiny", "--out",
-                             str(out), "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not any(p.name.startswith(".b.partial") for p in tmp_path.iterdir()):
-        time.sleep(0.2)
-    time.sleep(2.0)  # well inside the export
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not out.exists(), "a killed export must not leave a bundle at --out"
+    if previous:
+        shutil.copytree(tiny_bundle, out)
+        before = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    partial = _export_killed_after(out, "torch")
+    assert partial.parent == tmp_path and partial.name.startswith(".b.partial-")
+    assert (partial / "torch" / "weights.safetensors").is_file(), "killed after the weights were written"
+    assert not (partial / "manifest.json").exists()
+    if previous:
+        assert {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+        Bundle.open(out)  # still whole and verified
+    else:
+        assert not out.exists(), "a killed export must not leave a bundle at --out"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([partial.name] + (["b"] if previous else []))
+    if previous:  # the leftover changes nothing for the next export
+        export_bundle(ExportOptions(out=out, preset="tiny", onnx=False), quiet=True)
+        Bundle.open(out)
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([partial.name, "b"])
 
 
 def test_usage_errors_are_one_line():
