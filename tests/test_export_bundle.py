@@ -217,7 +217,12 @@ def test_paper_preset_sizes_match_the_paper():
     assert (t5.vision.width, t5.vision.depth, t5.vision.mlp_dim, t5.vision.heads) == (1408, 39, 6144, 16)
     assert (t5.qformer.hidden, t5.qformer.layers, t5.qformer.num_query, t5.qformer.heads) == (768, 12, 32, 12)
     assert t5.llm["d_model"] == 2048 and PRESETS["paper-biomedlm"].llm["n_embd"] == 2560
-    assert torch.tensor(0).dtype == torch.int64
+    # a 224^3 volume in 32^3 patches: 343 visual tokens; FLAN-T5-XL and BioMedLM's depths and head counts
+    assert (t5.vision.image_size, t5.vision.patch, t5.vision.num_patches) == (224, 32, 343)
+    llm = t5.llm
+    assert (llm["num_layers"], llm["num_decoder_layers"], llm["num_heads"], llm["d_ff"]) == (24, 24, 32, 5120)
+    gpt = PRESETS["paper-biomedlm"]
+    assert (gpt.llm["n_layer"], gpt.llm["n_head"]) == (32, 20) and gpt.vision == t5.vision and gpt.qformer == t5.qformer
 
 
 def test_manifest_records_time_memory_and_bytes_per_artifact(bundle):
