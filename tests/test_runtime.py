@@ -78,13 +78,20 @@ def test_quantized_bundle_agrees_within_manifest_figures(mni_path):
         assert diff <= max(recorded["max_abs_prob_diff"] * 10, 1e-3)
 
 
-def test_several_questions_reuse_the_visual_tokens(mni_path):
+def test_several_questions_reuse_the_visual_tokens(mni_path, monkeypatch):
+    """One vision pass per scan: every question's LLM prefill gets that same visual-token tensor."""
     pipe = Pipeline.from_bundle(tiny_onnx_bundle("tiny", "none"), backend="ort")
+    vision_runs, prefilled = [], []
+    run, prefill = pipe.vision.run, pipe.llm.prefill
+    monkeypatch.setattr(pipe.vision, "run", lambda volumes: vision_runs.append(volumes) or run(volumes))
+    monkeypatch.setattr(pipe.llm, "prefill", lambda ids, visual: prefilled.append(visual) or prefill(ids, visual))
     prepared = pipe.prepare(mni_path)
     visual = pipe.visual_tokens(prepared.volume)
-    answers = [pipe.ask(visual, question=q, max_new_tokens=5) for q in ("Is there atrophy?", "What is the sex?")]
-    assert all(isinstance(a, str) for a in answers)
-    assert pipe.ask(visual, question="Is there atrophy?", max_new_tokens=5) == answers[0]
+    questions = ("Is there atrophy?", "What is the sex?", "Is there atrophy?")
+    answers = [pipe.ask(visual, question=q, max_new_tokens=5) for q in questions]
+    assert len(vision_runs) == 1 and vision_runs[0] is prepared.volume
+    assert len(prefilled) == len(questions) and all(v is visual for v in prefilled)
+    assert all(isinstance(a, str) for a in answers) and answers[2] == answers[0]
 
 
 def test_auto_backend_picks_ort_and_says_so():
