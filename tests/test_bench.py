@@ -42,6 +42,7 @@ def results(bench_out) -> dict:
     return json.loads((bench_out / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_files_exist(bench_out):
     for name in ("results.json", "report.md") + PLOTS:
         assert (bench_out / name).stat().st_size > 0, name
@@ -53,6 +54,7 @@ def test_files_exist(bench_out):
         assert heading in report
 
 
+@pytest.mark.slow
 def test_machine_and_limits(results):
     m = results["machine"]
     assert isinstance(m["cpu"]["model"], str) and m["cores"]["logical"] >= 1 and m["ram_gib"] > 0
@@ -69,6 +71,7 @@ def test_machine_and_limits(results):
         assert mem["bytes_per_s"] >= max(mem["huge_page_rates"].values())
 
 
+@pytest.mark.slow
 def test_rows_have_speed_quality_and_floors(results):
     rows = results["rows"]
     assert rows[0]["is_reference"] and rows[0]["name"] == "reference" and rows[0]["ratio_to_reference"] == 1.0
@@ -100,6 +103,7 @@ def test_rows_have_speed_quality_and_floors(results):
     assert rows[1]["agreement"]["max_abs_prob_diff"] == 0.0  # torch fp32 is the quality baseline itself
 
 
+@pytest.mark.slow
 def test_counted_sizes_match_the_manifest(results):
     """The FLOP/byte counts are only as good as the parameter counts behind them."""
     params = results["bundles"][0]["parameters"]
@@ -107,11 +111,13 @@ def test_counted_sizes_match_the_manifest(results):
     assert abs(results["costs"]["vision"]["weights"] / (params["vision"] + params["qformer"]) - 1) < 0.03
 
 
+@pytest.mark.slow
 def test_usage_error_is_one_line():
     proc = subprocess.run(_bench_cmd() + ["--out", "unused"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error [usage]") and proc.stderr.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_decode_variants_times_every_weight_format(tmp_path):
     """The script behind the weight-format choice: traced vs fused step graphs, each format, one table."""
     out = tmp_path / "variants"
@@ -170,6 +176,7 @@ def test_torch_precisions_this_cpu_emulates_are_skipped_with_the_reason():
     assert "torch bf16" in [r["name"] for r in rows]
 
 
+@pytest.mark.slow
 def test_bundles_of_one_preset_share_identical_files(tmp_path):
     import shutil
 
@@ -187,6 +194,7 @@ def test_bundles_of_one_preset_share_identical_files(tmp_path):
     Bundle.open(b)  # still verifies
 
 
+@pytest.mark.slow
 def test_export_quality_figures_move_for_int8_and_not_for_fp32(tmp_path):
     """The per-token figures can fail: fp32 graphs agree with the reference to float rounding on every
     position, INT8 weights move log-likelihoods and next-token distributions measurably."""

@@ -170,6 +170,7 @@ def full_run(cohort, tiny_bundle, tmp_path_factory):
 # ---------------------------------------------------------------- the 200-scan run
 
 
+@pytest.mark.slow
 def test_every_scan_gets_its_row(cohort, full_run):
     folder, expect = cohort
     rows, proc, _ = full_run
@@ -188,6 +189,7 @@ def test_every_scan_gets_its_row(cohort, full_run):
     assert f"{N_SCANS} scans: {N_SCANS - n_bad} ok, {n_bad} failed (1 timed out)" in proc.stderr
 
 
+@pytest.mark.slow
 def test_hung_reader_gives_a_timeout_row_and_the_run_exits(full_run):
     rows, proc, elapsed = full_run
     (row,) = [r for r in rows if r["scan"] == HANG]
@@ -197,6 +199,7 @@ def test_hung_reader_gives_a_timeout_row_and_the_run_exits(full_run):
     assert proc.returncode == 1 and elapsed < 500
 
 
+@pytest.mark.slow
 def test_same_scan_same_digest(full_run, cohort):
     rows, _, _ = full_run
     folder, _ = cohort
@@ -207,6 +210,7 @@ def test_same_scan_same_digest(full_run, cohort):
             assert row["scan_sha256"] == sha256_file(folder / row["scan"])
 
 
+@pytest.mark.slow
 def test_sigint_then_resume_gives_the_uninterrupted_file(cohort, full_run, tiny_bundle, tmp_path):
     folder, expect = cohort
     rows, _, _ = full_run

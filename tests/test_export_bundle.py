@@ -24,9 +24,11 @@ from medblip_edge.runtime.bundle import SCHEMA_VERSION, Bundle, sha256_file
 from medblip_edge.runtime.factory import make_backends
 
 CASES = [("tiny", "none"), ("tiny", "int4"), ("tiny-biomedlm", "int8"), ("tiny-biomedlm", "fp16")]
+FAST_CASES = [("tiny", "none")]  # the bundle the runtime tests share; the quantized exports are the slow tier's
 
 
-@pytest.fixture(scope="session", params=CASES, ids=[f"{p}-{q}" for p, q in CASES])
+@pytest.fixture(scope="session", params=[pytest.param(c, id=f"{c[0]}-{c[1]}", marks=() if c in FAST_CASES else
+                                         pytest.mark.slow) for c in CASES])
 def bundle(request):
     return Bundle.open(tiny_onnx_bundle(*request.param))
 
@@ -81,12 +83,14 @@ def test_llm_graphs_match_manifest(bundle, reference):
             assert fresh["max_abs_loglik_diff"] < 0.05
 
 
+@pytest.mark.slow
 def test_quantized_llm_is_smaller():
     sizes = {q: Bundle.open(tiny_onnx_bundle("tiny", q)).artifacts["llm_onnx"]["bytes"]
              for q in ("none", "int4")}
     assert sizes["int4"] < sizes["none"] / 2
 
 
+@pytest.mark.slow
 def test_cli_exports_int8_bundle_and_prints_summary(tmp_path):
     out = tmp_path / "b"
     r = subprocess.run([sys.executable, "-m", "medblip_edge.cli_export", "--preset", "tiny", "--out", str(out),
@@ -174,7 +178,8 @@ def _export_killed_after(out: Path, artifact: str) -> Path:
     return Path(paused.rstrip("\n").split(" in ", 1)[1])
 
 
-@pytest.mark.parametrize("previous", [False, True], ids=["no-previous-bundle", "over-a-previous-bundle"])
+@pytest.mark.parametrize("previous", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["no-previous-bundle", "over-a-previous-bundle"])
 def test_killed_export_leaves_no_half_written_bundle(tmp_path, tiny_bundle, previous):
     """Killed (SIGKILL) while its partial folder holds the PyTorch weights and tokenizer: --out is absent, or
     still the previous bundle byte for byte. The partial folder cannot be removed by a killed process: it stays,
@@ -239,6 +244,7 @@ def test_manifest_records_time_memory_and_bytes_per_artifact(bundle):
     assert len(shared) == 1, "the LLM graphs share one weight file"
 
 
+@pytest.mark.slow
 def test_int8_vision_graph_records_its_fidelity(tmp_path):
     """--precision int8: the ViT's matmuls as dynamic INT8, its error on the visual tokens and what it does to
     the answers (the fp32 LLM run on its tokens) in the manifest; the runtime reads the precision from there."""
@@ -275,6 +281,7 @@ def test_near_tie_cases_sit_at_a_decision_edge(bundle):
     assert np.load(bundle.path("evaluation")).shape == (len(near), cfg.qformer.num_query, d_llm)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset,quant", [("tiny", "int4"), ("tiny-biomedlm", "int4"), ("tiny-biomedlm", "int8")])
 def test_quantized_graphs_leave_no_fp32_weight_matrix_multiply(preset, quant):
     """Every weight a MatMul or Gemm multiplies by is quantized (GPT-2's Conv1D projections once traced to Gemm,

@@ -64,6 +64,7 @@ def test_torch_and_ort_agree_on_the_mni_scan(mni_path):
         assert row["random_weights"] is True and row["label"] in ("AD", "MCI", "NC")
 
 
+@pytest.mark.slow
 def test_quantized_bundle_agrees_within_manifest_figures(mni_path):
     b = Bundle.open(tiny_onnx_bundle("tiny", "int4"))
     recorded = b.artifacts["llm_onnx"]["parity"]
@@ -99,6 +100,7 @@ def test_auto_backend_picks_ort_and_says_so():
     assert pipe.chosen == {"vision": "ort", "llm": "ort"}
 
 
+@pytest.mark.slow
 def test_huge_pages_change_no_number(mni_path):
     """Weights moved onto 2 MiB pages at load (the default on CPU) give bit-identical rows."""
     b = tiny_onnx_bundle("tiny", "int8")
@@ -120,6 +122,7 @@ def test_missing_backend_is_a_one_line_error(tiny_bundle):
         Pipeline.from_bundle(tiny_bundle, backend="tpu")
 
 
+@pytest.mark.slow
 def test_cli_torch_and_ort_same_labels(mni_path, infer_cmd):
     b = tiny_onnx_bundle("tiny", "none")
     labels = {}
@@ -134,6 +137,7 @@ def test_cli_torch_and_ort_same_labels(mni_path, infer_cmd):
     assert labels["torch"] == labels["ort"]
 
 
+@pytest.mark.slow
 def test_cli_folder_with_a_corrupt_scan_same_labels_torch_and_ort(tmp_path, mni_path, infer_cmd):
     """A folder of scans, one corrupt: every good scan gets the same label on both backends, the bad one an error."""
     import shutil
@@ -180,7 +184,9 @@ def test_reference_casts_to_the_published_gpu_dtypes(preset):
 
 
 @pytest.mark.parametrize("preset,device", [
-    ("tiny", "cpu"),  # torch's CPU autocast runs T5's bf16 path; its fp16 LayerNorm policy differs from CUDA's
+    # torch's CPU autocast runs T5's bf16 path; its fp16 LayerNorm policy differs from CUDA's. Slow tier (~15 s on
+    # 2 cores); the dtypes themselves are checked in the test above
+    pytest.param("tiny", "cpu", marks=pytest.mark.slow),
     pytest.param("tiny", "cuda", marks=CUDA), pytest.param("tiny-biomedlm", "cuda", marks=CUDA)])
 def test_reference_in_the_published_gpu_dtypes_answers_near_fp32(preset, device):
     """Answers close to the fp32 reference's, and not equal to them (the dtypes and autocast took effect)."""
