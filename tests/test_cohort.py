@@ -38,7 +38,7 @@ from medblip_edge.runtime.scan_inputs import ScanItem, expand_scans
 
 N_SCANS = 200
 HANG = "sub-027.nii.gz"
-TIMEOUT_S = 3.0
+TIMEOUT_S = 10.0  # per scan: the hung one waits this long; a good one is read and preprocessed in ~0.1 s
 PREFIX = 40  # scans in the interrupted + resumed run
 
 HANGING_CLI = r"""
