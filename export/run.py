@@ -5,12 +5,20 @@ the fp32 PyTorch reference on the evaluation set (block by block upcast), then m
 compare it with that reference before it is registered in the manifest. Nothing holds the model in fp32:
 a paper-size export stays within a few GB of the checkpoint's own size. Each step's time and peak
 RSS, and each artifact's, are in the manifest (`export`, `artifacts.*.resources`).
+
+Fault injection: with MEDBLIP_EXPORT_PAUSE_AFTER=<artifact> (torch, tokenizer, evaluation, vision_onnx,
+llm_onnx, vision_trt), once that artifact is written and registered in the partial folder the export prints
+`medblip-export: paused after <artifact> in <partial folder>` to stderr and sleeps until it is killed, so a
+test can kill it at a known point (tests/test_export_bundle.py).
 """
 
 from __future__ import annotations
 
+import os
 import platform
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +41,7 @@ from .reference_eval import EvalBudget, ReferenceEval
 from .resources import Meter
 
 LLM_QUANTS = ("none", "int8", "int4", "fp16")
+PAUSE_ENV = "MEDBLIP_EXPORT_PAUSE_AFTER"
 
 
 def versions() -> dict:
@@ -43,6 +52,15 @@ def versions() -> dict:
         except Exception:  # optional packages: absent is a fact worth recording
             out[mod] = None
     return out
+
+
+def _pause_if_asked(writer: BundleWriter) -> None:
+    """Block here, for good, once the artifact named in $MEDBLIP_EXPORT_PAUSE_AFTER is registered (see above)."""
+    name = os.environ.get(PAUSE_ENV)
+    if name and name in writer.artifacts:
+        print(f"medblip-export: paused after {name} in {writer.tmp}", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(60)
 
 
 def export_bundle(opts: ExportOptions, quiet: bool = False) -> dict:
@@ -78,6 +96,7 @@ def export_bundle(opts: ExportOptions, quiet: bool = False) -> dict:
             Path(ckpt).unlink()
         writer.add(TOKENIZER, "tokenizer/tokenizer.json", kind="tokenizer", runs_with="tokenizers",
                    clean_up_tokenization_spaces=tokenizer.clean_up_spaces)
+        _pause_if_asked(writer)
         budget = EvalBudget.for_model(model, opts.eval_cases, opts.near_ties)
         with progress.step(f"fp32 reference on the evaluation set ({budget.cases} cases + {budget.near_ties} near "
                            f"ties, {budget.continuation_cases} x {budget.continuation_tokens}-token continuation)"):
@@ -87,6 +106,7 @@ def export_bundle(opts: ExportOptions, quiet: bool = False) -> dict:
             np.save(writer.path("evaluation/near_ties.npy"), ref.near_tie_visual.numpy())
             writer.add("evaluation", "evaluation/near_ties.npy", kind="evaluation-inputs",
                        shape=list(ref.near_tie_visual.shape))
+            _pause_if_asked(writer)
         ctx = ExportContext(model, tokenizer, fam, ref, writer, opts, progress, Path(work))
         notes = []
         for step in steps:
@@ -94,6 +114,7 @@ def export_bundle(opts: ExportOptions, quiet: bool = False) -> dict:
                 done = step.run(ctx)
                 for art in done.artifacts:  # checked by the step: registered with its figures
                     writer.add(art.name, art.main, art.extra, **art.meta)
+                _pause_if_asked(writer)
                 if done.note:
                     notes.append(done.note)
                     progress.note(done.note)

@@ -17,6 +17,8 @@ import numpy as np
 import psutil
 import pytest
 
+pytestmark = pytest.mark.slow  # a Ray cluster for the module
+
 pytest.importorskip("ray.data", reason="the serve extra (Ray Data) is not installed")
 
 from medblip_edge.runtime.cohort import InferOptions, run_infer  # noqa: E402

@@ -46,6 +46,7 @@ def run(cmd, *args) -> subprocess.CompletedProcess:
     return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_one_row_per_series(study, tiny_bundle, infer_cmd):
     proc = run(infer_cmd, str(study), "--bundle", str(tiny_bundle))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr

@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +26,11 @@ from medblip_edge.bundle.reader import Bundle
 from medblip_edge.runtime.factory import make_backends
 
 CASES = [("tiny", "none"), ("tiny", "int4"), ("tiny-biomedlm", "int8"), ("tiny-biomedlm", "fp16")]
+FAST_CASES = [("tiny", "none")]  # the bundle the runtime tests share; the quantized exports are the slow tier's
 
 
-@pytest.fixture(scope="session", params=CASES, ids=[f"{p}-{q}" for p, q in CASES])
+@pytest.fixture(scope="session", params=[pytest.param(c, id=f"{c[0]}-{c[1]}", marks=() if c in FAST_CASES else
+                                         pytest.mark.slow) for c in CASES])
 def bundle(request):
     return Bundle.open(tiny_onnx_bundle(*request.param))
 
@@ -83,12 +85,14 @@ def test_llm_graphs_match_manifest(bundle, reference):
             assert fresh["max_abs_loglik_diff"] < 0.05
 
 
+@pytest.mark.slow
 def test_quantized_llm_is_smaller():
     sizes = {q: Bundle.open(tiny_onnx_bundle("tiny", q)).artifacts["llm_onnx"]["bytes"]
              for q in ("none", "int4")}
     assert sizes["int4"] < sizes["none"] / 2
 
 
+@pytest.mark.slow
 def test_cli_exports_int8_bundle_and_prints_summary(tmp_path):
     out = tmp_path / "b"
     r = subprocess.run([sys.executable, "-m", "medblip_edge.cli_export", "--preset", "tiny", "--out", str(out),
@@ -155,17 +159,53 @@ def test_failed_export_keeps_the_old_bundle(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["b"], "no partial folder left behind"
 
 
-def test_killed_export_leaves_no_half_written_bundle(tmp_path):
+def _export_killed_after(out: Path, artifact: str) -> Path:
+    """Run medblip-export into `out`, paused (MEDBLIP_EXPORT_PAUSE_AFTER) once `artifact` is in its partial
+    folder, then SIGKILL it there: -> the partial folder it was writing."""
+    env = dict(os.environ, MEDBLIP_EXPORT_PAUSE_AFTER=artifact)
+    proc = subprocess.Popen([sys.executable, "-m", "medblip_edge.cli_export", "--preset", "tiny", "--out", str(out),
+                             "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    guard = threading.Timer(600, proc.kill)  # a hang fails the test below instead of blocking the run
+    guard.start()
+    try:
+        paused = next((line for line in proc.stderr if line.startswith(f"medblip-export: paused after {artifact} in ")),
+                      None)
+        assert paused is not None and proc.poll() is None, f"the export never paused (exit {proc.wait()})"
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+    finally:
+        guard.cancel()
+        proc.kill()
+        proc.stderr.close()
+    return Path(paused.rstrip("\n").split(" in ", 1)[1])
+
+
+@pytest.mark.parametrize("previous", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["no-previous-bundle", "over-a-previous-bundle"])
+def test_killed_export_leaves_no_half_written_bundle(tmp_path, tiny_bundle, previous):
+    """Killed (SIGKILL) while its partial folder holds the PyTorch weights and tokenizer: --out is absent, or
+    still the previous bundle byte for byte. The partial folder cannot be removed by a killed process: it stays,
+    hidden beside --out, without a manifest, and the next export to --out ignores it (BundleWriter)."""
+    import shutil
+
     out = tmp_path / "b"
-    proc = subprocess.Popen([sys.executable, "-m", "medblip_edge.cli_export", "--preset", "tiny", "--out",
-                             str(out), "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not any(p.name.startswith(".b.partial") for p in tmp_path.iterdir()):
-        time.sleep(0.2)
-    time.sleep(2.0)  # well inside the export
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not out.exists(), "a killed export must not leave a bundle at --out"
+    if previous:
+        shutil.copytree(tiny_bundle, out)
+        before = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    partial = _export_killed_after(out, "torch")
+    assert partial.parent == tmp_path and partial.name.startswith(".b.partial-")
+    assert (partial / "torch" / "weights.safetensors").is_file(), "killed after the weights were written"
+    assert not (partial / "manifest.json").exists()
+    if previous:
+        assert {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+        Bundle.open(out)  # still whole and verified
+    else:
+        assert not out.exists(), "a killed export must not leave a bundle at --out"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([partial.name] + (["b"] if previous else []))
+    if previous:  # the leftover changes nothing for the next export
+        export_bundle(ExportOptions(out=out, preset="tiny", onnx=False), quiet=True)
+        Bundle.open(out)
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([partial.name, "b"])
 
 
 def test_usage_errors_are_one_line():
@@ -184,7 +224,12 @@ def test_paper_preset_sizes_match_the_paper():
     assert (t5.vision.width, t5.vision.depth, t5.vision.mlp_dim, t5.vision.heads) == (1408, 39, 6144, 16)
     assert (t5.qformer.hidden, t5.qformer.layers, t5.qformer.num_query, t5.qformer.heads) == (768, 12, 32, 12)
     assert t5.llm["d_model"] == 2048 and PRESETS["paper-biomedlm"].llm["n_embd"] == 2560
-    assert torch.tensor(0).dtype == torch.int64
+    # a 224^3 volume in 32^3 patches: 343 visual tokens; FLAN-T5-XL and BioMedLM's depths and head counts
+    assert (t5.vision.image_size, t5.vision.patch, t5.vision.num_patches) == (224, 32, 343)
+    llm = t5.llm
+    assert (llm["num_layers"], llm["num_decoder_layers"], llm["num_heads"], llm["d_ff"]) == (24, 24, 32, 5120)
+    gpt = PRESETS["paper-biomedlm"]
+    assert (gpt.llm["n_layer"], gpt.llm["n_head"]) == (32, 20) and gpt.vision == t5.vision and gpt.qformer == t5.qformer
 
 
 def test_manifest_records_time_memory_and_bytes_per_artifact(bundle):
@@ -201,6 +246,7 @@ def test_manifest_records_time_memory_and_bytes_per_artifact(bundle):
     assert len(shared) == 1, "the LLM graphs share one weight file"
 
 
+@pytest.mark.slow
 def test_int8_vision_graph_records_its_fidelity(tmp_path):
     """--precision int8: the ViT's matmuls as dynamic INT8, its error on the visual tokens and what it does to
     the answers (the fp32 LLM run on its tokens) in the manifest; the runtime reads the precision from there."""
@@ -237,6 +283,7 @@ def test_near_tie_cases_sit_at_a_decision_edge(bundle):
     assert np.load(bundle.path("evaluation")).shape == (len(near), cfg.qformer.num_query, d_llm)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset,quant", [("tiny", "int4"), ("tiny-biomedlm", "int4"), ("tiny-biomedlm", "int8")])
 def test_quantized_graphs_leave_no_fp32_weight_matrix_multiply(preset, quant):
     """Every weight a MatMul or Gemm multiplies by is quantized (GPT-2's Conv1D projections once traced to Gemm,

@@ -85,6 +85,7 @@ def test_fused_decoder_graphs_match_traced_modules(tmp_path, name, overrides):
         assert _max_err(got, want) < 1e-4, (name, past)
 
 
+@pytest.mark.slow
 def test_in_place_caches_step_like_the_traced_module(tmp_path, monkeypatch):
     """The runtime's InPlaceKV over the fused step (buffers bound as past and present, grown when full) and its
     GrowingKV over the traced step both follow the traced PyTorch module token by token."""

@@ -31,8 +31,9 @@ from medblip_edge.errors import ScanError
 from medblip_edge.preprocess import load_volume, to_model_input
 from volumes import real_volume
 
-# float64 data past float32's range warns while casting, then is rejected as out_of_range: expected here
-pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+# float64 data past float32's range warns while casting, then is rejected as out_of_range: expected here.
+# Fuzzing is the slow tier's; the fast tier keeps the hand-made bad inputs (test_preprocess, test_bad_inputs).
+pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning"), pytest.mark.slow]
 
 EXAMPLES = int(os.environ.get("MEDBLIP_FUZZ_EXAMPLES", "200"))
 LIMITS = {"max_voxels": 1 << 18, "max_bytes": 1 << 23}  # keep every case small; the limits are parameters

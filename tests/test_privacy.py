@@ -96,6 +96,7 @@ def test_nothing_private_in_outputs_and_logs(private, tiny_bundle, infer_cmd, tm
     assert_private(proc.stdout + proc.stderr, private)
 
 
+@pytest.mark.slow
 def test_include_paths_adds_the_path_only(private, tiny_bundle, infer_cmd, tmp_path):
     out = tmp_path / "results.csv"
     scans = [private / "scan01.nii.gz", private / "scan02.nii.gz", private / "cohort.csv"]
@@ -179,6 +180,7 @@ def test_dicom_secrets_really_are_in_the_files(private_dicom):
     assert len(secrets) > 30
 
 
+@pytest.mark.slow
 def test_no_dicom_tag_value_in_outputs_and_logs(private_dicom, tiny_bundle, infer_cmd, tmp_path):
     import pydicom
 
@@ -200,6 +202,7 @@ def test_no_dicom_tag_value_in_outputs_and_logs(private_dicom, tiny_bundle, infe
         assert secret not in text, f"{secret!r} leaked"
 
 
+@pytest.mark.slow
 def test_dicom_include_paths_adds_the_path_only(private_dicom, tiny_bundle, infer_cmd):
     d, secrets = private_dicom
     proc = run(infer_cmd, "--bundle", str(tiny_bundle), "--include-paths", str(d))

@@ -20,6 +20,7 @@ def block(name: str, page: Path = README) -> str:
     return m.group(1)
 
 
+@pytest.mark.slow
 def test_api_example_runs(tmp_path, mni_path):
     code = block("api-example", API_PAGE)
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600,

@@ -1,7 +1,8 @@
 """`medblip-serve` on a real local Ray cluster on 127.0.0.1: rows, health, metrics, bad requests, load, faults, stop.
 
-One server (the real console command, tiny bundle) is shared by the module; the tests run in
-file order and the last one stops it with SIGTERM. Every HTTP call has a client timeout.
+One server (the real console command, tiny bundle) is shared by the tests that leave it as they found it; the
+two that kill a replica or stop the server with SIGTERM start their own, so the tests pass in any order. Every
+HTTP call has a client timeout. The whole module is in the slow tier (a Ray cluster per server).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
@@ -30,6 +32,8 @@ from commands import console_command  # noqa: E402
 from medblip_edge.benchmarks.serve_load import config_flags, parse_server_timing  # noqa: E402
 from medblip_edge.serve.replica import default_max_batch  # noqa: E402
 from volumes import real_volume  # noqa: E402
+
+pytestmark = pytest.mark.slow
 
 TIMEOUT_S = 60.0  # the server's per-request limit
 CLIENT_S = TIMEOUT_S + 40.0  # a client that waits longer than that has found a hang
@@ -53,13 +57,14 @@ def small_scan(tmp_path_factory) -> Path:
     return src
 
 
-@pytest.fixture(scope="module")
-def server(tiny_bundle, tmp_path_factory):
-    """The running server: {"info": its ready line, "proc", "stderr": path, "pids": its process tree}."""
+@contextmanager
+def _serving(bundle: Path, folder: Path):
+    """Start medblip-serve on `bundle` and stop it on leaving (unless a test stopped it):
+    -> {"info": its ready line, "proc", "stderr": path, "url", "base"}."""
     port, metrics_port = _free_port(), _free_port()
-    err_path = tmp_path_factory.mktemp("serve") / "stderr.txt"
+    err_path = folder / "stderr.txt"
     err = open(err_path, "w")
-    proc = subprocess.Popen([*console_command("medblip-serve"), "--bundle", str(tiny_bundle), "--port", str(port),
+    proc = subprocess.Popen([*console_command("medblip-serve"), "--bundle", str(bundle), "--port", str(port),
                              "--metrics-port", str(metrics_port), "--max-body-mb", str(MAX_BODY_MB),
                              "--timeout", str(TIMEOUT_S), "--batch-wait-ms", "50", "--max-batch", "4"],
                             stdout=subprocess.PIPE, stderr=err, text=True)
@@ -70,18 +75,34 @@ def server(tiny_bundle, tmp_path_factory):
     if not line or not line[0].strip():
         proc.kill()
         proc.wait(30)
+        err.close()
         pytest.fail("medblip-serve did not become ready: " + err_path.read_text()[-3000:])
     info = json.loads(line[0])
-    state = {"info": info, "proc": proc, "stderr": err_path, "url": info["url"],
-             "base": info["url"].rsplit("/v1/", 1)[0]}
-    yield state
-    if proc.poll() is None:  # the SIGTERM test did not run
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    err.close()
+    try:
+        yield {"info": info, "proc": proc, "stderr": err_path, "url": info["url"],
+               "base": info["url"].rsplit("/v1/", 1)[0]}
+    finally:
+        if proc.poll() is None:  # still running: the test did not stop it
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        err.close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle, tmp_path_factory):
+    """The server shared by the tests that leave it as they found it."""
+    with _serving(tiny_bundle, tmp_path_factory.mktemp("serve")) as state:
+        yield state
+
+
+@pytest.fixture
+def own_server(tiny_bundle, tmp_path_factory):
+    """A server for one test that kills part of it or stops it."""
+    with _serving(tiny_bundle, tmp_path_factory.mktemp("serve-own")) as state:
+        yield state
 
 
 def _post(url, path=None, data=None, name=None, **kw):
@@ -219,12 +240,17 @@ def test_load_run_batches_across_requests(server, small_scan):
 
 
 def test_metrics_endpoint_has_ray_and_pipeline_series(server, small_scan):
+    # the series this test reads come from its own requests: a scan answered, a corrupt one, a wrong body
+    assert _post(server["url"], small_scan).status_code == 200
+    cut = gzip.compress(small_scan.read_bytes())[:2000]
+    assert requests.post(server["url"], files={"scan": ("cut.nii.gz", cut)}, timeout=CLIENT_S).status_code == 422
     requests.post(server["url"], data=b"x", headers={"Content-Type": "text/plain"}, timeout=CLIENT_S)
     deadline = time.monotonic() + 60
     while True:
         text = _metrics(server)
         if _value(text, "ray_medblip_errors_total", code="unsupported_media_type") >= 1 and \
-                _value(text, "ray_medblip_stage_ms_count", stage="vision") >= 1:
+                _value(text, "ray_medblip_stage_ms_count", stage="vision") >= 1 and \
+                _value(text, "ray_medblip_errors_total", code="corrupt_gzip") >= 1:
             break
         assert time.monotonic() < deadline, "pipeline series missing from the metrics endpoint"
         time.sleep(2)
@@ -266,7 +292,8 @@ def test_the_replica_runs_at_the_default_priority(server):
     assert _replica(server).nice() == 0
 
 
-def test_a_killed_replica_is_replaced_and_no_request_hangs(server, small_scan):
+def test_a_killed_replica_is_replaced_and_no_request_hangs(own_server, small_scan):
+    server = own_server
     victim = _replica(server)
     answers: list = []
 
@@ -280,7 +307,9 @@ def test_a_killed_replica_is_replaced_and_no_request_hangs(server, small_scan):
 
     with cf.ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(one, i) for i in range(24)]
-        time.sleep(1.0)
+        deadline = time.monotonic() + CLIENT_S
+        while not answers and time.monotonic() < deadline:  # the replica is serving: kill it amid the requests
+            time.sleep(0.01)
         victim.kill()
         cf.wait(futures, timeout=CLIENT_S + 30)
     assert len(answers) == 24 and max(a[3] for a in answers) < CLIENT_S
@@ -297,17 +326,37 @@ def test_a_killed_replica_is_replaced_and_no_request_hangs(server, small_scan):
     assert _replica(server).pid != victim.pid
 
 
-def test_sigterm_finishes_requests_in_flight_and_leaves_no_process(server, small_scan):
+def _held_post(url: str, scan: Path, sent: threading.Event, go: threading.Event) -> int:
+    """POST `scan` with all of the body but its last bytes, set `sent`, and finish it once `go` is set: the request
+    is in the server, and cannot be answered, until then. -> the status code."""
+    prepared = requests.Request("POST", url, files={"scan": (scan.name, scan.read_bytes())}).prepare()
+    body = prepared.body
+
+    def chunks():
+        yield body[:-64]
+        sent.set()  # the first chunk was written when the next one is asked for
+        go.wait(CLIENT_S)
+        yield body[-64:]
+
+    return requests.post(url, data=chunks(), headers={"Content-Type": prepared.headers["Content-Type"]},
+                         timeout=CLIENT_S).status_code
+
+
+def test_sigterm_finishes_requests_in_flight_and_leaves_no_process(own_server, small_scan):
+    server = own_server
     proc = server["proc"]
     tree = psutil.Process(proc.pid).children(recursive=True)
     assert len(tree) >= 4  # gcs, raylet, controller, proxy, replica, ...
     results: list = []
-    threads = [threading.Thread(target=lambda: results.append(_post(server["url"], small_scan).status_code))
-               for _ in range(3)]
+    sent, go = [threading.Event() for _ in range(3)], threading.Event()
+    threads = [threading.Thread(target=lambda e=e: results.append(_held_post(server["url"], small_scan, e, go)))
+               for e in sent]
     for t in threads:
         t.start()
-    time.sleep(0.5)
+    assert all(e.wait(CLIENT_S) for e in sent), "the requests never reached the server"
+    time.sleep(0.5)  # the proxy hands each request to the replica on its headers, before the body ends
     proc.send_signal(signal.SIGTERM)
+    go.set()  # the rest of the bodies: answered while the server stops
     for t in threads:
         t.join(CLIENT_S)
     assert proc.wait(120) == 0

@@ -121,6 +121,7 @@ def test_timing_cache_is_written_and_reused(built, tmp_path):
 
 
 
+@pytest.mark.slow
 def test_rebuild_request_without_tensorrt_falls_back_or_fails_in_one_line(mni_path, infer_cmd, tmp_path):
     """`--rebuild-trt` where TensorRT cannot run: auto says why and runs on ONNX Runtime; trt is an error."""
     if REASON is None:

@@ -52,6 +52,7 @@ def test_fused_attention_is_the_eager_attention(cfg, dtype, tol):
         torch.testing.assert_close(attn(tokens).float(), attn.forward_eager(tokens).float(), rtol=tol, atol=tol)
 
 
+@pytest.mark.slow
 def test_vision_forms_benchmark_reports_both_forms_and_restores_the_model(cfg, tmp_path):
     from click.testing import CliRunner
 
