@@ -154,7 +154,7 @@ bench_main = BenchGroup(
     Every suite records this machine (CPU and its flags, cores, RAM, GPU, library versions, load
     averages and what other processes took) and the command line that ran it, and writes
     results.json and report.md (its tables) into --out, by default results/<cpu|gpu>-<suite>-<date>;
-    the tables are printed too. `python -m medblip_edge.benchmarks SUITE ...` is the same command
+    the tables are printed too. `python -m medblip_edge.cli_bench SUITE ...` is the same command
     where the console scripts are not installed.
 
     \b

@@ -1,4 +1,4 @@
-"""`medblip-bench SUITE ...` (also `python -m medblip_edge.benchmarks SUITE ...`): one group over the suites,
+"""`medblip-bench SUITE ...` (also `python -m medblip_edge.cli_bench SUITE ...`): one group over the suites,
 each loaded only when named. Options before any suite name (the pipeline benchmark's command line before
 the suites existed, `medblip-bench --preset small --out DIR`) run the `pipeline` suite."""
 

@@ -5,7 +5,7 @@
 #
 # The device image has torch (CUDA), transformers, tokenizers, sentencepiece, onnx, onnxruntime, click and psutil,
 # but neither this package's console scripts nor nibabel. The package goes on PYTHONPATH through a symlink and
-# the suites run as `python -m medblip_edge.benchmarks SUITE ...`, which is `medblip-bench SUITE ...`. Wheels
+# the suites run as `python -m medblip_edge.cli_bench SUITE ...`, which is `medblip-bench SUITE ...`. Wheels
 # carried in .whl/ are put on PYTHONPATH as they are, not installed, each only where the image lacks its package
 # (nibabel's, pure Python: the pipeline suite and the CUDA tests open Pipelines, which read NIfTI with it).
 # Each step has its own time limit, so one that hangs cannot eat the session; its output goes to
@@ -47,9 +47,9 @@ step() {
 
 echo "| step | exit | wall |"
 echo "| --- | ---: | ---: |"
-step vision_forms 120 "$PY" -m medblip_edge.benchmarks vision-forms --preset paper-t5 --device cuda --dtype fp16 \
+step vision_forms 120 "$PY" -m medblip_edge.cli_bench vision-forms --preset paper-t5 --device cuda --dtype fp16 \
     --batch 1 --batch 8 --batch 32 --iters 10 --out "$OUT/vision_forms"
-step pipeline 360 "$PY" -m medblip_edge.benchmarks pipeline --device cuda --preset paper-t5 --backends torch \
+step pipeline 360 "$PY" -m medblip_edge.cli_bench pipeline --device cuda --preset paper-t5 --backends torch \
     --scan eval --batch 1,8,32 --iters 3 --reference-iters 1 --compare-decode --out "$OUT/pipeline"
 step cuda_tests 120 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_vit_forms.py
 echo

@@ -4,6 +4,7 @@ the arguments changed."""
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 
@@ -13,12 +14,10 @@ def _say(command: str) -> None:
 
 
 def forward(suite: str) -> None:
-    """The old arguments mean the same to the suite: say so in one line, then run it."""
-    from ..cli import bench_main
-
+    """The old arguments mean the same to the suite: say so in one line, then run it in this process's place."""
     args = sys.argv[1:]
     _say(shlex.join(["medblip-bench", suite, *args]))
-    bench_main([suite, *args], prog_name="medblip-bench")
+    os.execv(sys.executable, [sys.executable, "-m", "medblip_edge.cli_bench", suite, *args])
 
 
 def gone(command: str) -> None:
