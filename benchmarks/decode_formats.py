@@ -40,10 +40,10 @@ def _formats() -> dict:
 
 def _graphs(bundle_path: Path, work: Path) -> dict[str, Path]:
     """{"traced": fp32 step graph, "fused": fp32 step graph} from the bundle's weights."""
+    from ..bundle.reader import Bundle
     from ..export.graphs_t5_fused import T5DecoderWriter
     from ..export.llm_graphs import traced_t5_step
     from ..model.weights import load_weights
-    from ..bundle.reader import Bundle
 
     bundle = Bundle.open(bundle_path)
     model = load_weights(bundle.config, bundle.path("torch"))

@@ -14,7 +14,6 @@ from ..model.scoring import greedy
 from ..preprocess import load_volume, to_model_input
 from .timing import Clock, PeakMemory, Samples
 
-
 # What each timing includes, written into results.json and report.md.
 STAGE_NOTES = {
     "load": "NIfTI read from disk + gunzip + voxel decode/scaling (the training loader's numbers); the page cache "

@@ -66,8 +66,8 @@ def _reference(job: RowJob) -> RowResult:
 
 
 def _pipeline(job: RowJob) -> RowResult:
-    from ..runtime.pipeline import Pipeline
     from ..bundle.reader import Bundle
+    from ..runtime.pipeline import Pipeline
     from .measure import measure_pipeline
     from .quality import continuations, eval_set, pipeline_results
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..errors import BundleError
 from ..model.config import MedBlipConfig
 from ..model.tokenizer import TextTokenizer
-from .format import MANIFEST, SCHEMA_VERSION, sha256_file
+from .format import MANIFEST, SCHEMA_VERSION, TOKENIZER, sha256_file
 
 
 @dataclass
@@ -81,5 +81,5 @@ class Bundle:
             raise BundleError(f"bundle has no {artifact} artifact ({role})", code="missing_artifact")
 
     def tokenizer(self) -> TextTokenizer:
-        entry = self.artifacts["tokenizer"]
-        return TextTokenizer.load(self.path("tokenizer"), entry["clean_up_tokenization_spaces"])
+        entry = self.artifacts[TOKENIZER]
+        return TextTokenizer.load(self.path(TOKENIZER), entry["clean_up_tokenization_spaces"])

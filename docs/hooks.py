@@ -24,8 +24,9 @@ import re
 import shutil
 import sys
 import tempfile
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository root, which is the package medblip_edge
 PACKAGE = "medblip_edge"

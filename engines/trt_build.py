@@ -16,7 +16,6 @@ from ..bundle.format import VISION_INPUT as INPUT
 from ..errors import BackendUnavailable, MedblipError
 
 
-
 def trt_available() -> str | None:
     """None if TensorRT and a CUDA GPU are usable here, else a one-line reason."""
     try:

@@ -31,12 +31,9 @@ class ExportContext:
     bundle being written."""
 
     model: Any  # model.medblip.MedBlip, weights as stored
-    tokenizer: Any  # model.tokenizer.TextTokenizer
-    family: Any  # model.llm family of the LLM (T5 or GPT-2)
     ref: Any  # export.reference_eval.ReferenceEval
     writer: Any  # bundle.writer.BundleWriter
     opts: ExportOptions
-    progress: Any  # export.progress.Progress
     work: Path  # scratch folder, removed after the export
 
 

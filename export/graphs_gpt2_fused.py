@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from ..model.stored import release_module
-from .layerwise import layer_names
 from .graphs_t5_fused import _ACT, _np, gqa_lengths
+from .layerwise import layer_names
 from .onnx_builder import MS_DOMAIN, GraphWriter, WeightFile
 from .quantize import FP32
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from torch.export import Dim
 
-from .graphs_gpt2_fused import Gpt2Writer
 from ..model.t5_static import T5DecoderPrefillGraph, T5DecoderStepGraph, T5EncoderGraph
-from .layerwise import Layerwise, layer_names
+from .graphs_gpt2_fused import Gpt2Writer
 from .graphs_t5_fused import T5DecoderWriter, T5EncoderWriter
+from .layerwise import Layerwise, layer_names
 
 
 @dataclass

@@ -14,13 +14,13 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from ..model.evalset import eval_cases, eval_volumes
 from ..model.fidelity import CONTINUATION_TOKENS, Answers, TokenLogits, agreement, from_state
 from ..model.prompts import LABELS
 from ..model.reference import ReferencePipeline
 from ..model.scoring import margins, pad_candidates, sum_logprobs
 from ..model.stored import fp32_compute, release_module
 from ..model.tasks import Tasks
-from ..model.evalset import eval_cases, eval_volumes
 from .near_ties import near_tie
 from .parity import torch_llm
 
@@ -54,11 +54,8 @@ class ReferenceEval:
     volumes: torch.Tensor  # [n,1,S,S,S]
     visual: torch.Tensor  # [n + k,Q,d_llm] fp32: the volumes' visual tokens, then k near-tie cases' (near_ties.py)
     cases: list  # (row of `visual`, patient text)
-    probabilities: np.ndarray  # [n_cases, 3]
-    loglik: np.ndarray  # [n_cases, 3] sum log p of each answer
-    labels: list
+    answers: Answers  # labels, probabilities and log-likelihoods [n_cases, 3], and per case the fp32 TokenLogits
     continuations: list  # per case, greedy tokens not stopped by EOS ([] past the continuation cases)
-    logits: list  # per case, the fp32 TokenLogits on the answers and the continuation
     tasks: Tasks
     eos: int
     budget: EvalBudget
@@ -86,8 +83,7 @@ class ReferenceEval:
             llm = torch_llm(model, "fp32")
             lengths = [budget.continuation_tokens if k < budget.continuation_cases else 0 for k in range(len(cases))]
             logits, conts = _run_cases(tasks, llm, visual, cases, lengths)
-        ans = Answers.from_logliks(_logliks(logits, tasks), logits)
-        return cls(volumes, visual, cases, ans.probabilities, ans.loglik, ans.labels, conts, logits, tasks,
+        return cls(volumes, visual, cases, Answers.from_logliks(_logliks(logits, tasks), logits), conts, tasks,
                    llm.eos_token_id, budget, info)
 
     @property
@@ -112,8 +108,7 @@ class ReferenceEval:
         keep = [c for c, (i, _) in enumerate(self.cases) if i < len(visual)]
         cand, _ = _run_cases(self.tasks, llm, visual, [self.cases[c] for c in keep],
                              [self.continuations[c] for c in keep])
-        ref = Answers(self.labels, self.probabilities, self.loglik, self.logits).take(keep)
-        return {**agreement(Answers.from_logliks(_logliks(cand, self.tasks), cand), ref),
+        return {**agreement(Answers.from_logliks(_logliks(cand, self.tasks), cand), self.answers.take(keep)),
                 "greedy_tokens_identical": self._greedy_identical(cand, keep)}
 
     def _answer(self, tokens: list[int], with_eos: bool = False) -> list[int]:
@@ -137,8 +132,8 @@ class ReferenceEval:
     def as_manifest(self) -> dict:
         """Cases name their volume, or (near ties) their row in the bundle's evaluation/near_ties.npy."""
         n, out = len(self.volumes), []
-        for (i, t), lab, p, ll, m in zip(self.cases, self.labels, self.probabilities, self.loglik,
-                                         margins(self.loglik)):
+        a = self.answers
+        for (i, t), lab, p, ll, m in zip(self.cases, a.labels, a.probabilities, a.loglik, margins(a.loglik)):
             where = {"volume": i} if i < n else {"near_tie": i - n, **self.near_ties[i - n]}
             out.append({**where, "patient_text": t, "label": lab, "probabilities": dict(zip(LABELS, map(float, p))),
                         "log_likelihoods": dict(zip(LABELS, map(float, ll))), "margin_nats": float(m)})

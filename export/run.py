@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..bundle.format import TOKENIZER, TORCH
+from ..bundle.writer import BundleWriter
 from ..errors import MedblipError
 from ..model.checkpoint import load_checkpoint
 from ..model.config import preset as get_preset
@@ -32,8 +34,6 @@ from ..model.prompts import ANSWERS, DIAGNOSIS_QUESTION, PROMPT_TEMPLATE
 from ..model.random_init import write_random_checkpoint
 from ..model.stored import release_module
 from ..model.weights import load_weights, save_weights
-from ..bundle.format import TOKENIZER, TORCH
-from ..bundle.writer import BundleWriter
 from ..preprocess import PreprocessSpec
 from .context import ExportContext, ExportOptions
 from .progress import Progress, summary_table
@@ -107,7 +107,7 @@ def export_bundle(opts: ExportOptions, quiet: bool = False) -> dict:
             writer.add("evaluation", "evaluation/near_ties.npy", kind="evaluation-inputs",
                        shape=list(ref.near_tie_visual.shape))
             _pause_if_asked(writer)
-        ctx = ExportContext(model, tokenizer, fam, ref, writer, opts, progress, Path(work))
+        ctx = ExportContext(model, ref, writer, opts, Path(work))
         notes = []
         for step in steps:
             with progress.step(step.title):

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import MedblipError
 from ..bundle.format import LLM_ONNX, VISION_INPUT, VISION_ONNX, VISION_ONNX_FP16, VISION_OUTPUT, VISION_TRT
+from ..engines.ort_session import ort_session
+from ..errors import MedblipError
 from ..model.fidelity import check_vision
 from ..model.medblip import image_encoder_of
 from ..model.stored import fp32_compute, release_module
@@ -25,7 +26,6 @@ from .context import Artifact, StepResult
 from .graphs_vision import VisionWriter
 from .llm_graphs import LLM_GRAPHS
 from .onnx_builder import WeightFile
-from ..engines.ort_session import ort_session
 from .onnx_export import export_onnx, io_spec
 from .parity import engine_visual, ort_llm, torch_llm
 from .quantize import FP32, LLM_FORMATS, VISION_FORMATS

@@ -135,9 +135,10 @@ class Answers:
     @classmethod
     def from_logliks(cls, loglik, logits: list) -> "Answers":
         """[n,3] log-likelihoods -> the labels and probabilities `diagnose` gives for them."""
-        rows = [diagnosis(ll) for ll in np.asarray(loglik, np.float64)]
+        loglik = np.asarray(loglik, np.float64)
+        rows = [diagnosis(ll) for ll in loglik]
         return cls([r["label"] for r in rows], np.array([[r["probabilities"][k] for k in LABELS] for r in rows]),
-                   np.asarray(loglik, np.float64), logits)
+                   loglik, logits)
 
     def take(self, keep: list[int]) -> "Answers":
         return Answers([self.labels[c] for c in keep], self.probabilities[keep], self.loglik[keep],

@@ -71,13 +71,12 @@ def greedy(first_logits, step: Callable[[int], object], n: int, eos: int | None 
     predicted each token if `keep_logits`, else [])."""
     tokens, seen, logits = [], [], first_logits
     for i in range(n):
-        if keep_logits:
-            seen.append(logits)
         tok = int(logits.argmax())
         if tok == eos:
-            seen = seen[:-1] if keep_logits else seen
             break
         tokens.append(tok)
+        if keep_logits:
+            seen.append(logits)
         if i + 1 < n:
             logits = step(tok)
     return tokens, seen

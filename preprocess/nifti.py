@@ -215,23 +215,21 @@ def check_header(hdr, sizeof_hdr: int, version: int, p: str, *, max_voxels: int,
         code = int(hdr["datatype"])
         raise ScanError(f"unsupported NIfTI datatype {code} ({name}): {p}", code="unsupported_dtype")
 
-    nvox = math.prod(shape)
-    nbytes = nvox * dtype.itemsize
     vox_offset = float(hdr["vox_offset"])
-    offset = int(vox_offset) if math.isfinite(vox_offset) else -1
-    if nvox > max_voxels or offset + nbytes > max_bytes:
+    h = _Header(hdr, sizeof_hdr, version, shape, dtype, int(vox_offset) if math.isfinite(vox_offset) else -1)
+    if h.nvox > max_voxels or h.offset + h.nbytes > max_bytes:
         raise ScanError(
-            f"volume {shape} ({nvox} voxels, {nbytes} bytes) exceeds the limit of "
+            f"volume {shape} ({h.nvox} voxels, {h.nbytes} bytes) exceeds the limit of "
             f"{max_voxels} voxels / {max_bytes} bytes: {p}",
             code="too_large",
         )
-    if offset < sizeof_hdr + 4:  # the 4 extension-flag bytes always follow the header
+    if h.offset < sizeof_hdr + 4:  # the 4 extension-flag bytes always follow the header
         raise ScanError(f"invalid vox_offset {vox_offset} (below {sizeof_hdr + 4}): {p}", code="bad_header")
-    if size_on_disk is not None and size_on_disk < offset + nbytes:
+    if size_on_disk is not None and size_on_disk < h.offset + h.nbytes:
         raise ScanError(
-            f"file has {size_on_disk} bytes but the header needs {offset + nbytes}: {p}", code="truncated"
+            f"file has {size_on_disk} bytes but the header needs {h.offset + h.nbytes}: {p}", code="truncated"
         )
-    return _Header(hdr, sizeof_hdr, version, shape, dtype, offset)
+    return h
 
 
 def read_voxels(stream, h: _Header, p: str, is_gz: bool) -> np.ndarray:

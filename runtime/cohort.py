@@ -76,8 +76,20 @@ from ..errors import MedblipError, ScanError
 from ..preprocess.dicom_series import describe_skipped
 from . import pipeline as _pipeline
 from .prefetch import Prefetcher, Task, prepare_scan
-from .results_io import (FileSink, OldRow, ResumeIndex, Sink, StdoutSink, abspath, digest_or_none, error_row,
-                         exception_row, out_format, read_old_rows, replace_file)
+from .results_io import (
+    FileSink,
+    OldRow,
+    ResumeIndex,
+    Sink,
+    StdoutSink,
+    abspath,
+    digest_or_none,
+    error_row,
+    exception_row,
+    out_format,
+    read_old_rows,
+    replace_file,
+)
 from .scan_inputs import ScanItem, expand_scans
 
 

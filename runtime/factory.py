@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ..bundle.format import LLM_ONNX, VISION_ONNX, VISION_ONNX_FP16, VISION_TRT
-from ..errors import BackendUnavailable, MedblipError
 from ..bundle.reader import Bundle
+from ..errors import BackendUnavailable, MedblipError
 
 BACKENDS = ("auto", "torch", "ort", "trt")
 

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..model.t5_static import T5Decoder, T5DecoderPrefillGraph, T5EncoderGraph, attend, ffn, rms_norm, split_heads
 from ..model.scoring import decoder_inputs, pad_candidates
+from ..model.t5_static import T5Decoder, T5DecoderPrefillGraph, T5EncoderGraph, attend, ffn, rms_norm, split_heads
 from .llm_base import LlmBackend
 
 

@@ -14,8 +14,6 @@ from ..model.scoring import decoder_inputs, pad_candidates
 from .llm_base import LlmBackend
 
 
-
-
 @dataclass
 class T5State:
     encoder_out: torch.Tensor  # [1, S, d]

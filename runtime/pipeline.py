@@ -12,14 +12,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..bundle.reader import Bundle
 from ..model.llm import family
 from ..model.prompts import DIAGNOSIS_QUESTION
+from ..model.tasks import Tasks
 from ..preprocess import PreprocessSpec, load_scan, to_model_input
 from ..preprocess.volume import as_scan
-from ..bundle.reader import Bundle
 from .factory import make_backends
 from .hugepages import HugePages, new_memory_on_huge_pages
-from ..model.tasks import Tasks
 
 
 @dataclass

@@ -5,11 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
-
 from .results_io import exception_row
 from .scan_inputs import ScanItem
-
-
 
 # ------------------------------------------------------------------ prefetching
 

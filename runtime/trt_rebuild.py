@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
+from ..bundle.format import TORCH, VISION_ONNX_FP16, VISION_TRT
+from ..engines.trt_build import build_engine, engine_key, trt_available
 from ..errors import BackendUnavailable, MedblipError
 from ..model.evalset import eval_volumes
 from ..model.fidelity import check_vision
 from ..model.stored import fp32_compute
 from ..model.weights import load_weights
-from ..bundle.format import VISION_ONNX_FP16, VISION_TRT
-from ..engines.trt_build import build_engine, engine_key, trt_available
 
 SOURCE = VISION_ONNX_FP16  # the graph the export builds its engine from (precision from its own types)
 SHIPPED = VISION_TRT
@@ -87,7 +87,7 @@ def _check(bundle, engine: Path, meta: dict) -> dict:
     from .vision_trt import TrtVision
 
     volumes = eval_volumes(2, bundle.config.vision.image_size)  # as the export checks a paper-size engine
-    model = load_weights(bundle.config, bundle.path("torch"), dtype=None)
+    model = load_weights(bundle.config, bundle.path(TORCH), dtype=None)
     with torch.inference_mode(), fp32_compute(model):
         want = torch.cat([model.visual_tokens(volumes[i:i + 1]) for i in range(len(volumes))]).float().numpy()
     del model

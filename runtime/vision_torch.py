@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import torch
 
+from ..bundle.format import TORCH
+from ..bundle.reader import Bundle
 from ..model.dtypes import DTYPES
 from ..model.weights import load_weights
-from ..bundle.reader import Bundle
 from .vision_base import VisionBackend
-
 
 
 class TorchVision(VisionBackend):
@@ -28,4 +28,4 @@ def load_torch_model(bundle: Bundle, precision: str = "fp32", device: str = "cpu
     """MedBlip from the bundle's weights, cast from fp32 to `precision` (the family's fp32 spots kept)."""
     if precision not in DTYPES:
         raise ValueError(f"precision must be one of {', '.join(DTYPES)}")
-    return load_weights(bundle.config, bundle.path("torch"), torch.float32, device).to_precision(DTYPES[precision])
+    return load_weights(bundle.config, bundle.path(TORCH), torch.float32, device).to_precision(DTYPES[precision])

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import BackendUnavailable, BundleError, MedblipError
 from ..bundle.format import VISION_INPUT as INPUT, VISION_OUTPUT as OUTPUT, VISION_TRT
 from ..engines.trt_build import engine_key, trt_available
+from ..errors import BackendUnavailable, BundleError, MedblipError
 from .vision_base import VisionBackend
 
 ARTIFACT = VISION_TRT  # manifest entry: files.main = the engine; precision, profile and engine_key() fields
