@@ -90,6 +90,9 @@ def export_main(checkpoint, llm_dir, preset, out, precision, llm_quant, trt, no_
               "(at most 60 new tokens). Without it: diagnosis by scoring the three answers.")
 @click.option("--out", "out_path", type=click.Path(path_type=Path), default=None,
               help="Write rows to results.jsonl or results.csv instead of stdout.")
+@click.option("--decision-detail", is_flag=True, help="Rows also carry what medblip-eval's other decision rules need: "
+              "answer_tokens (each answer's token count) and greedy_answer (the generated answer to the diagnosis "
+              "question; one greedy decode more per scan).")
 @click.option("--resume", is_flag=True, help="With --out: skip scans that already have a complete row there.")
 @click.option("--timeout", "timeout_s", type=float, default=300.0, show_default=True,
               help="Per-scan limit in seconds for reading + preprocessing; a scan over it gets an error row.")
@@ -112,8 +115,8 @@ def export_main(checkpoint, llm_dir, preset, out, precision, llm_quant, trt, no_
 @click.option("--threads", type=int, default=None, help="--engine ray: compute threads per model actor [default: "
               "half the cluster's CPUs, the other half read].")
 @one_line_errors
-def infer_main(scans, bundle_dir, backend, device, precision, patient_text, question, out_path, resume,
-               timeout_s, workers, include_paths, rebuild_trt, huge_pages, engine, address, ray_actors, threads):
+def infer_main(scans, bundle_dir, backend, device, precision, patient_text, question, out_path, decision_detail,
+               resume, timeout_s, workers, include_paths, rebuild_trt, huge_pages, engine, address, ray_actors, threads):
     """Diagnose MRI scans with a bundle: one JSON object per scan (JSON Lines).
 
     SCANS are NIfTI files (.nii, .nii.gz), DICOM multi-frame files, folders, or a
@@ -132,8 +135,10 @@ def infer_main(scans, bundle_dir, backend, device, precision, patient_text, ques
         scans=list(scans), bundle=bundle_dir, backend=backend, device=device, precision=precision,
         patient_text=patient_text, question=question, out=out_path, resume=resume, timeout_s=timeout_s,
         workers=workers, include_paths=include_paths, rebuild_trt=rebuild_trt,
-        huge_pages=huge_pages)
+        huge_pages=huge_pages, decision_detail=decision_detail)
     if engine == "ray":
+        if decision_detail:
+            raise MedblipError("--decision-detail runs with --engine local only", code="usage")
         from .serve.cohort_ray import RayOptions, run_infer_ray
 
         failed = run_infer_ray(opts, RayOptions(address=address, actors=ray_actors, threads=threads))
