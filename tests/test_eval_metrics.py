@@ -171,3 +171,22 @@ def test_paired_comparison_and_mcnemar():
     b, c = bad["mcnemar"]["ref_only_correct"], bad["mcnemar"]["candidate_only_correct"]
     assert b == int(((pred == y) & (worse != y)).sum()) and c == int(((pred != y) & (worse == y)).sum())
     assert bad["mcnemar"]["p_value"] < 1e-3
+
+
+def test_decision_rules_on_rows():
+    from medblip_edge.validation.rules import PublishedRule, RowData, ScoreRule, Unavailable
+
+    rows = [{"log_likelihoods": {"AD": -3.0, "MCI": -4.0, "NC": -5.0}, "greedy_answer": "Dementia"},
+            {"log_likelihoods": {"AD": -3.0, "MCI": -4.0, "NC": -5.0}, "greedy_answer": " not  demented "},
+            {"log_likelihoods": {"AD": -9.0, "MCI": -4.0, "NC": -5.0}, "greedy_answer": "mild cognitive impairment (MCI)"},
+            {"log_likelihoods": {"AD": -9.0, "MCI": -4.0, "NC": -5.0}, "greedy_answer": "Dementia, probably"}]
+    data = RowData.from_rows(rows, {"AD": 2, "MCI": 8, "NC": 4})
+    assert PublishedRule().decide(data).pred.tolist() == [0, 2, 1, -1]
+    summed = ScoreRule("sum", "").decide(data)
+    assert summed.pred.tolist() == [0, 0, 1, 1]
+    # per-token means: AD -1.5, MCI -0.5, NC -1.25 -> MCI; then AD -4.5, MCI -0.5, NC -1.25 -> MCI
+    assert ScoreRule("mean", "").decide(data).pred.tolist() == [1, 1, 1, 1]
+    np.testing.assert_allclose(summed.prob[0], np.exp([-3, -4, -5]) / np.exp([-3, -4, -5]).sum())
+    with pytest.raises(Unavailable, match="greedy_answer"):
+        PublishedRule().decide(RowData.from_rows([{k: v for k, v in r.items() if k != "greedy_answer"}
+                                                  for r in rows]))
