@@ -196,3 +196,38 @@ def test_bad_label_and_usage_errors(cohort, tiny_bundle, tmp_path):
     r = run(console_command("medblip-eval") + [str(cohort), "--bundle", str(tiny_bundle), "--out", str(tmp_path / "o"),
                                                "--write-calibrated", str(tmp_path / "c")])
     assert r.returncode == 2 and "error [usage]: --write-calibrated needs --calibrate" in r.stderr
+
+
+def test_rows_are_matched_to_the_cohort(cohort):
+    """--rows: in order when they name the cohort's scans one for one; else by path, then by unique file name;
+    a cohort scan without a row is a failed scan `no_row`, listed with its cohort row."""
+    from medblip_edge.validation.cohort import read_cohort
+    from medblip_edge.validation.sources import match_rows
+
+    c = read_cohort(cohort, ["sex"])
+    assert [e.label for e in c.entries] == ["AD", "AD", "MCI", "MCI", "NC", "NC", "AD"]
+    assert [e.groups["sex"] for e in c.entries][:2] == ["F", "M"]
+    rows = [{"scan": e.path.name, "n": i} for i, e in enumerate(c.entries)]
+    assert [r["n"] for r in match_rows(c, rows, "x")] == list(range(7))
+    shuffled = rows[::-1][:-1]  # reversed, and the first scan's row missing
+    got = match_rows(c, shuffled, "--rows r.jsonl")
+    assert [r.get("n") for r in got] == [None, 1, 2, 3, 4, 5, 6]
+    assert got[0]["error"] == {"code": "no_row", "message": "--rows r.jsonl has no row for cohort row 2 (sub-0.nii.gz)"}
+    with_paths = [{"scan": "same.nii.gz", "path": str(e.path.resolve()), "n": i} for i, e in enumerate(c.entries)][::-1]
+    assert [r["n"] for r in match_rows(c, with_paths, "x")] == list(range(7))
+
+
+def test_csv_rows_carry_the_calibration_and_the_detail():
+    from medblip_edge.runtime.results_io import CALIBRATED_COLUMNS, DETAIL_COLUMNS, FileSink
+
+    sink = FileSink(Path("r.csv"), "csv", False, CALIBRATED_COLUMNS + DETAIL_COLUMNS)
+    row = {"scan": "a.nii", "label": "AD", "probabilities": {"AD": 0.5, "MCI": 0.3, "NC": 0.2},
+           "calibrated": {"calibration": "bias+temperature:sum:0123456789ab", "label": "NC",
+                          "probabilities": {"AD": 0.2, "MCI": 0.3, "NC": 0.5}},
+           "answer_tokens": {"AD": 2, "MCI": 9, "NC": 4}, "greedy_answer": "Not demented"}
+    header = next(csv.reader([sink.header()]))
+    rec = dict(zip(header, next(csv.reader([sink.serialize(row)]))))
+    assert header[-9:] == CALIBRATED_COLUMNS + DETAIL_COLUMNS
+    assert rec["calibration"] == "bias+temperature:sum:0123456789ab" and rec["cal_label"] == "NC"
+    assert rec["cal_prob_NC"] == "0.5" and rec["prob_NC"] == "0.2" and rec["ntok_MCI"] == "9"
+    assert rec["greedy_answer"] == "Not demented"

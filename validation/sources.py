@@ -54,14 +54,18 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def match_rows(cohort: Cohort, rows: list[dict], source: str) -> list[dict]:
-    """One row per cohort entry, by the row's `path` where it has one, else by scan file name (which must then be
-    unique in the cohort); an entry without a row gets an error row `no_row`."""
+    """One row per cohort entry: in order when the rows name the cohort's scans one for one (medblip-infer run on the
+    cohort CSV writes them so); else by the row's `path` where it has one (--include-paths), else by scan file name
+    (which must then be unique in the cohort). An entry without a row gets an error row `no_row`."""
+    names = [scan_name(e.path) for e in cohort.entries]
+    if len(rows) == len(names) and all(r["scan"] == n and r.get("path") in (None, abspath(e.path))
+                                       for r, n, e in zip(rows, names, cohort.entries)):
+        return list(rows)
     by_path, by_name = {}, {}
     for r in rows:
         if r.get("path"):
             by_path.setdefault(r["path"], []).append(r)
         by_name.setdefault(r["scan"], []).append(r)
-    names = [scan_name(e.path) for e in cohort.entries]
     out, used = [], set()
     for e, name in zip(cohort.entries, names):
         found = [r for r in by_path.get(abspath(e.path), []) if id(r) not in used]
@@ -71,5 +75,7 @@ def match_rows(cohort: Cohort, rows: list[dict], source: str) -> list[dict]:
             used.add(id(found[0]))
             out.append(found[0])
         else:
-            out.append(error_row(name, None, "no_row", f"{source} has no row for cohort row {e.line} ({name})"))
+            why = (" (several cohort scans have this file name: write the rows with medblip-infer --include-paths)"
+                   if names.count(name) > 1 else "")
+            out.append(error_row(name, None, "no_row", f"{source} has no row for cohort row {e.line} ({name}){why}"))
     return out
