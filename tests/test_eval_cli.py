@@ -187,15 +187,25 @@ def test_rows_comparison_and_report_in_chromium(evaluated, cohort, tiny_bundle, 
 
 
 def test_bad_label_and_usage_errors(cohort, tiny_bundle, tmp_path):
+    """The real command in this process (click's runner): one line on stderr, exit 2, nothing on stdout."""
+    from click.testing import CliRunner
+
+    from medblip_edge.cli import eval_main
+
     bad = tmp_path / "bad.csv"
     bad.write_text(cohort.read_text().replace("mild cognitive impairment", "stroke"))
-    r = run(console_command("medblip-eval") + [str(bad), "--bundle", str(tiny_bundle), "--out", str(tmp_path / "o")])
-    assert r.returncode == 2 and r.stdout == ""
+    r = CliRunner().invoke(eval_main, [str(bad), "--bundle", str(tiny_bundle), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and r.stdout == ""
     assert r.stderr.strip() == ("error [bad_label]: cohort bad.csv row 5: unknown label 'stroke' (expected AD, MCI, "
                                 "NC or a synonym such as CN, control, dementia, mild cognitive impairment)")
-    r = run(console_command("medblip-eval") + [str(cohort), "--bundle", str(tiny_bundle), "--out", str(tmp_path / "o"),
-                                               "--write-calibrated", str(tmp_path / "c")])
-    assert r.returncode == 2 and "error [usage]: --write-calibrated needs --calibrate" in r.stderr
+    for args, message in [(["--write-calibrated", str(tmp_path / "c")], "error [usage]: --write-calibrated needs "
+                                                                        "--calibrate"),
+                          (["--group-by", "scanner"], "error [usage]: --group-by 'scanner': no such column"),
+                          (["--rows", "a.jsonl", "--rows", "b.jsonl"], "error [usage]: --rows given 2 times for 1")]:
+        r = CliRunner().invoke(eval_main, [str(cohort), "--bundle", str(tiny_bundle), "--out", str(tmp_path / "o"),
+                                           *args])
+        assert r.exit_code == 2 and r.stderr.startswith(message), r.stderr
+    assert not (tmp_path / "o").exists()  # nothing written before the inputs are known to be good
 
 
 def test_rows_are_matched_to_the_cohort(cohort):
