@@ -18,9 +18,6 @@ SYNONYMS = {
 }
 _LOOKUP = {syn: label for label, syns in SYNONYMS.items() for syn in syns}
 
-# Ordinal order for the weighted kappa: NC < MCI < AD
-ORDINAL = {"NC": 0, "MCI": 1, "AD": 2}
-
 
 def _key(text: str) -> str:
     text = re.sub(r"['’]", "", text.strip().lower())

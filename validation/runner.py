@@ -149,7 +149,7 @@ def describe(bundle: Bundle, name: str, rows: list[dict], ev: BundleEvaluation, 
             "random_weights": bundle.random_weights, "variant": bundle.config.variant,
             "checkpoint": bundle.manifest.get("model", {}).get("source", {}).get("checkpoint"),
             "backend": first.get("backend"), "precision": first.get("precision"),
-            "calibrated_bundle": bundle.manifest.get("calibration", {}).get("sha256"),
+            "bundle_calibration": bundle.manifest.get("calibration", {}).get("sha256"),
             "scans": len(rows), "evaluated": int(ev.ok.sum()), "failed": failed}
 
 
