@@ -3,8 +3,8 @@ published code on medblip_edge.synth's cohort) validated with medblip-eval on a 
 bundle per LLM format, each compared with fp32; plus the chance-level controls (noise images, shuffled labels).
 
 Per variant: export fp32, INT8, INT4 (and fp16, evaluated only where the export could check it on this CPU),
-run medblip-eval over all bundles at once (paired comparison with fp32, non-inferiority margin 0.02), then
-medblip-eval on the noise cohort (fp32, patient text left out: it carries a signal of its own) and on the held-out
+run medblip-eval (the command, in its own process) over all bundles at once (paired comparison with fp32,
+non-inferiority margin 0.02), then medblip-eval on the noise cohort (fp32, patient text left out: it carries a signal of its own) and on the held-out
 cohort with its labels shuffled (fp32's rows again, --rows). Each evaluation's metrics.json, report.html, rows and
 plots go to OUT/<variant>[-noise|-shuffled]/; summary.md holds one table per variant.
 """
@@ -12,8 +12,12 @@ plots go to OUT/<variant>[-noise|-shuffled]/; summary.md holds one table per var
 from __future__ import annotations
 
 import csv
+import json
+import os
 import shlex
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -63,9 +67,11 @@ def make_cohorts(root: Path, n: int, seed: int, run: Run) -> dict[str, Path]:
         return lambda done, total: (done == total or done % 50 == 0) and run.say(f"{kind} cohort: {done}/{total}")
 
     held = make_cohort(root / "held-out", n, seed, progress=progress("held-out"))
-    labels = np.random.default_rng(SHUFFLE_SEED).permutation([r["label"] for r in csv.DictReader(open(held))])
-    shuffled = _rewrite(held, held.with_name("cohort-shuffled.csv"),
-                        lambda rows: [{**r, "label": lab} for r, lab in zip(rows, labels)])
+    def shuffle(rows):
+        labels = np.random.default_rng(SHUFFLE_SEED).permutation([r["label"] for r in rows])
+        return [{**r, "label": lab} for r, lab in zip(rows, labels)]
+
+    shuffled = _rewrite(held, held.with_name("cohort-shuffled.csv"), shuffle)
     noise = make_cohort(root / "noise", n, seed, variant="noise", progress=progress("noise"))
     noise = _rewrite(noise, noise.with_name("cohort-no-text.csv"),
                      lambda rows: [{**r, "patient_text": ""} for r in rows])
@@ -92,7 +98,8 @@ def export_variant(folder: Path, root: Path, formats: list[str], run: Run) -> tu
     for q, path in zip(quants, paths):
         check = llm_check(path)
         if q == "fp16" and not check.get("checked", True):
-            skipped["fp16"] = f"exported, but the export could not run its fp16 LLM graphs on this CPU ({check['reason']})"
+            skipped["fp16"] = ("exported, but the export could not run its fp16 LLM graphs on this CPU "
+                               f"({check['reason']})")
             continue
         keep.append(path)
     return keep, skipped
@@ -101,23 +108,26 @@ def export_variant(folder: Path, root: Path, formats: list[str], run: Run) -> tu
 # -- evaluations --------------------------------------------------------------
 
 def evaluate(cohort: Path, bundles: list[Path], out: Path, opts: dict, work: Path, rows: list[Path] = ()) -> dict:
-    """medblip-eval over `bundles` at once (in this process); its command line recorded relative to `work`."""
-    from ..validation.runner import EvalOptions, run_eval
-
+    """`medblip-eval` over `bundles` at once, in its own process (run from `work`, so the command line it records
+    names the cohort and the bundles as they lie there); -> its metrics.json, with the command added."""
     def rel(p: Path) -> str:
-        return str(Path(p).relative_to(work)) if Path(p).is_relative_to(work) else str(p)
+        p = Path(p).resolve()
+        return os.path.relpath(p, work.resolve()) if p.is_relative_to(work.resolve()) else str(p)
 
-    cmd = ["medblip-eval", rel(cohort), *[a for b in bundles for a in ("--bundle", rel(b))],
-           *[a for r in rows for a in ("--rows", rel(r))], "--out", out.name, "--bootstrap", str(opts["bootstrap"]),
-           "--margin", str(opts["margin"])]
+    args = [rel(cohort), *[a for b in bundles for a in ("--bundle", rel(b))],
+            *[a for r in rows for a in ("--rows", rel(r))], "--out", str(Path(out).resolve()),
+            "--bootstrap", str(opts["bootstrap"]), "--margin", str(opts["margin"])]
     if opts["group_by"]:
-        cmd += ["--group-by", ",".join(opts["group_by"])]
-    doc, _ = run_eval(EvalOptions(cohort=cohort, bundles=list(bundles), out=out, rows=list(rows),
-                                  group_by=list(opts["group_by"]), margin=opts["margin"],
-                                  n_bootstrap=opts["bootstrap"], command=shlex.join(cmd)))
+        args += ["--group-by", ",".join(opts["group_by"])]
+    proc = subprocess.run([sys.executable, "-c", "from medblip_edge.cli import eval_main; eval_main()", *args],
+                          cwd=work, stdout=subprocess.PIPE, text=True)
+    if proc.returncode not in (0, 1):  # 1: some scans failed, counted and listed in metrics.json
+        raise MedblipError(f"medblip-eval {rel(cohort)} exited with {proc.returncode} (its error is above)",
+                           code="bench_failed")
     for b in bundles:  # rows.jsonl holds each of these rows with its label
         (out / b.name / "infer-rows.jsonl").unlink(missing_ok=True)
-    doc["command"] = shlex.join(cmd)
+    doc = json.loads((out / "metrics.json").read_text())
+    doc["command"] = shlex.join(["medblip-eval", *args])
     return doc
 
 
@@ -229,7 +239,7 @@ def summary(results: dict, n: int, seed: int, margin: float) -> str:
 
 def report(record: dict) -> str:
     body = summary(record["variants"], record["cohort"]["n"], record["cohort"]["seed"], record["options"]["margin"])
-    cmds = [f"- {v}: `{res['eval_command']}` (paths in the suite's work folder)" for v, res in record["variants"].items()]
+    cmds = [f"- {v}: `{res['eval_command']}` (run in the suite's work folder)" for v, res in record["variants"].items()]
     return body + "\n\nThe medblip-eval runs over the held-out cohort:\n\n" + "\n".join(cmds) + "\n"
 
 

@@ -70,7 +70,9 @@ def test_smoke_run_writes_summary_reports_and_controls(tmp_path):
     # the summary is the metrics.json medblip-eval wrote: same figures, same verdicts, same agreement
     metrics = json.loads((out / "t5" / "metrics.json").read_text())
     assert [b["bundle"] for b in metrics["bundles"]] == formats
-    assert metrics["provenance"]["command"].startswith("medblip-eval held-out/cohort.csv --bundle")
+    assert metrics["provenance"]["command"].startswith("medblip-eval cohorts/held-out/cohort.csv --bundle bundles/t5/fp32 "
+                                                       "--bundle bundles/t5/int8 --bundle bundles/t5/int4")
+    assert metrics["provenance"]["command"] == t5["eval_command"]
     summary = (out / "summary.md").read_text()
     for b, row in zip(metrics["bundles"], t5["bundles"]):
         ba = b["rules"]["sum"]["figures"]["balanced_accuracy"]
