@@ -176,7 +176,8 @@ def measure(run: Run, variants: list[str], fixtures: Path, n: int, seed: int, fo
             shuffled = evaluate(cohorts["shuffled"], bundles[:1], out / f"{variant}-shuffled", opts, work,
                                 rows=[out / variant / "fp32" / "rows.jsonl"])
             results[variant] = {
-                "checkpoint_sha256": sha256_file(folder / "checkpoint.pth"), "fixtures": str(folder),
+                "checkpoint_sha256": sha256_file(folder / "checkpoint.pth"),
+                "training_json_sha256": sha256_file(folder / "training.json"), "fixtures": str(folder),
                 "eval_command": doc["command"], "bundles": [bundle_row(r) for r in doc["bundles"]],
                 "not_evaluated": skipped, "controls": [control_row("noise images, no patient text", noise),
                                                        control_row("labels shuffled (fp32 rows)", shuffled)]}
