@@ -94,3 +94,22 @@ def test_smoke_run_writes_summary_reports_and_controls(tmp_path):
     assert [r["label"] for r in rows] == [r["label"] for r in again]
     assert sorted(r["true_label"] for r in rows) == sorted(r["true_label"] for r in again)
     assert not list(out.glob("*/*/infer-rows.jsonl"))  # rows.jsonl holds each row with its label
+
+
+def test_a_format_not_evaluated_gets_a_row_saying_why():
+    """fp16 where the export cannot run it on the CPU: a row with the reason, as wide as the figures' rows."""
+    from medblip_edge.benchmarks.known_answer import variant_table
+
+    fig = {"value": 0.9, "ci_low": 0.85, "ci_high": 0.95}
+    res = {"bundles": [{"format": "fp32", "failed": 0, "balanced_accuracy": fig, "macro_auc": fig, "ece": fig,
+                        "label_agreement": 1.0, "delta_balanced_accuracy": None, "verdict": "reference"},
+                       {"format": "int8", "failed": 2, "balanced_accuracy": fig, "macro_auc": None, "ece": None,
+                        "label_agreement": 0.96, "verdict": "not shown non-inferior",
+                        "delta_balanced_accuracy": {"value": -0.01, "ci_low": -0.04, "ci_high": 0.02}}],
+           "not_evaluated": {"fp16": "exported, but the export could not run its fp16 LLM graphs on this CPU (x)"}}
+    lines = variant_table(res).splitlines()
+    assert [line.count("|") for line in lines] == [7] * 5
+    assert lines[2] == "| fp32 | 0.900 [0.850, 0.950] | 0.900 [0.850, 0.950] | 0.900 | 1.000 | reference |"
+    assert lines[3] == ("| int8 (2 scans failed) | 0.900 [0.850, 0.950] | - | - | 0.960 | not shown non-inferior "
+                        "(Δ -0.010 [-0.040, 0.020]) |")
+    assert lines[4].startswith("| fp16 | not evaluated: exported, but the export could not run")
