@@ -150,9 +150,11 @@ def control_row(kind: str, doc: dict) -> dict:
     """A chance-level control: balanced accuracy's interval should hold 1/3, macro AUC's 0.5."""
     figs = doc["bundles"][0]["rules"]["sum"]["figures"]
     ba, auc = _fig(figs["balanced_accuracy"]), _fig(figs.get("macro_auc"))
-    holds = (ba["ci_low"] <= 1 / 3 <= ba["ci_high"]) and (auc is None or auc["ci_low"] <= 0.5 <= auc["ci_high"])
+    def holds(fig, chance):
+        return fig is not None and fig["ci_low"] is not None and fig["ci_low"] <= chance <= fig["ci_high"]
+
     return {"control": kind, "evaluated": doc["bundles"][0]["evaluated"], "balanced_accuracy": ba, "macro_auc": auc,
-            "at_chance": bool(holds)}
+            "at_chance": holds(ba, 1 / 3) and holds(auc, 0.5), "command": doc["command"]}
 
 
 def measure(run: Run, variants: list[str], fixtures: Path, n: int, seed: int, formats: list[str], bootstrap: int,
@@ -187,8 +189,9 @@ def measure(run: Run, variants: list[str], fixtures: Path, n: int, seed: int, fo
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
     (out / "summary.md").write_text(summary(results, n, seed, margin) + "\n")
-    return {"cohort": {"n": n, "seed": seed, "generator": f"python -m medblip_edge.synth --n {n} --seed {seed}",
-                       "shuffle_seed": SHUFFLE_SEED},
+    synth = f"python -m medblip_edge.synth --n {n} --seed {seed}"
+    return {"cohort": {"n": n, "seed": seed, "generator": synth, "noise_generator": f"{synth} --variant noise "
+                       "(patient_text emptied)", "shuffle_seed": SHUFFLE_SEED},
             "variants": results, "files": ["summary.md", *files], "failed_scans": failed}
 
 
