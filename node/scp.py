@@ -76,8 +76,7 @@ def refused_summary(assoc) -> str | None:
         return None
     parts = []
     if other:
-        parts.append(f"{len(other)} SOP class{'es' if len(other) != 1 else ''} not accepted "
-                     f"({_RESULTS[0x03]})")
+        parts.append(f"{len(other)} SOP class{'es' if len(other) != 1 else ''} not accepted")
     for name, syntaxes in sorted(syntax.items()):
         parts.append(f"{name} in {', '.join(sorted(syntaxes))}: {_RESULTS[0x04]}")
     return "; ".join(parts)

