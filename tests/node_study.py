@@ -87,9 +87,10 @@ class FakeStudy:
 
 
 def send(folder_or_files, port: int, aet: str = "MEDBLIP", *, abort_after: int | None = None,
-         keep_open_s: float = 0.0) -> list[int]:
+         keep_open_s: float = 0.0, release=None) -> list[int]:
     """C-STORE files with pynetdicom (one association, every MR storage context); -> status per file sent.
-    abort_after: abort the association after that many instances. keep_open_s: wait that long before releasing."""
+    abort_after: abort the association after that many instances. keep_open_s: wait that long before releasing
+    (or until the threading.Event `release` is set)."""
     import pydicom
     from pynetdicom import AE
 
@@ -99,7 +100,8 @@ def send(folder_or_files, port: int, aet: str = "MEDBLIP", *, abort_after: int |
     for sop in sorted({str(ds.SOPClassUID) for ds in datasets}):
         ae.add_requested_context(sop, [str(datasets[0].file_meta.TransferSyntaxUID)])
     assoc = ae.associate("127.0.0.1", port, ae_title=aet)
-    assert assoc.is_established, "the node refused the association"
+    if not assoc.is_established:  # nothing proposed was accepted
+        return [-1] * len(datasets)
     statuses = []
     try:
         for k, ds in enumerate(datasets):
@@ -113,7 +115,10 @@ def send(folder_or_files, port: int, aet: str = "MEDBLIP", *, abort_after: int |
                 continue
             statuses.append(int(status.Status) if "Status" in status else -2)
         if keep_open_s:
-            time.sleep(keep_open_s)
+            if release is not None:
+                release.wait(keep_open_s)
+            else:
+                time.sleep(keep_open_s)
     finally:
         if assoc.is_established:
             assoc.release()
