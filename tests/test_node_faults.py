@@ -20,6 +20,7 @@ pytest.importorskip("highdicom")
 pytest.importorskip("SimpleITK")
 if skip_reason():
     pytest.skip(skip_reason(), allow_module_level=True)
+pytestmark = pytest.mark.slow  # a node process or two, Orthanc restarts: about a minute
 
 QUIET_S = 1.5
 
