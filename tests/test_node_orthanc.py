@@ -146,6 +146,7 @@ def test_stow_rs_destination(setup, tmp_path):
 def test_metrics_echo_and_no_tag_value_in_logs(setup):
     node, stow = setup["node"], setup["stow"]
     assert echo(node.port) == 0
+    assert setup["orthanc"].post("/modalities/medblip/echo", {}) == {}  # Orthanc's C-ECHO to the node (the guide)
     with urllib.request.urlopen(setup["listening"]["metrics"], timeout=10) as r:
         text = r.read().decode()
     values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
