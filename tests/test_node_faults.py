@@ -36,10 +36,11 @@ def setup(tmp_path_factory, tiny_bundle):
         try:
             for tag, edits in (("ct", {"Modality": "CT", "SOPClassUID": CT_IMAGE}), ("mislabel", {"Modality": "CT"}),
                                ("loc", {"ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]}), ("gap", {}),
-                               ("abort", {}), ("hold", {}), ("full", {})):
+                               ("abort", {}), ("hold", {}), ("full", {}), ("late", {})):
                 s = FakeStudy(root / "studies", tag)
                 s.add_series("s1", 4, root, **edits)
                 studies[tag] = s
+            studies["late"].add_series("s2", 9, root)
         except fx.Missing as e:
             pytest.skip(f"{e} is not installed")
         fx.files(studies["gap"].series[0])[20].unlink()
@@ -133,6 +134,18 @@ def test_full_spool_refuses_with_out_of_resources_and_keeps_serving(setup):
     assert echo(full.port) == 0
     assert not list((full.folder / "spool" / "incoming").glob("*/*/*.dcm"))
     assert "spool has less free space" in full.stderr()
+
+
+def test_a_late_series_gets_its_own_sr(setup):
+    node, orthanc, study = setup["node"], setup["orthanc"], setup["studies"]["late"]
+    assert set(send(study.series[0], node.port)) == {0}
+    first = _srs(orthanc, study)
+    assert len(first) == 1
+    assert set(send(study.series[1], node.port)) == {0}  # after the study was answered
+    both = _srs(orthanc, study, n=2)
+    assert len(both) == 2 and len({s["tags"]["SOPInstanceUID"] for s in both}) == 2
+    time.sleep(QUIET_S + 1)
+    assert len(_srs(orthanc, study, n=2)) == 2  # and nothing more
 
 
 def test_no_tag_value_in_any_log(setup):
