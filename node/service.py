@@ -166,8 +166,13 @@ class Node:
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_ACCEPTED, self._on_accepted),
                     (evt.EVT_REJECTED, self._on_rejected), (evt.EVT_ABORTED, self._on_aborted)]
         self.ae = ae
-        with detached_logs("pynetdicom"):
-            self.server = ae.start_server((self.opts.host, self.opts.port), block=False, evt_handlers=handlers)
+        try:
+            with detached_logs("pynetdicom"):
+                self.server = ae.start_server((self.opts.host, self.opts.port), block=False,
+                                              evt_handlers=handlers)
+        except OSError as e:
+            raise MedblipError(f"cannot listen on {self.opts.host}:{self.opts.port}: {e.strerror or e}",
+                               code="port_unavailable") from None
         self.syntaxes = syntaxes
         return self.server.server_address[1]
 
@@ -183,7 +188,11 @@ class Node:
             self._last_wall[study] = self.spool.last_instance_time(study)
             self.metrics.queue.inc()
         resumed, waiting = len(self._seen), len(self.spool.waiting(self._dest_names()))
-        metrics_port = self.metrics.serve(self.opts.metrics_port) if self.opts.metrics_port is not None else None
+        try:
+            metrics_port = self.metrics.serve(self.opts.metrics_port) if self.opts.metrics_port is not None else None
+        except OSError as e:
+            raise MedblipError(f"--metrics-port {self.opts.metrics_port}: {e.strerror or e}",
+                               code="port_unavailable") from None
         port = self.start_scp()
         for name, target in (("clock", self._clock), ("worker", self._worker), ("sender", self._sender)):
             t = threading.Thread(target=target, name=f"medblip-node-{name}", daemon=True)

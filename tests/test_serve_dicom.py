@@ -10,6 +10,7 @@ import json
 import signal
 import subprocess
 import threading
+import time
 import uuid
 import zipfile
 
@@ -125,7 +126,7 @@ def test_bad_dicom_uploads_get_their_code(series, case, status, code):
 
 
 @pytest.mark.slow
-def test_running_server_answers_a_zip_and_a_stow_body(series, tiny_bundle, tmp_path):
+def test_server_takes_a_zip_and_a_stow_body_and_a_second_sigterm_stops_it(series, tiny_bundle, tmp_path):
     import requests
 
     port = free_port()
@@ -145,10 +146,24 @@ def test_running_server_answers_a_zip_and_a_stow_body(series, tiny_bundle, tmp_p
         assert z.status_code == 200 and r.status_code == 200, (z.text, r.text)
         assert z.json()["scan"] == "T1" and z.json()["label"] == r.json()["label"]
         assert z.json()["probabilities"] == pytest.approx(r.json()["probabilities"], abs=1e-6)
-    finally:
+        # a second SIGTERM during the graceful stop ends it at once, leaving no process of the server behind
+        import psutil
+
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert children  # the local Ray cluster
         proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 128 + signal.SIGTERM and time.monotonic() - t0 < 10
+        gone, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive
+        assert "second signal" in (tmp_path / "stderr.txt").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         err.close()
