@@ -6,6 +6,7 @@ never releases, a full spool. The node keeps serving, answers what it can (with 
 from __future__ import annotations
 
 import io
+import shutil
 import threading
 import time
 
@@ -41,6 +42,12 @@ def setup(tmp_path_factory, tiny_bundle):
                 s.add_series("s1", 4, root, **edits)
                 studies[tag] = s
             studies["late"].add_series("s2", 9, root)
+            for tag, syntax in (("rle", "1.2.840.10008.1.2.5"), ("jpegls", "1.2.840.10008.1.2.4.80")):
+                s = FakeStudy(root / "studies", tag)
+                plain = s.add_series("plain", 4, root)
+                s.series = [fx.transcode(plain, s.root / "s1", syntax)]  # only the compressed copy is sent
+                shutil.rmtree(plain)
+                studies[tag] = s
         except fx.Missing as e:
             pytest.skip(f"{e} is not installed")
         fx.files(studies["gap"].series[0])[20].unlink()
@@ -98,6 +105,19 @@ def test_study_without_a_runnable_series_gets_a_not_processed_sr(setup, tag, cod
     assert f"Not processed: {code}" in _texts(orthanc, srs[0]["id"])
     result = node.wait_line(lambda d: d.get("event") == "result" and d.get("error", {}).get("code") == code, 5)
     assert result is not None and "label" not in result
+
+
+@pytest.mark.parametrize("tag", ["rle", "jpegls"])
+def test_compressed_series_are_accepted_and_answered(setup, tag):
+    from medblip_edge.node.scp import decodable_syntaxes
+
+    node, orthanc, study = setup["node"], setup["orthanc"], setup["studies"][tag]
+    syntax = str(__import__("pydicom").dcmread(fx.files(study.series[0])[0]).file_meta.TransferSyntaxUID)
+    if syntax not in decodable_syntaxes():
+        pytest.skip(f"no decoder for {syntax} installed")
+    assert set(send(study.series[0], node.port)) == {0}
+    srs = _srs(orthanc, study)
+    assert len(srs) == 1 and "not processed" not in srs[0]["tags"]["SeriesDescription"], node.stderr()[-2000:]
 
 
 def test_aborted_association_keeps_what_was_acknowledged(setup):
