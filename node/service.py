@@ -27,7 +27,7 @@ import json
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import MedblipError, ScanError
@@ -63,7 +63,6 @@ class NodeOptions:
     drain_s: float = 10.0
     min_free_mb: float = 0.0
     idle_timeout_s: float = 60.0
-    extra: dict = field(default_factory=dict)
 
 
 class Node:
