@@ -289,7 +289,8 @@ class Node:
             self.log(f"study {study[:8]}: ran {rules_mod.label(chosen)} of {len(pending)} new series: {row['label']}")
             report = Report(job, _headers(chosen.files), self.algorithm, row=row)
             result.update(label=row["label"], probabilities=row["probabilities"], answer=row.get("answer"),
-                          warnings=row.get("warnings", []), random_weights=row["random_weights"])
+                          warnings=row.get("warnings", []), random_weights=row["random_weights"],
+                          **({"calibrated": row["calibrated"]} if row.get("calibrated") else {}))
             self.metrics.run.inc()
         else:
             self.log(f"study {study[:8]}: no series could be run ({len(pending)} new series): {failure}")

@@ -119,6 +119,10 @@ def _comments(report: Report) -> list[str]:
     elif row.get("task") == "ask" and row.get("answer") is not None:
         out.append(f"Question: {row.get('question', '')}")
         out.append(f"Answer: {row['answer']}")
+    cal = row.get("calibrated")
+    if cal:  # a bundle calibrated by medblip-eval: the calibrated reading beside the model's own
+        probs = ", ".join(f"{k} {v:.4f}" for k, v in cal["probabilities"].items())
+        out.append(f"Calibrated ({cal['calibration']}): {cal['label']}; {probs}")
     out.extend(f"QC warning: {w}" for w in row.get("warnings") or [])
     out.extend(report.extra_comments)
     return out

@@ -68,8 +68,11 @@ def test_sr_passes_dciodvfy(study, tmp_path, kind):
     if kind == "not_processed":
         report = Report("job", _headers(study.series[0]), alg, reason="slice_gap")
     else:
-        report = Report("job", _headers(study.series[0]), alg,
-                        row=_row(task="ask" if kind == "ask" else "classify", warnings=["qc: low contrast"]))
+        row = _row(task="ask" if kind == "ask" else "classify", warnings=["qc: low contrast"])
+        if kind == "trained":  # a bundle medblip-eval calibrated: its row carries the calibrated reading too
+            row["calibrated"] = {"calibration": "temperature T=1.5", "label": "NC",
+                                 "probabilities": {"AD": 0.1, "MCI": 0.3, "NC": 0.6}}
+        report = Report("job", _headers(study.series[0]), alg, row=row)
     ds = build_sr(report)
     assert _errors(ds, tmp_path) == []
     texts = _texts(ds)
@@ -77,6 +80,8 @@ def test_sr_passes_dciodvfy(study, tmp_path, kind):
     assert ("RANDOM WEIGHTS" in ds.SeriesDescription) == (kind != "trained")
     if kind == "ask":
         assert "Answer: the left temporal lobe" in texts and "QC warning: qc: low contrast" in texts
+    if kind == "trained":
+        assert "Calibrated (temperature T=1.5): NC; AD 0.1000, MCI 0.3000, NC 0.6000" in texts
     if kind == "not_processed":
         assert "Not processed: slice_gap" in texts and "not processed" in ds.SeriesDescription
         items = ds.ContentSequence[-1].ContentSequence[0].ContentSequence
