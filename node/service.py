@@ -83,7 +83,11 @@ class Node:
         if opts.dicomweb:
             self.destinations.append(StowDestination(opts.dicomweb))
         self.rules = rules_mod.load_rules(opts.rules)
-        self.spool = Spool(Path(opts.spool), opts.min_free_mb)
+        try:
+            self.spool = Spool(Path(opts.spool), opts.min_free_mb)
+        except OSError as e:
+            raise MedblipError(f"--spool {Path(opts.spool).name}: cannot use it ({e.strerror or type(e).__name__})",
+                               code="spool_unusable") from None
         self.pipe = Pipeline.from_bundle(opts.bundle, backend=opts.backend, threads=opts.threads)
         bundle = Path(opts.bundle)
         self.algorithm = AlgorithmInfo(bundle.resolve().name, sha256_file(bundle / MANIFEST),
