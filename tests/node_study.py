@@ -97,6 +97,7 @@ def send(folder_or_files, port: int, aet: str = "MEDBLIP", *, abort_after: int |
     files = fx.files(folder_or_files) if isinstance(folder_or_files, Path) else list(folder_or_files)
     datasets = [pydicom.dcmread(f) for f in files]
     ae = AE(ae_title="TESTSCU")
+    ae.dimse_timeout = ae.network_timeout = 120  # a loaded machine can hold a store past pynetdicom's 30 s default
     for sop in sorted({str(ds.SOPClassUID) for ds in datasets}):
         ae.add_requested_context(sop, [str(datasets[0].file_meta.TransferSyntaxUID)])
     assoc = ae.associate("127.0.0.1", port, ae_title=aet)
