@@ -62,6 +62,8 @@ def parse_args(argv):
     p.add_argument("--unfreeze-llm", action="store_true",
                    help="also train the LLM (the published code freezes it; a random tiny LLM may need it)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--init", help="continue from this checkpoint.pth (a saved OUT/<variant>/checkpoint.pth; "
+                   "give one variant) instead of the constructor's initialisation")
     p.add_argument("--cache", help="keep the loaded volumes here between runs (a .npy named by the cohort's SHA-256)")
     p.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -83,6 +85,8 @@ def outer(argv):
         cmd.append("--unfreeze-llm")
     if args.cache:
         cmd += ["--cache", os.path.abspath(args.cache)]
+    if args.init:
+        cmd += ["--init", os.path.abspath(args.init)]
     mf.log("running inside %s" % python)
     return subprocess.run(cmd).returncode
 
@@ -293,6 +297,19 @@ def train_variant(args, variant, work, rows, vols, common):
         model, stored_dtypes = build(published, published.MedBLIPModel_biomedlm, args.seed, lm_model=llm_dir)
         llm_module = model.lm_model
         widen_text_embeddings(model, len(model.tokenizer))
+    init = None
+    if args.init:
+        state = torch.load(args.init, map_location="cpu", weights_only=True)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        assert not unexpected and all(k.startswith(TEXT_EMBEDDINGS) for k in missing), (missing, unexpected)
+        with open(args.init, "rb") as f:
+            init = {"checkpoint_sha256": hashlib.sha256(f.read()).hexdigest()}
+        prior = os.path.join(os.path.dirname(args.init), "training.json")
+        if os.path.isfile(prior):
+            with open(prior) as f:
+                init["previous"] = json.load(f)["training"]
+                f.seek(0)
+                init["previous_curve"] = json.load(f)["curve"]
     if args.unfreeze_llm:
         for p in llm_module.parameters():
             p.requires_grad = True
@@ -362,7 +379,7 @@ def train_variant(args, variant, work, rows, vols, common):
                      "text_embeddings": "Q-Former word/position embeddings trained for the ITC text path and "
                                         "left out of the checkpoint, as in the published layout",
                      "compute": "CPU, fp32", "train_scans": len(train_idx), "val_scans": len(val_idx),
-                     "seconds": round(time.time() - t0, 1)},
+                     "seconds": round(time.time() - t0, 1), "continued_from": init},
         "curve": curve,
     })
     with open(os.path.join(out_dir, "training.json"), "w") as f:
