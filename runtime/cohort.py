@@ -109,6 +109,8 @@ class InferOptions:
     include_paths: bool = False
     rebuild_trt: bool = False
     huge_pages: bool = True
+    conform: str | None = None  # None: the bundle's recorded conform spec (qc/options.py)
+    strict_qc: bool = False
 
 
 # ------------------------------------------------------------------ progress
@@ -195,11 +197,15 @@ def run_infer(opts: InferOptions) -> int:
 
     pipe = _pipeline.Pipeline.from_bundle(opts.bundle, backend=opts.backend, device=opts.device,
                                           precision=opts.precision, rebuild_trt=opts.rebuild_trt,
-                                          huge_pages=opts.huge_pages)
+                                          huge_pages=opts.huge_pages, conform=opts.conform,
+                                          strict_qc=opts.strict_qc)
     why = f" ({pipe.chosen['why']})" if pipe.chosen.get("why") else ""  # e.g. why TensorRT was passed over
     pages = f"; {pipe.huge_pages.describe()}" if opts.device == "cpu" else ""
     print(f"backend: vision={pipe.chosen['vision']} llm={pipe.chosen['llm']}{why}{pages}", file=sys.stderr,
           flush=True)
+    if pipe.qc.conform.active:
+        print(f"conform: {pipe.qc.conform} before the published loader (from the {pipe.qc.conform_from})",
+              file=sys.stderr, flush=True)
 
     out = RunOutput(opts, len(items))
     index = out.index
