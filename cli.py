@@ -238,3 +238,8 @@ def serve_main(bundle_dir, host, port, replicas, threads, preprocess_workers, ma
                               max_batch=max_batch, batch_wait_ms=batch_wait_ms, max_body_mb=max_body_mb,
                               timeout_s=timeout_s),
         replicas=replicas, host=host, port=port, metrics_port=metrics_port, address=address, access_log=access_log))
+
+
+# -- medblip-profile (cli_profile.py) ---------------------------------------------
+
+from .cli_profile import profile_main  # noqa: E402,F401
