@@ -332,6 +332,9 @@ def train_variant(args, variant, work, rows, vols, common):
             optimizer.zero_grad()
             scheduler.step()
             losses.append(float(loss))
+            if (s + 1) % 10 == 0:
+                mf.log("%s: epoch %d step %d/%d loss %.4f" % (variant, epoch + 1, s + 1, steps_per_epoch,
+                                                            sum(losses[-10:]) / 10))
         val = evaluate(scorer, vols, rows, val_idx)
         curve.append({"epoch": epoch + 1, "loss": sum(losses) / len(losses), "val": val,
                       "seconds": round(time.time() - t0, 1)})
