@@ -3,8 +3,6 @@ an evaluation command as `fit_cohort_profile` + `write_profile_bundle`)."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 from collections import Counter
 from pathlib import Path
@@ -39,25 +37,12 @@ def cohort_features(pipe, scans: list, stream=None) -> tuple[np.ndarray, Counter
     return (np.stack(feats) if feats else np.zeros((0, 0))), errors
 
 
-def _copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)  # bundles are read-only once written: a hard link saves copying gigabytes
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 def write_profile_bundle(src: str | Path, out: str | Path, profile: OodProfile, cohort: dict | None = None) -> dict:
     """A copy of bundle `src` at `out` (may be `src` itself: replaced atomically) carrying `profile` as artifact
     `ood_profile`, hashed in its manifest like every other file. Returns the new manifest."""
     bundle = Bundle.open(src, verify=True)
     with BundleWriter(Path(out)) as writer:
-        for name, art in bundle.artifacts.items():
-            if name == ARTIFACT:
-                continue
-            for rel in art["sha256"]:
-                _copy(bundle.root / rel, writer.tmp / rel)
-            writer.artifacts[name] = art
+        writer.copy_from(bundle, skip=(ARTIFACT,))
         profile.save(writer.path(FILE))
         writer.add(ARTIFACT, FILE, **profile.meta(), **({"cohort": cohort} if cohort else {}))
         manifest = {k: v for k, v in bundle.manifest.items() if k not in ("schema_version", "artifacts")}

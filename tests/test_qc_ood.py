@@ -15,7 +15,7 @@ import pytest
 from commands import console_command
 from medblip_edge.bundle.reader import Bundle
 from medblip_edge.errors import BundleError, MedblipError
-from medblip_edge.qc.ood import ARTIFACT, FILE, OodProfile
+from medblip_edge.qc.ood import ARTIFACT, FILE, OodProfile, pooled
 from volumes import real_volume
 
 
@@ -146,3 +146,25 @@ def test_conform_option_and_strict_qc(tiny_bundle, cohort):
     with pytest.raises(ScanError) as e:  # 2 mm voxels over 188 x 224 x 180 mm: coarse
         pipe(cohort / "s01.nii.gz")
     assert e.value.code == "qc_failed" and "coarse_voxels" in str(e.value)
+
+
+def test_profile_bundle_round_trip_in_python(tiny_bundle, tmp_path):
+    """write_profile_bundle (what an evaluation command calls): a verified copy whose rows carry `ood`."""
+    from medblip_edge.qc.profile import write_profile_bundle
+    from medblip_edge.runtime.pipeline import Pipeline
+
+    src = Bundle.open(tiny_bundle)
+    pipe = Pipeline.from_bundle(tiny_bundle, huge_pages=False)
+    prepared = pipe.prepare(real_volume("mni_t1"))
+    feats = pooled(pipe.visual_tokens(prepared.volume))
+    rng = np.random.default_rng(3)
+    prof = OodProfile.fit(feats + rng.normal(0, 0.01, (20, feats.shape[1])))  # a reference cloud around this scan
+    manifest = write_profile_bundle(tiny_bundle, tmp_path / "b", prof, {"scans": 20})
+    assert manifest["artifacts"][ARTIFACT]["cohort"] == {"scans": 20}
+    assert {k: v["sha256"] for k, v in manifest["artifacts"].items() if k != ARTIFACT} == \
+        {k: v["sha256"] for k, v in src.artifacts.items()}
+    pipe2 = Pipeline.from_bundle(tmp_path / "b", huge_pages=False)
+    row = pipe2.answer(prepared, pipe2.visual_tokens(prepared.volume))
+    assert row["ood"]["percentile"] < 100 and "out_of_distribution" not in row["warnings"]
+    far = pipe2.answer(prepared, pipe2.visual_tokens(prepared.volume) + 1.0)
+    assert far["ood"]["percentile"] == 100.0 and "out_of_distribution" in far["warnings"]
