@@ -276,7 +276,10 @@ def run_infer(opts: InferOptions) -> int:
 def scan_row(pipe, prepared, visual: torch.Tensor, vision_ms: float, patient_text: str, question: str | None) -> dict:
     """The result row of a prepared scan whose visual tokens [1,Q,d] took `vision_ms` (its share of a batch)."""
     prepared.timings_ms["vision"] = vision_ms
-    row = pipe.answer(prepared, visual, patient_text, question)
+    try:
+        row = pipe.answer(prepared, visual, patient_text, question)
+    except ScanError as e:  # --strict-qc: out of distribution
+        return error_row(prepared.name, prepared.sha256, e.code, str(e), prepared.series)
     row["timings_ms"]["total"] = round(sum(row["timings_ms"].values()), 3)
     return row
 

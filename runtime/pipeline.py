@@ -27,7 +27,6 @@ from ..qc.ood import OodProfile
 from ..qc.options import QcOptions
 from .factory import make_backends
 from .hugepages import HugePages, new_memory_on_huge_pages
-from .results_io import error_row
 
 
 @dataclass
@@ -145,7 +144,8 @@ class Pipeline:
 
     def answer(self, prepared: PreparedScan, visual: torch.Tensor, patient_text: str = "",
                question: str | None = None) -> dict:
-        """The result row for a prepared scan whose visual tokens [1,Q,d] are computed."""
+        """The result row for a prepared scan whose visual tokens [1,Q,d] are computed. With --strict-qc, a scan out
+        of distribution raises ScanError (qc_failed)."""
         t0 = time.perf_counter()
         row = self.classify(visual, patient_text)
         if self.decision_detail:
@@ -160,8 +160,7 @@ class Pipeline:
             if far:
                 warnings.append("out_of_distribution")
                 if self.qc.strict:
-                    return error_row(prepared.name, prepared.sha256, "qc_failed", "input checks failed "
-                                     "(--strict-qc): out_of_distribution", prepared.series)
+                    raise ScanError("input checks failed (--strict-qc): out_of_distribution", code="qc_failed")
         return {"scan": prepared.name, "scan_sha256": prepared.sha256, **series, "orientation": prepared.orientation,
                 **row,
                 "question": question or DIAGNOSIS_QUESTION, "task": "ask" if question is not None else "classify",

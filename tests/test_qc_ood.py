@@ -168,3 +168,11 @@ def test_profile_bundle_round_trip_in_python(tiny_bundle, tmp_path):
     assert row["ood"]["percentile"] < 100 and "out_of_distribution" not in row["warnings"]
     far = pipe2.answer(prepared, pipe2.visual_tokens(prepared.volume) + 1.0)
     assert far["ood"]["percentile"] == 100.0 and "out_of_distribution" in far["warnings"]
+    # --strict-qc: the far scan is an error row in a cohort run, the near one a result
+    from medblip_edge.runtime.cohort import scan_row
+
+    strict = Pipeline.from_bundle(tmp_path / "b", strict_qc=True, huge_pages=False)
+    visual = strict.visual_tokens(prepared.volume)
+    assert "label" in scan_row(strict, prepared, visual, 1.0, "", None)
+    bad = scan_row(strict, prepared, visual + 1.0, 1.0, "", None)
+    assert bad["error"]["code"] == "qc_failed" and "out_of_distribution" in bad["error"]["message"]
