@@ -191,7 +191,7 @@ def command(run: Run, **opts) -> Outcome:
     \b
     Example (the known-answer T5 model):
       medblip-bench qc --checkpoint tests/fixtures/known_answer/t5/checkpoint.pth \\
-          --llm tests/fixtures/known_answer/t5/llm --out results/cpu-qc-t5
+          --llm tests/fixtures/known_answer/t5/llm
     """
     given = [opts["bundle"] is not None, opts["checkpoint"] is not None, opts["preset"] is not None]
     if sum(given) != 1 or (opts["checkpoint"] is not None) != (opts["llm"] is not None):
