@@ -7,7 +7,9 @@ written from the template with SimpleITK (tests/dicom_fixtures.py), tags set per
 
 from __future__ import annotations
 
+import csv
 import json
+import subprocess
 
 import nibabel as nib
 import numpy as np
@@ -198,3 +200,35 @@ def test_dicom_and_nifti_of_one_volume_get_the_same_geometry_figures(dicom, nift
     a, b = read_scan(dicom["clean"], SPEC, "0" * 64).qc, read_scan(nifti["mni"], SPEC, "0" * 64).qc
     for key in ("shape", "spacing_mm", "field_of_view_mm", "anisotropy", "aspect_distortion", "input_fill"):
         assert a[key] == b[key], key
+
+
+def test_csv_cells_of_the_qc_fields(nifti, tmp_path):
+    """--out rows.csv: conform and ood in their own columns, the qc block as one JSON cell, read back by --resume."""
+    from medblip_edge.runtime.results_io import FileSink, read_old_rows
+
+    prepared = read_scan(nifti["aniso_1.2"], SPEC, "0" * 64)
+    row = {"scan": prepared.name, "scan_sha256": prepared.sha256, "warnings": prepared.warnings,
+           "conform": prepared.conform, "qc": prepared.qc, "ood": {"distance": 3.5, "percentile": 41.0}}
+    sink = FileSink(tmp_path / "rows.csv", "csv", False)
+    sink.open_append()
+    sink.write_text(sink.header())
+    sink.emit(row)
+    sink.close()
+    old, _ = read_old_rows(sink)
+    rec = next(csv.DictReader((tmp_path / "rows.csv").open()))
+    assert rec["conform_spec"] == "none" and rec["conform_from"] == "default"
+    assert rec["ood_distance"] == "3.5" and rec["ood_percentile"] == "41.0"
+    assert json.loads(rec["qc"]) == prepared.qc and rec["warnings"] == "anisotropic_voxels; aspect_distorted"
+    assert len(old) == 1 and old[0].name == prepared.name
+
+
+@pytest.mark.slow
+def test_strict_qc_through_the_real_command(nifti, tiny_bundle, infer_cmd, tmp_path):
+    out = tmp_path / "rows.jsonl"
+    run = subprocess.run(infer_cmd + [str(nifti["mni"]), str(nifti["aniso_1.2"]), "--bundle", str(tiny_bundle),
+                                      "--strict-qc", "--out", str(out), "--no-huge-pages"], capture_output=True, text=True)
+    assert run.returncode == 1, run.stderr  # one scan failed, the run went on
+    ok, bad = [json.loads(line) for line in out.read_text().splitlines()]
+    assert ok["warnings"] == [] and ok["conform"] == {"spec": "none", "from": "default"}
+    assert bad["error"]["code"] == "qc_failed"
+    assert bad["error"]["message"] == "input checks failed (--strict-qc): anisotropic_voxels, aspect_distorted"
