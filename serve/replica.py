@@ -1,7 +1,9 @@
 """The Ray Serve deployment: each replica holds one Pipeline and answers HTTP with medblip-infer's row.
 
 Routes (all JSON):
-  POST /v1/infer   multipart form: scan (file), patient_text, question -> the row, or an error row + 4xx/5xx
+  POST /v1/infer   multipart form: scan (file; a DICOM series as a .zip), patient_text, question, or a DICOM
+                   series as multipart/related; type="application/dicom" (query: patient_text, question)
+                   -> the row, or an error row + 4xx/5xx
   GET  /v1/ready   200 once this replica's bundle is loaded and verified (the route exists only then)
 
 Per request: the upload is streamed to a temporary file, read and preprocessed on a reader thread
