@@ -53,8 +53,12 @@ def one_line_errors(fn):
 @click.option("--max-batch", type=int, default=8, show_default=True, help="Largest vision batch (TensorRT profile max).")
 @click.option("--opt-batch", type=int, default=1, show_default=True, help="TensorRT profile: batch to tune for.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
+@click.option("--conform", default=None, metavar="SPEC", help="Record the conform step the model was trained with "
+              "(iso1mm or iso1mm,ORIENT, e.g. iso1mm,LIA): medblip-infer then applies it by default with this "
+              "bundle. Default: none (the published loader alone).")
 @one_line_errors
-def export_main(checkpoint, llm_dir, preset, out, precision, llm_quant, trt, no_onnx, max_batch, opt_batch, quiet):
+def export_main(checkpoint, llm_dir, preset, out, precision, llm_quant, trt, no_onnx, max_batch, opt_batch, quiet,
+                conform):
     """Turn a MedBLIP checkpoint (or a preset with random weights) into a verified bundle folder.
 
     Every artifact is compared with the fp32 PyTorch model on a fixed evaluation set
@@ -69,7 +73,7 @@ def export_main(checkpoint, llm_dir, preset, out, precision, llm_quant, trt, no_
 
     manifest = export_bundle(ExportOptions(out=out, preset=preset, checkpoint=checkpoint, llm_dir=llm_dir,
                                            precision=precision, llm_quant=llm_quant, trt=trt, onnx=not no_onnx,
-                                           max_batch=max_batch, opt_batch=opt_batch), quiet=quiet)
+                                           max_batch=max_batch, opt_batch=opt_batch, conform=conform), quiet=quiet)
     click.echo(json.dumps({"bundle": str(out), "random_weights": manifest["random_weights"],
                            "artifacts": sorted(manifest["artifacts"]), "notes": manifest["notes"]}))
 
@@ -115,9 +119,16 @@ def export_main(checkpoint, llm_dir, preset, out, precision, llm_quant, trt, no_
               "--device cuda, else 1].")
 @click.option("--threads", type=int, default=None, help="--engine ray: compute threads per model actor [default: "
               "half the cluster's CPUs, the other half read].")
+@click.option("--conform", default=None, metavar="SPEC", help="Resample before the published loader: iso1mm (1 mm "
+              "isotropic in the scan's own axes) or iso1mm,ORIENT (also reorient, e.g. iso1mm,LIA); none for the "
+              "published loader alone. Default: the spec the bundle was exported with (medblip-export --conform), "
+              "else none. Every row says which was applied.")
+@click.option("--strict-qc", is_flag=True, help="A scan failing an input check (a warning code in its row's "
+              "warnings, out_of_distribution included) gets an error row with code qc_failed instead.")
 @one_line_errors
 def infer_main(scans, bundle_dir, backend, device, precision, patient_text, question, out_path, decision_detail,
-               resume, timeout_s, workers, include_paths, rebuild_trt, huge_pages, engine, address, ray_actors, threads):
+               resume, timeout_s, workers, include_paths, rebuild_trt, huge_pages, engine, address, ray_actors, threads,
+               conform, strict_qc):
     """Diagnose MRI scans with a bundle: one JSON object per scan (JSON Lines).
 
     SCANS are NIfTI files (.nii, .nii.gz), DICOM multi-frame files, folders, or a
@@ -136,7 +147,7 @@ def infer_main(scans, bundle_dir, backend, device, precision, patient_text, ques
         scans=list(scans), bundle=bundle_dir, backend=backend, device=device, precision=precision,
         patient_text=patient_text, question=question, out=out_path, resume=resume, timeout_s=timeout_s,
         workers=workers, include_paths=include_paths, rebuild_trt=rebuild_trt,
-        huge_pages=huge_pages, decision_detail=decision_detail)
+        huge_pages=huge_pages, decision_detail=decision_detail, conform=conform, strict_qc=strict_qc)
     if engine == "ray":
         if decision_detail:
             raise MedblipError("--decision-detail runs with --engine local only", code="usage")
@@ -303,3 +314,8 @@ def eval_main(cohort, bundles, out_dir, rows, group_by, calibrate, write_calibra
     click.echo(json.dumps({"report": str(Path(out_dir) / "report.html"), "metrics": str(Path(out_dir) / "metrics.json"),
                            "bundles": summary, "calibrated_bundle": doc.get("calibrated_bundle")}))
     sys.exit(1 if failed else 0)
+
+
+# -- medblip-profile (cli_profile.py) ---------------------------------------------
+
+from .cli_profile import profile_main  # noqa: E402,F401

@@ -22,6 +22,7 @@ SUITES = {
     "export-quality": ("export_quality", "Export fidelity to fp32 per LLM format and vision graph"),
     "node-load": ("node_load", "medblip-node with several senders at once, each study answered once"),
     "known-answer": ("known_answer", "Known-answer models: each format's accuracy against fp32 (medblip-eval)"),
+    "qc": ("qc", "OOD score and conform step on synthetic cohorts with a known answer"),
 }
 
 

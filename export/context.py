@@ -23,6 +23,7 @@ class ExportOptions:
     eval_cases: int | None = None  # None: the budget for the model's size (reference_eval.EvalBudget)
     near_ties: int = 2  # evaluation cases made to sit at a decision's edge (export/near_ties.py); none at paper size
     seed: int = 0
+    conform: str | None = None  # the conform spec the model was trained with (qc/conform.py), into the manifest
 
 
 @dataclass

@@ -112,6 +112,8 @@ class InferOptions:
     rebuild_trt: bool = False
     huge_pages: bool = True
     decision_detail: bool = False  # rows also carry answer_tokens and greedy_answer (one greedy decode per scan)
+    conform: str | None = None  # None: the bundle's recorded conform spec (qc/options.py)
+    strict_qc: bool = False
 
 
 # ------------------------------------------------------------------ progress
@@ -198,12 +200,16 @@ def run_infer(opts: InferOptions) -> int:
 
     pipe = _pipeline.Pipeline.from_bundle(opts.bundle, backend=opts.backend, device=opts.device,
                                           precision=opts.precision, rebuild_trt=opts.rebuild_trt,
-                                          huge_pages=opts.huge_pages)
+                                          huge_pages=opts.huge_pages, conform=opts.conform,
+                                          strict_qc=opts.strict_qc)
     pipe.decision_detail = opts.decision_detail
     why = f" ({pipe.chosen['why']})" if pipe.chosen.get("why") else ""  # e.g. why TensorRT was passed over
     pages = f"; {pipe.huge_pages.describe()}" if opts.device == "cpu" else ""
     print(f"backend: vision={pipe.chosen['vision']} llm={pipe.chosen['llm']}{why}{pages}", file=sys.stderr,
           flush=True)
+    if pipe.qc.conform.active:
+        print(f"conform: {pipe.qc.conform} before the published loader (from the {pipe.qc.conform_from})",
+              file=sys.stderr, flush=True)
 
     extra = (CALIBRATED_COLUMNS if pipe.calibration else []) + (DETAIL_COLUMNS if opts.decision_detail else [])
     out = RunOutput(opts, len(items), extra)
@@ -270,7 +276,10 @@ def run_infer(opts: InferOptions) -> int:
 def scan_row(pipe, prepared, visual: torch.Tensor, vision_ms: float, patient_text: str, question: str | None) -> dict:
     """The result row of a prepared scan whose visual tokens [1,Q,d] took `vision_ms` (its share of a batch)."""
     prepared.timings_ms["vision"] = vision_ms
-    row = pipe.answer(prepared, visual, patient_text, question)
+    try:
+        row = pipe.answer(prepared, visual, patient_text, question)
+    except ScanError as e:  # --strict-qc: out of distribution
+        return error_row(prepared.name, prepared.sha256, e.code, str(e), prepared.series)
     row["timings_ms"]["total"] = round(sum(row["timings_ms"].values()), 3)
     return row
 

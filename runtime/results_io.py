@@ -88,11 +88,12 @@ def _csv_columns(include_paths: bool, extra: list[str] = ()) -> list[str]:
             + [f"prob_{k}" for k in LABELS] + ["answer", "question", "task"] + [f"ll_{k}" for k in LABELS]
             + ["backend_vision", "backend_llm", "precision_vision", "precision_llm", "random_weights"]
             + ["t_load", "t_preprocess", "t_vision", "t_llm", "t_total", "warnings", "error_code", "error_message"]
-            + list(extra))
+            + ["conform_spec", "conform_from", "ood_distance", "ood_percentile", "qc"] + list(extra))
 
 
 _FLAT_PREFIX = {"probabilities": "prob_", "log_likelihoods": "ll_", "timings_ms": "t_", "backend": "backend_",
-                "precision": "precision_", "error": "error_", "answer_tokens": "ntok_"}
+                "precision": "precision_", "error": "error_", "answer_tokens": "ntok_",
+                "conform": "conform_", "ood": "ood_"}
 
 
 def _cell(value) -> str:
@@ -100,6 +101,8 @@ def _cell(value) -> str:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, dict):  # the qc block: one JSON cell
+        return json.dumps(value, separators=(",", ":"))
     if isinstance(value, (list, tuple)):
         value = "; ".join(str(v) for v in value)
     return " ".join(str(value).splitlines())  # one record per line, always

@@ -164,6 +164,8 @@ class MedblipReplica:
             row = await loop.run_in_executor(self.model, self.pipe.answer, prepared, visual, upload.patient_text,
                                              upload.question)
             timing["llm"] = elapsed_ms(t0)
+        except ScanError as e:  # --strict-qc: out of distribution
+            return error_row(upload.name, prepared.sha256, e.code, str(e)), STATUS_SCAN_ERROR
         except Exception as e:  # noqa: BLE001 -- whatever it is, the model failed on a scan that was read
             return error_row(upload.name, prepared.sha256, "internal_error",
                              scrub(f"unexpected {type(e).__name__} in the model: {e}", upload.path)), 500
