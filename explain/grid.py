@@ -60,8 +60,9 @@ class ModelGrid:
         out = np.asarray(voxel_map, dtype=np.float32)
         for axis in range(3):
             pos = self.positions(axis)
-            lo = np.floor(pos).astype(np.int64)
-            hi = np.minimum(lo + 1, out.shape[axis] - 1)
+            last = self.offset[axis] + self.new[axis] - 1  # the scan's last model index: never the padding past it
+            lo = np.minimum(np.floor(pos).astype(np.int64), last)
+            hi = np.minimum(lo + 1, last)
             w = (pos - lo).astype(np.float32)
             shape = [1, 1, 1]
             shape[axis] = -1
