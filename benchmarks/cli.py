@@ -20,6 +20,7 @@ SUITES = {
     "serve-load": ("serve_load", "medblip-serve under load beside the in-process pipeline"),
     "ray-cohort": ("ray_cohort", "A cohort through --engine ray beside the local engine"),
     "export-quality": ("export_quality", "Export fidelity to fp32 per LLM format and vision graph"),
+    "explain": ("explain_cost", "Time and peak memory of --explain per model size"),
 }
 
 

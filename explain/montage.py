@@ -25,7 +25,8 @@ def _canonical(scan_ijk: np.ndarray, map_ijk: np.ndarray, affine: np.ndarray):
 
 def write_montage(path: Path, scan_ijk: np.ndarray, map_ijk: np.ndarray, affine: np.ndarray, title: str,
                   note: str) -> None:
-    """scan and map: nibabel-order 3D arrays of one grid; `affine` their RAS+ affine."""
+    """scan and map: nibabel-order 3D arrays of one grid; `affine` their RAS+ affine. The slices pass through the
+    map's peak; values under a tenth of the colour scale are not drawn."""
     try:
         import matplotlib
 
@@ -36,7 +37,10 @@ def write_montage(path: Path, scan_ijk: np.ndarray, map_ijk: np.ndarray, affine:
                            code="missing_dependency") from None
     scan, rel, zooms = _canonical(scan_ijk, map_ijk, affine)
     peak = np.unravel_index(int(np.argmax(rel)), rel.shape)
-    top = float(rel.max()) or 1.0
+    positive = rel[rel > 0]
+    # colour scale to the 99.5th percentile of the map's positive voxels: a gradient-refined map has a few very
+    # high voxels that would leave everything else invisible at a scale to its maximum
+    top = float(np.percentile(positive, 99.5)) if positive.size else 1.0
     lo, hi = np.percentile(scan, [1, 99.5])
     views = [("axial", scan[:, :, peak[2]], rel[:, :, peak[2]], zooms[1] / zooms[0], ("L", "R")),
              ("coronal", scan[:, peak[1], :], rel[:, peak[1], :], zooms[2] / zooms[0], ("L", "R")),
@@ -45,7 +49,7 @@ def write_montage(path: Path, scan_ijk: np.ndarray, map_ijk: np.ndarray, affine:
     image = None
     for ax, (name, s, r, aspect, (left, right)) in zip(axes, views):
         ax.imshow(s.T, cmap="gray", origin="lower", vmin=lo, vmax=hi, aspect=aspect, interpolation="nearest")
-        shown = np.ma.masked_where(r.T <= 0.05 * top, r.T / top)
+        shown = np.ma.masked_where(r.T <= 0.1 * top, np.minimum(r.T / top, 1.0))
         image = ax.imshow(shown, cmap="hot", origin="lower", vmin=0, vmax=1, alpha=0.6, aspect=aspect,
                           interpolation="nearest")
         ax.set_title(name, fontsize=10)
@@ -54,7 +58,7 @@ def write_montage(path: Path, scan_ijk: np.ndarray, map_ijk: np.ndarray, affine:
         ax.set_xticks([])
         ax.set_yticks([])
     bar = fig.colorbar(image, ax=list(axes), fraction=0.02, pad=0.01)
-    bar.set_label("relevance (fraction of the peak)", fontsize=8)
+    bar.set_label("relevance (fraction of its 99.5th percentile)", fontsize=8)
     fig.suptitle(title, fontsize=11)
     fig.text(0.01, 0.02, note, fontsize=7.5, wrap=True)
     fig.savefig(path, dpi=90)

@@ -86,15 +86,14 @@ def test_nothing_comes_back_from_the_padding(scans):
     assert float(grid.voxels_to_scan(grid.inside().astype(np.float32)).min()) == 1.0
 
 
-def change_inside_box(pipe, path, mask_ijk, box_index, tmp_path):
+def change_inside_box(pipe, path, mask_ijk, box_index, tmp_path, volume):
     """Blank `mask_ijk` in the scan's own file to its minimum -> (model input of the blanked file, the fraction of
-    the model input's change that lies inside patch `box_index`)."""
+    the model input's change, against `volume` (the file's model input), that lies inside patch `box_index`)."""
     img = nib.load(path)
     arr = np.asarray(img.dataobj).copy()
     arr[mask_ijk] = arr.min()
     blanked = tmp_path / f"blanked-{abs(hash(mask_ijk.tobytes())) % 10**8}.nii.gz"
     nib.save(nib.Nifti1Image(arr, img.affine, header=img.header), blanked)
-    volume = pipe.prepare(path).volume
     changed = pipe.prepare(blanked).volume
     diff = (volume - changed).abs()[0, 0]
     p = 32
@@ -141,7 +140,7 @@ def test_placement(pipe, padded_scans, tmp_path, variant):
     pick = int(np.argmax(np.abs(drops.ravel()[flats])))  # of the five, the one that moves the margin most
     index, mask = candidates[pick]
     occluded_drop = float(drops.ravel()[flats[pick]])
-    changed, inside = change_inside_box(pipe, path, mask, index, tmp_path)
+    changed, inside = change_inside_box(pipe, path, mask, index, tmp_path, prepared.volume)
     blanked_drop = base - float(pipeline_margin(pipe, changed, "", target)[0])
     assert abs(occluded_drop) > 0.01, "the sensitised model should respond to a patch of the head"
     assert blanked_drop == pytest.approx(occluded_drop, rel=1e-3, abs=1e-5)
@@ -149,7 +148,7 @@ def test_placement(pipe, padded_scans, tmp_path, variant):
     for axis in range(3):
         wrong = np.flip(mask, axis)
         if (wrong & mask).sum() < 0.5 * mask.sum():
-            assert change_inside_box(pipe, path, wrong, index, tmp_path)[1] < 0.1
+            assert change_inside_box(pipe, path, wrong, index, tmp_path, prepared.volume)[1] < 0.1
 
 
 @pytest.mark.slow
@@ -159,13 +158,13 @@ def test_placement_through_the_resize(pipe, scans, tmp_path, variant):
     90 % of the model input's change inside that patch (the rest is the trilinear resize mixing marked and
     unmarked voxels at the patch's faces, about one model voxel deep); mirrored marks put almost none there."""
     path = scans[variant]
-    _, _, candidates = overlay_patches(pipe, path, tmp_path, k=2)
+    _, prepared, candidates = overlay_patches(pipe, path, tmp_path, k=2)
     for index, mask in candidates:
-        assert change_inside_box(pipe, path, mask, index, tmp_path)[1] >= 0.9
+        assert change_inside_box(pipe, path, mask, index, tmp_path, prepared.volume)[1] >= 0.9
         for axis in range(3):
             wrong = np.flip(mask, axis)
             if (wrong & mask).sum() < 0.5 * mask.sum():
-                assert change_inside_box(pipe, path, wrong, index, tmp_path)[1] < 0.1
+                assert change_inside_box(pipe, path, wrong, index, tmp_path, prepared.volume)[1] < 0.1
 
 
 @pytest.mark.slow
