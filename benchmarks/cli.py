@@ -21,6 +21,7 @@ SUITES = {
     "ray-cohort": ("ray_cohort", "A cohort through --engine ray beside the local engine"),
     "export-quality": ("export_quality", "Export fidelity to fp32 per LLM format and vision graph"),
     "explain": ("explain_cost", "Time and peak memory of --explain per model size"),
+    "explain-checks": ("explain_checks", "Pointing game, randomisation and deletion on known-answer bundles"),
 }
 
 

@@ -64,3 +64,47 @@ def deletion(pipe, volume, patches: np.ndarray, patient_text: str, target: int, 
     rand = [curve_area(deletion_curve(pipe, volume, rng.permutation(patches.size), patient_text, target, patch, steps))
             for _ in range(n_random)]
     return {"auc_relevance": ours, "auc_random": float(np.mean(rand)), "better_by": float(np.mean(rand) - ours)}
+
+
+def read_cohort(folder) -> list[dict]:
+    """A synthetic cohort's cohort.csv (scan, label, patient_text, mask, ...), its paths made absolute."""
+    import csv
+    from pathlib import Path
+
+    folder = Path(folder)
+    with open(folder / "cohort.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for key in ("scan", "mask"):
+            if r.get(key):
+                r[key] = str((folder / r[key]).resolve())
+    return rows
+
+
+def run_checks(pipe, rows: list[dict], out, label: str = "AD", progress=None) -> dict:
+    """The three checks on every scan of `rows` labelled `label` that has a planted-region mask, the map of
+    `label` explained -> {"scans": per-scan figures, "summary": means}."""
+    from ..preprocess import open_scan
+    from .run import Explainer, ExplainOptions
+    from .target import class_index
+
+    ex = Explainer(pipe, ExplainOptions(out=out, target=label, montage=False))
+    target = class_index(label)
+    per = []
+    chosen = [r for r in rows if r.get("label") == label and r.get("mask")]
+    for i, r in enumerate(chosen):
+        text = r.get("patient_text") or ""
+        row = pipe(r["scan"], text)
+        prepared = pipe.prepare(r["scan"])
+        block = ex(open_scan(r["scan"]), prepared.volume, row, text)
+        pt = pointing(block["files"]["nifti"], r["mask"])
+        rel = ex.relevance(prepared.volume, text, target, False)
+        per.append({"scan": row["scan"], "predicted": row["label"], "hit": pt.hit, "mass_ratio": pt.mass_ratio,
+                    "randomisation_rank_corr": randomisation(ex.model(), pipe.tasks, prepared.volume, text, target,
+                                                             rel.patches),
+                    **deletion(pipe, prepared.volume, rel.patches, text, target, ex.patch)})
+        if progress:
+            progress(i + 1, len(chosen))
+    keys = ("hit", "mass_ratio", "randomisation_rank_corr", "auc_relevance", "auc_random", "better_by")
+    summary = {k: float(np.mean([p[k] for p in per])) for k in keys} if per else {}
+    return {"scans": per, "summary": {"n": len(per), **summary}}
