@@ -2,7 +2,7 @@
 a colour bar, the label, its probability, the target class and what resolution the map really has.
 
 Slices are shown in RAS+ after nibabel's closest canonical reorientation (display only: the NIfTI map keeps the
-scan's own grid), with each panel's aspect from the voxel sizes. Needs matplotlib (the `explain` extra)."""
+scan's own grid), with each panel's aspect from the voxel sizes. Needs matplotlib (a dependency of the package)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def write_montage(path: Path, scan_ijk: np.ndarray, map_ijk: np.ndarray, affine:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise MedblipError("the montage needs matplotlib: pip install 'medblip-edge[explain]'",
+        raise MedblipError("the montage needs matplotlib: pip install matplotlib",
                            code="missing_dependency") from None
     scan, rel, zooms = _canonical(scan_ijk, map_ijk, affine)
     peak = np.unravel_index(int(np.argmax(rel)), rel.shape)

@@ -77,6 +77,8 @@ from ..preprocess.dicom_series import describe_skipped
 from . import pipeline as _pipeline
 from .prefetch import Prefetcher, Task, prepare_scan
 from .results_io import (
+    CALIBRATED_COLUMNS,
+    DETAIL_COLUMNS,
     FileSink,
     OldRow,
     ResumeIndex,
@@ -109,6 +111,7 @@ class InferOptions:
     include_paths: bool = False
     rebuild_trt: bool = False
     huge_pages: bool = True
+    decision_detail: bool = False  # rows also carry answer_tokens and greedy_answer (one greedy decode per scan)
     explain: object | None = None  # explain.run.ExplainOptions: maps and an `explanation` block per row
 
 
@@ -199,12 +202,14 @@ def run_infer(opts: InferOptions) -> int:
     pipe = _pipeline.Pipeline.from_bundle(opts.bundle, backend=opts.backend, device=opts.device,
                                           precision=opts.precision, rebuild_trt=opts.rebuild_trt,
                                           huge_pages=opts.huge_pages)
+    pipe.decision_detail = opts.decision_detail
     why = f" ({pipe.chosen['why']})" if pipe.chosen.get("why") else ""  # e.g. why TensorRT was passed over
     pages = f"; {pipe.huge_pages.describe()}" if opts.device == "cpu" else ""
     print(f"backend: vision={pipe.chosen['vision']} llm={pipe.chosen['llm']}{why}{pages}", file=sys.stderr,
           flush=True)
 
-    out = RunOutput(opts, len(items))
+    extra = (CALIBRATED_COLUMNS if pipe.calibration else []) + (DETAIL_COLUMNS if opts.decision_detail else [])
+    out = RunOutput(opts, len(items), extra)
     index = out.index
     explainer = None
     if opts.explain is not None:
@@ -300,7 +305,7 @@ class RunOutput:
     """Where a run's rows go: the sink (stdout, or --out with what --resume found there), the progress line,
     and each scan's final row text; `finish()` leaves --out holding exactly one row per scan, in input order."""
 
-    def __init__(self, opts: InferOptions, n_scans: int):
+    def __init__(self, opts: InferOptions, n_scans: int, extra_columns: list[str] = ()):
         self.opts = opts
         self.old_rows: list[OldRow] = []
         self.index: ResumeIndex | None = None
@@ -308,7 +313,7 @@ class RunOutput:
             self.sink: Sink = StdoutSink()
         else:
             out = Path(opts.out)
-            self.sink = FileSink(out, out_format(out), opts.include_paths)
+            self.sink = FileSink(out, out_format(out), opts.include_paths, extra_columns)
             try:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 if opts.resume:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..bundle.reader import Bundle
+from ..model import calibration
 from ..model.llm import family
 from ..model.prompts import DIAGNOSIS_QUESTION
 from ..model.tasks import Tasks
@@ -70,6 +71,8 @@ class Pipeline:
         self.tokenizer = bundle.tokenizer()
         self.tasks = Tasks(family(bundle.config.variant), self.tokenizer, bundle.manifest["generation"]["max_new_tokens"])
         self.spec = PreprocessSpec(**bundle.manifest["preprocess"])
+        self.calibration = bundle.manifest.get("calibration")  # medblip-eval --write-calibrated; applied per row
+        self.decision_detail = False  # rows also carry answer_tokens + greedy_answer (medblip-infer --decision-detail)
 
     @classmethod
     def from_bundle(cls, path, backend: str = "auto", device: str = "cpu", precision: str | None = None,
@@ -101,8 +104,12 @@ class Pipeline:
         return self.vision.run(volumes)
 
     def classify(self, visual: torch.Tensor, patient_text: str = "") -> dict:
-        """visual [1,Q,d] -> {label, probabilities, answer, log_likelihoods}."""
-        return self.tasks.diagnose(self.llm, visual, patient_text)
+        """visual [1,Q,d] -> {label, probabilities, answer, log_likelihoods}, and `calibrated` {calibration, label,
+        probabilities} when the bundle carries a calibration."""
+        row = self.tasks.diagnose(self.llm, visual, patient_text)
+        if self.calibration is not None:
+            row["calibrated"] = calibration.apply(self.calibration, row["log_likelihoods"], self.tasks.answer_tokens)
+        return row
 
     def ask(self, visual: torch.Tensor, patient_text: str = "", question: str = DIAGNOSIS_QUESTION,
             max_new_tokens: int | None = None) -> str:
@@ -116,6 +123,8 @@ class Pipeline:
         """The result row for a prepared scan whose visual tokens [1,Q,d] are computed."""
         t0 = time.perf_counter()
         row = self.classify(visual, patient_text)
+        if self.decision_detail:
+            row.update(self.tasks.decision_detail(self.llm, visual, patient_text))
         if question is not None:
             row["answer"] = self.ask(visual, patient_text, question)
         timings = dict(prepared.timings_ms, llm=elapsed_ms(t0))

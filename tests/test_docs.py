@@ -111,7 +111,8 @@ def test_generated_cli_reference_covers_every_option():
     suites = {f"medblip-bench {s}" for s in ("pipeline", "decode-formats", "vision-forms", "gunzip", "serve-load",
                                              "ray-cohort", "export-quality", "explain",
                                              "explain-checks")}
-    assert set(out["opts"]) == {"medblip-export", "medblip-infer", "medblip-bench", "medblip-serve"} | suites
+    assert set(out["opts"]) == {"medblip-export", "medblip-infer", "medblip-bench", "medblip-serve",
+                                "medblip-eval"} | suites
     for name, opts in out["opts"].items():
         assert f"## {name}\n" in out["md"]
         section = out["md"].split(f"## {name}\n", 1)[1].split("\n## ", 1)[0]
