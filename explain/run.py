@@ -165,7 +165,12 @@ class Explainer:
         """The map as an image of the scan's own grid: a NIfTI input's header and affine, or a DICOM series' affine."""
         if isinstance(scan, NiftiScan):
             src = nib.load(scan.path)
-            hdr = src.header.copy()
+            hdr = src.header.copy()  # geometry, units and codes kept; free text and extensions not carried over
+            hdr["descrip"] = b"medblip-edge relevance map"
+            hdr["aux_file"] = b""
+            hdr["intent_name"] = b""
+            if hasattr(hdr, "extensions"):
+                del hdr.extensions[:]
             hdr.set_data_dtype(np.float32)
             hdr.set_slope_inter(1.0, 0.0)
             data = map_ijk.reshape(tuple(int(d) for d in src.shape))

@@ -256,3 +256,20 @@ def test_occlusion_method_on_onnx_runtime(tmp_path, mni_path):
     assert pipe.chosen["vision"] == "ort" and block["method"] == "occlusion"
     assert -1.0 <= block["occlusion"]["rank_correlation_with_relevance"] <= 1.0
     assert nib.load(block["files"]["nifti"]).shape == nib.load(mni_path).shape
+
+
+def test_map_header_carries_no_free_text(tmp_path):
+    """The map copies the scan's geometry, not its header's free text or extensions (they may name a patient)."""
+    from medblip_edge.preprocess import load_scan
+
+    img = nib.Nifti1Image(np.arange(960, dtype=np.float32).reshape(10, 12, 8), np.diag([2, 2, 3, 1.0]))
+    img.header["descrip"] = b"Patient Jane Roe"
+    img.header.extensions.append(nib.nifti1.Nifti1Extension(6, b"comment naming her"))
+    nib.save(img, tmp_path / "s.nii.gz")
+    scan = open_scan(tmp_path / "s.nii.gz")
+    out = Explainer._nifti(None, scan, load_scan(scan), np.ones((10, 12, 8), np.float32))
+    nib.save(out, tmp_path / "m.nii.gz")
+    back = nib.load(tmp_path / "m.nii.gz")
+    assert b"Jane" not in bytes(back.header["descrip"]) and len(back.header.extensions) == 0
+    np.testing.assert_array_equal(back.affine, img.affine)
+    assert back.get_data_dtype() == np.float32 and back.shape == (10, 12, 8)
