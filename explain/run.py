@@ -119,7 +119,7 @@ class Explainer:
         t_map = time.perf_counter()
         in_scan = grid.voxels_to_scan(smap.voxels) if smap.voxels is not None else grid.patches_to_scan(smap.patches)
         map_ijk = to_nibabel(np.nan_to_num(in_scan.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0))
-        image = self._nifti(scan, loaded, map_ijk)
+        image = map_image(scan, loaded, map_ijk)
         out = Path(self.opts.out)
         out.mkdir(parents=True, exist_ok=True)
         name = self.name_for(row)
@@ -161,29 +161,30 @@ class Explainer:
         """How many leading prompt tokens are the patient text's."""
         return max(0, len(self.pipe.tasks.prompt_ids(patient_text)) - len(self.pipe.tasks.prompt_ids("")))
 
-    def _nifti(self, scan, loaded, map_ijk: np.ndarray):
-        """The map as an image of the scan's own grid: a NIfTI input's header and affine, or a DICOM series' affine."""
-        if isinstance(scan, NiftiScan):
-            src = nib.load(scan.path)
-            hdr = src.header.copy()  # geometry, units and codes kept; free text and extensions not carried over
-            hdr["descrip"] = b"medblip-edge relevance map"
-            hdr["aux_file"] = b""
-            hdr["intent_name"] = b""
-            if hasattr(hdr, "extensions"):
-                del hdr.extensions[:]
-            hdr.set_data_dtype(np.float32)
-            hdr.set_slope_inter(1.0, 0.0)
-            data = map_ijk.reshape(tuple(int(d) for d in src.shape))
-            img = type(src)(data, src.affine, header=hdr)
-            img.set_qform(src.header.get_qform(), int(src.header["qform_code"]))
-            img.set_sform(src.header.get_sform(), int(src.header["sform_code"]))
-            return img
-        if loaded.geometry is None:
-            raise MedblipError("the scan has no geometry to place a map in", code="no_geometry")
-        img = nib.Nifti1Image(map_ijk, ras_affine(loaded.geometry))
-        img.set_qform(img.affine, 1)
-        img.set_sform(img.affine, 1)
+
+def map_image(scan, loaded, map_ijk: np.ndarray):
+    """The map as an image of the scan's own grid: a NIfTI input's header and affine, or a DICOM series' affine."""
+    if isinstance(scan, NiftiScan):
+        src = nib.load(scan.path)
+        hdr = src.header.copy()  # geometry, units and codes kept; free text and extensions not carried over
+        hdr["descrip"] = b"medblip-edge relevance map"
+        hdr["aux_file"] = b""
+        hdr["intent_name"] = b""
+        if hasattr(hdr, "extensions"):
+            del hdr.extensions[:]
+        hdr.set_data_dtype(np.float32)
+        hdr.set_slope_inter(1.0, 0.0)
+        data = map_ijk.reshape(tuple(int(d) for d in src.shape))
+        img = type(src)(data, src.affine, header=hdr)
+        img.set_qform(src.header.get_qform(), int(src.header["qform_code"]))
+        img.set_sform(src.header.get_sform(), int(src.header["sform_code"]))
         return img
+    if loaded.geometry is None:
+        raise MedblipError("the scan has no geometry to place a map in", code="no_geometry")
+    img = nib.Nifti1Image(map_ijk, ras_affine(loaded.geometry))
+    img.set_qform(img.affine, 1)
+    img.set_sform(img.affine, 1)
+    return img
 
 
 def explain_row(explainer: Explainer | None, scan_of, volume, row: dict, patient_text: str) -> dict:
@@ -199,4 +200,4 @@ def explain_row(explainer: Explainer | None, scan_of, volume, row: dict, patient
     return row
 
 
-__all__ = ["ExplainOptions", "Explainer", "LABELS", "METHODS", "explain_row"]
+__all__ = ["ExplainOptions", "Explainer", "LABELS", "METHODS", "explain_row", "map_image"]

@@ -13,7 +13,7 @@ import pytest
 from explain_scans import sensitise, write_variants
 from medblip_edge.explain.grid import ModelGrid, to_nibabel
 from medblip_edge.explain.occlusion import curve_area, deletion_curve, occlusion_map, pipeline_margin
-from medblip_edge.explain.run import Explainer, ExplainOptions
+from medblip_edge.explain.run import Explainer, ExplainOptions, map_image
 from medblip_edge.explain.target import class_index, margin_numpy
 from medblip_edge.model.prompts import LABELS
 from medblip_edge.preprocess import open_scan
@@ -267,7 +267,7 @@ def test_map_header_carries_no_free_text(tmp_path):
     img.header.extensions.append(nib.nifti1.Nifti1Extension(6, b"comment naming her"))
     nib.save(img, tmp_path / "s.nii.gz")
     scan = open_scan(tmp_path / "s.nii.gz")
-    out = Explainer._nifti(None, scan, load_scan(scan), np.ones((10, 12, 8), np.float32))
+    out = map_image(scan, load_scan(scan), np.ones((10, 12, 8), np.float32))
     nib.save(out, tmp_path / "m.nii.gz")
     back = nib.load(tmp_path / "m.nii.gz")
     assert b"Jane" not in bytes(back.header["descrip"]) and len(back.header.extensions) == 0
