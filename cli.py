@@ -125,10 +125,23 @@ def export_main(checkpoint, llm_dir, preset, out, precision, llm_quant, trt, no_
               "else none. Every row says which was applied.")
 @click.option("--strict-qc", is_flag=True, help="A scan failing an input check (a warning code in its row's "
               "warnings, out_of_distribution included) gets an error row with code qc_failed instead.")
+@click.option("--explain", is_flag=True, help="Also write where in the scan the diagnosis comes from: "
+              "NAME.relevance.nii.gz (the scan's own grid and affine) and NAME.relevance.png per scan, and an "
+              "`explanation` block in its row (JSON Lines only). See docs: guides/explain.")
+@click.option("--explain-out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="--explain: folder for the maps [default: explanations/ beside --out, else ./explanations].")
+@click.option("--explain-class", type=click.Choice(["AD", "MCI", "NC"]), default=None,
+              help="--explain: the class whose margin is explained [default: the predicted class].")
+@click.option("--explain-method", type=click.Choice(["relevance", "occlusion"]), default="relevance",
+              show_default=True, help="--explain: relevance (gradient-weighted attention, needs the bundle's "
+              "PyTorch weights, one backward pass) or occlusion (343 forward passes on any backend; also reports "
+              "its rank correlation with relevance).")
+@click.option("--explain-refine/--explain-no-refine", default=True, show_default=True,
+              help="--explain relevance: spread each 32-voxel token's relevance inside it by |gradient x input|.")
 @one_line_errors
 def infer_main(scans, bundle_dir, backend, device, precision, patient_text, question, out_path, decision_detail,
                resume, timeout_s, workers, include_paths, rebuild_trt, huge_pages, engine, address, ray_actors, threads,
-               conform, strict_qc):
+               conform, strict_qc, explain, explain_out, explain_class, explain_method, explain_refine):
     """Diagnose MRI scans with a bundle: one JSON object per scan (JSON Lines).
 
     SCANS are NIfTI files (.nii, .nii.gz), DICOM multi-frame files, folders, or a
@@ -148,6 +161,15 @@ def infer_main(scans, bundle_dir, backend, device, precision, patient_text, ques
         patient_text=patient_text, question=question, out=out_path, resume=resume, timeout_s=timeout_s,
         workers=workers, include_paths=include_paths, rebuild_trt=rebuild_trt,
         huge_pages=huge_pages, decision_detail=decision_detail, conform=conform, strict_qc=strict_qc)
+    if explain or explain_out or explain_class:
+        from .explain.run import ExplainOptions
+
+        if not explain:
+            raise MedblipError("--explain-out and --explain-class go with --explain", code="usage")
+        if engine == "ray":
+            raise MedblipError("--explain runs with --engine local", code="usage")
+        folder = explain_out or ((out_path.parent if out_path else Path(".")) / "explanations")
+        opts.explain = ExplainOptions(out=folder, method=explain_method, target=explain_class, refine=explain_refine)
     if engine == "ray":
         if decision_detail:
             raise MedblipError("--decision-detail runs with --engine local only", code="usage")

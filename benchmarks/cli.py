@@ -23,6 +23,8 @@ SUITES = {
     "node-load": ("node_load", "medblip-node with several senders at once, each study answered once"),
     "known-answer": ("known_answer", "Known-answer models: each format's accuracy against fp32 (medblip-eval)"),
     "qc": ("qc", "OOD score and conform step on synthetic cohorts with a known answer"),
+    "explain": ("explain_cost", "Time and peak memory of --explain per model size"),
+    "explain-checks": ("explain_checks", "Pointing game, randomisation and deletion on known-answer bundles"),
 }
 
 

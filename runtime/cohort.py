@@ -114,6 +114,7 @@ class InferOptions:
     decision_detail: bool = False  # rows also carry answer_tokens and greedy_answer (one greedy decode per scan)
     conform: str | None = None  # None: the bundle's recorded conform spec (qc/options.py)
     strict_qc: bool = False
+    explain: object | None = None  # explain.run.ExplainOptions: maps and an `explanation` block per row
 
 
 # ------------------------------------------------------------------ progress
@@ -166,6 +167,8 @@ def check_options(opts: InferOptions) -> None:
         raise MedblipError("--timeout must be more than 0 seconds", code="usage")
     if opts.resume and opts.out is None:
         raise MedblipError("--resume needs --out (the results file to continue)", code="usage")
+    if opts.explain is not None and opts.out is not None and out_format(Path(opts.out)) == "csv":
+        raise MedblipError("--explain adds a block to JSON Lines rows: use --out FILE.jsonl (or stdout)", code="usage")
 
 
 def expand_inputs(opts: InferOptions, stream=None) -> list[ScanItem]:
@@ -214,6 +217,11 @@ def run_infer(opts: InferOptions) -> int:
     extra = (CALIBRATED_COLUMNS if pipe.calibration else []) + (DETAIL_COLUMNS if opts.decision_detail else [])
     out = RunOutput(opts, len(items), extra)
     index = out.index
+    explainer = None
+    if opts.explain is not None:
+        from ..explain.run import Explainer
+
+        explainer = Explainer(pipe, opts.explain, opts.device)
 
     def work(task: Task):
         item = task.item
@@ -258,6 +266,10 @@ def run_infer(opts: InferOptions) -> int:
                     if kind == "prepared":
                         text = item.patient_text if item.patient_text is not None else opts.patient_text
                         row = scan_row(pipe, value, visual[k : k + 1], share, text, opts.question)
+                        if explainer is not None:
+                            from ..explain.run import explain_row
+
+                            explain_row(explainer, item.scan, value.volume, row, text)
                         k += 1
                     elif kind == "timeout":
                         row = timeout_row(item, opts.timeout_s)

@@ -43,8 +43,8 @@ def _data_file(name: str):
 
     t1 = mni_t1_path()
     if t1 is None:
-        raise MedblipError("missing_dependency", "the synthetic cohort needs nilearn's MNI template: "
-                           "pip install 'medblip-edge[demo]'")
+        raise MedblipError("the synthetic cohort needs nilearn's MNI template: pip install 'medblip-edge[demo]'",
+                           code="missing_dependency")
     return t1.parent / name
 
 

@@ -109,7 +109,8 @@ def test_generated_cli_reference_covers_every_option():
     out = json.loads(r.stdout)
     assert out["heavy"] == [], f"the CLI reference imported {out['heavy']}"
     suites = {f"medblip-bench {s}" for s in ("pipeline", "decode-formats", "vision-forms", "gunzip", "serve-load",
-                                             "ray-cohort", "export-quality", "node-load", "known-answer", "qc")}
+                                             "ray-cohort", "export-quality", "node-load", "known-answer", "qc",
+                                             "explain", "explain-checks")}
     assert set(out["opts"]) == {"medblip-export", "medblip-infer", "medblip-bench", "medblip-serve",
                                 "medblip-eval", "medblip-node", "medblip-profile"} | suites
     for name, opts in out["opts"].items():
