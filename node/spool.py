@@ -21,13 +21,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..preprocess.dicom_series import uid_hash
+from ..runtime.results_io import write_atomic
 
 
 def _fsync_dir(path: Path) -> None:
@@ -120,20 +120,8 @@ class Spool:
         return st.f_bavail * st.f_frsize >= self.min_free_mb * 2**20
 
     def _write_atomic(self, dst: Path, data: bytes) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.tmp)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, dst)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(dst, data, tmp_dir=self.tmp)
         _fsync_dir(dst.parent)
 
     def store_instance(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> tuple[str, str]:

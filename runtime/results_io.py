@@ -225,16 +225,9 @@ def read_old_rows(sink: FileSink) -> tuple[list[OldRow], bool]:
     text = data[:end].decode("utf-8", "surrogateescape")
     rows: list[OldRow] = []
     if sink.fmt == "jsonl":
-        for n, line in enumerate(text.split("\n")[:-1], start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                row = None
-            if not isinstance(row, dict) or not isinstance(row.get("scan"), str):
-                raise MedblipError(f"--resume: {path.name} line {n} is not a result row; "
-                                   f"give another --out or run without --resume", code="bad_resume_file")
+        bad = lambda n: MedblipError(f"--resume: {path.name} line {n} is not a result row; "  # noqa: E731
+                                     f"give another --out or run without --resume", code="bad_resume_file")
+        for n, line, row in result_rows(text.split("\n")[:-1], bad):
             rows.append(OldRow(line + "\n", row.get("path"), row["scan"], row.get("scan_sha256"), "error" in row,
                                row.get("series")))
     elif text:
@@ -284,13 +277,28 @@ class ResumeIndex:
         return None
 
 
-def replace_file(path: Path, text: str) -> None:
-    """Write `text` to `path` atomically: a temporary file in the same folder, fsync, rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def result_rows(lines, bad):
+    """(line number, line, row) for each non-blank JSON Lines line that is a result row (an object with a string
+    `scan`); any other line raises `bad(line number)`."""
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("scan"), str):
+            raise bad(n)
+        yield n, line, row
+
+
+def write_atomic(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
+    """Write `data` to `path` atomically: a temporary file (in `tmp_dir`, default the same folder), fsync, rename.
+    The folder itself is not synced (see replace_file)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=tmp_dir or path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(text.encode("utf-8", "surrogateescape"))
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
@@ -301,6 +309,12 @@ def replace_file(path: Path, text: str) -> None:
         except OSError:
             pass
         raise
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically: a temporary file in the same folder, fsync, rename, then sync the folder."""
+    path = Path(path)
+    write_atomic(path, text.encode("utf-8", "surrogateescape"))
     try:
         dfd = os.open(path.parent, os.O_RDONLY)
         try:

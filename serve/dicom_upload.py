@@ -15,7 +15,7 @@ import stat
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from .upload import RequestError
+from .upload import PartSink, RequestError
 
 MAX_MEMBERS = 4096
 ZIP_MAGIC = b"PK\x03\x04"
@@ -75,37 +75,16 @@ def extract_zip(path: Path, max_bytes: int) -> Path:
     return folder
 
 
-class RelatedParts:
+class RelatedParts(PartSink):
     """python-multipart callbacks for multipart/related: every part with Content-Type application/dicom is streamed
     to <folder>/series/NNNNN.dcm; any other part type is refused."""
 
     def __init__(self, folder: Path):
+        super().__init__()
         self.folder = folder / RELATED_FOLDER
         self.folder.mkdir()
-        self.headers: dict[bytes, bytes] = {}
-        self.field = self.value = b""
         self.file = None
         self.count = 0
-        self.complete = False
-
-    def callbacks(self) -> dict:
-        return {"on_part_begin": self.begin, "on_header_field": self.header_field,
-                "on_header_value": self.header_value, "on_header_end": self.header_end,
-                "on_headers_finished": self.headers_done, "on_part_data": self.data, "on_part_end": self.end,
-                "on_end": self.done}
-
-    def begin(self):
-        self.headers, self.field, self.value = {}, b"", b""
-
-    def header_field(self, data, start, end):
-        self.field += data[start:end]
-
-    def header_value(self, data, start, end):
-        self.value += data[start:end]
-
-    def header_end(self):
-        self.headers[self.field.lower()] = self.value
-        self.field = self.value = b""
 
     def headers_done(self):
         kind = self.headers.get(b"content-type", b"application/dicom").split(b";")[0].strip().lower()
@@ -123,9 +102,6 @@ class RelatedParts:
         if self.file is not None:
             self.file.close()
             self.file = None
-
-    def done(self):
-        self.complete = True
 
     def close(self):
         self.end()

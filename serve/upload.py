@@ -71,17 +71,13 @@ def _disposition(value: bytes) -> tuple[str | None, str | None]:
     return decode(name), decode(filename)
 
 
-class _Parts:
-    """python-multipart callbacks: the `scan` part streamed to disk, text parts kept (bounded)."""
+class PartSink:
+    """python-multipart callbacks that collect each part's headers; a subclass handles the parts themselves
+    (headers_done, data, end)."""
 
-    def __init__(self, folder: Path):
-        self.folder = folder
+    def __init__(self):
         self.headers: dict[bytes, bytes] = {}
         self.field = self.value = b""
-        self.current: str | None = None
-        self.file = None
-        self.scan: Path | None = None
-        self.text: dict[str, bytearray] = {}
         self.complete = False  # the closing boundary was read
 
     def callbacks(self) -> dict:
@@ -93,7 +89,7 @@ class _Parts:
         self.complete = True
 
     def begin(self):
-        self.headers, self.field, self.value, self.current = {}, b"", b"", None
+        self.headers, self.field, self.value = {}, b"", b""
 
     def header_field(self, data, start, end):
         self.field += data[start:end]
@@ -104,6 +100,22 @@ class _Parts:
     def header_end(self):
         self.headers[self.field.lower()] = self.value
         self.field = self.value = b""
+
+
+class _Parts(PartSink):
+    """The form upload: the `scan` part streamed to disk, text parts kept (bounded)."""
+
+    def __init__(self, folder: Path):
+        super().__init__()
+        self.folder = folder
+        self.current: str | None = None
+        self.file = None
+        self.scan: Path | None = None
+        self.text: dict[str, bytearray] = {}
+
+    def begin(self):
+        super().begin()
+        self.current = None
 
     def headers_done(self):
         name, filename = _disposition(self.headers.get(b"content-disposition", b""))

@@ -3,13 +3,12 @@ wrote before (--rows); then one row per cohort entry, an error row where a scan 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from ..errors import MedblipError
 from ..runtime.cohort import InferOptions, run_infer
-from ..runtime.results_io import abspath, error_row
+from ..runtime.results_io import abspath, error_row, result_rows
 from ..runtime.scan_inputs import scan_name
 from .cohort import Cohort
 
@@ -36,16 +35,9 @@ def read_rows(path: Path) -> list[dict]:
         raise MedblipError(f"--rows {path.name}: cannot read ({getattr(e, 'strerror', None) or e})",
                            code="bad_rows") from None
     rows = []
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            row = None
-        if not isinstance(row, dict) or not isinstance(row.get("scan"), str):
-            raise MedblipError(f"--rows {path.name} line {n} is not a medblip-infer result row "
-                               f"(a JSON Lines file from medblip-infer --out results.jsonl)", code="bad_rows")
+    bad = lambda n: MedblipError(f"--rows {path.name} line {n} is not a medblip-infer result row "  # noqa: E731
+                                 f"(a JSON Lines file from medblip-infer --out results.jsonl)", code="bad_rows")
+    for n, _, row in result_rows(lines, bad):
         if "error" not in row and "log_likelihoods" not in row:
             raise MedblipError(f"--rows {path.name} line {n} has no log_likelihoods (a --question row?)",
                                code="bad_rows")
