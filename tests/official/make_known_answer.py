@@ -62,6 +62,10 @@ def parse_args(argv):
     p.add_argument("--unfreeze-llm", action="store_true",
                    help="also train the LLM (the published code freezes it; a random tiny LLM may need it)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--init-noise", action="store_true",
+                   help="after the constructor, add make_fixtures.py's deterministic noise (image-half weights at "
+                        "1/sqrt(fan_in)): BERT's 0.02 initialisation of the tiny Q-Former attends uniformly over "
+                        "the 344 image tokens, so the visual tokens barely depend on the image and nothing learns")
     p.add_argument("--init", help="continue from this checkpoint.pth (a saved OUT/<variant>/checkpoint.pth; "
                    "give one variant) instead of the constructor's initialisation")
     p.add_argument("--cache", help="keep the loaded volumes here between runs (a .npy named by the cohort's SHA-256)")
@@ -87,6 +91,8 @@ def outer(argv):
         cmd += ["--cache", os.path.abspath(args.cache)]
     if args.init:
         cmd += ["--init", os.path.abspath(args.init)]
+    if args.init_noise:
+        cmd.append("--init-noise")
     mf.log("running inside %s" % python)
     return subprocess.run(cmd).returncode
 
@@ -298,6 +304,9 @@ def train_variant(args, variant, work, rows, vols, common):
         llm_module = model.lm_model
         widen_text_embeddings(model, len(model.tokenizer))
     init = None
+    if args.init_noise and not args.init:
+        mf.add_noise(model)
+        init = {"noise": "make_fixtures.add_noise (seed %d)" % mf.NOISE_SEED}
     if args.init:
         state = torch.load(args.init, map_location="cpu", weights_only=True)
         missing, unexpected = model.load_state_dict(state, strict=False)
