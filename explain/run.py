@@ -13,8 +13,9 @@ import numpy as np
 
 from ..errors import MedblipError
 from ..model.prompts import LABELS
-from ..preprocess import load_scan
+from ..preprocess import LoadedVolume, load_scan
 from ..preprocess.scans import NiftiScan
+from ..qc.conform import conform
 from . import block
 from .grid import ModelGrid, ras_affine, to_nibabel
 from .occlusion import occlusion_map, rank_correlation
@@ -114,12 +115,16 @@ class Explainer:
         label = self.opts.target or row["label"]
         target = class_index(label)
         loaded = load_scan(scan)
+        conformed = self.pipe.qc.conform.active
+        if conformed:  # the model saw the conformed array (qc/conform.py): the map lies on its grid
+            array, geometry = conform(loaded.array, loaded.geometry, self.pipe.qc.conform)
+            loaded = LoadedVolume(array, geometry=geometry)
         grid = ModelGrid(tuple(loaded.array.shape), int(volume.shape[-1]), self.patch)
         smap = self.make_map(volume, patient_text, target)
         t_map = time.perf_counter()
         in_scan = grid.voxels_to_scan(smap.voxels) if smap.voxels is not None else grid.patches_to_scan(smap.patches)
         map_ijk = to_nibabel(np.nan_to_num(in_scan.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0))
-        image = map_image(scan, loaded, map_ijk)
+        image = map_image(None if conformed else scan, loaded, map_ijk)  # conformed: the grid's own affine
         out = Path(self.opts.out)
         out.mkdir(parents=True, exist_ok=True)
         name = self.name_for(row)

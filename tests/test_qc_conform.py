@@ -104,3 +104,25 @@ def test_isotropic_1mm_is_left_alone():
     vol = load_scan(real_volume("mni_t1") or pytest.skip("no MNI template"))
     array, geo = conform(vol.array, vol.geometry, ConformSpec(1.0))
     assert array is vol.array and geo == vol.geometry
+
+
+def test_explanation_maps_follow_the_conformed_grid(tiny_bundle, tmp_path):
+    """--explain with --conform: the map lies on the grid the model saw (1 mm), placed where the scan is."""
+    from medblip_edge.explain.run import Explainer, ExplainOptions
+    from medblip_edge.preprocess import open_scan
+    from medblip_edge.runtime.pipeline import Pipeline
+
+    path = real_volume("mni_t1") or pytest.skip("no MNI template")
+    src = nib.load(path)
+    aff = src.affine @ np.diag([2.0, 2.0, 4.0, 1.0])
+    scan = tmp_path / "aniso.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(src.dataobj)[::2, ::2, ::4], aff), scan)
+    pipe = Pipeline.from_bundle(tiny_bundle, backend="torch", conform="iso1mm", huge_pages=False)
+    row, prepared = pipe(scan), pipe.prepare(scan)
+    block = Explainer(pipe, ExplainOptions(out=tmp_path / "maps", montage=False))(open_scan(scan), prepared.volume,
+                                                                                  row, "")
+    out = nib.load(block["files"]["nifti"])
+    assert list(out.shape) == row["qc"]["conformed"]["shape"] != row["qc"]["shape"]
+    np.testing.assert_allclose(np.abs(np.diag(out.affine)[:3]), [1.0, 1.0, 1.0], atol=1e-6)
+    np.testing.assert_allclose(out.affine[:3, 3], aff[:3, 3], atol=1e-4)  # the same first voxel, in world mm
+    assert np.isfinite(out.get_fdata()).all()
