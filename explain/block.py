@@ -7,8 +7,11 @@ from __future__ import annotations
 import numpy as np
 
 
-def peak_of(map_ijk: np.ndarray, affine: np.ndarray) -> dict:
-    """The map's largest voxel (nibabel order) and where it lies in RAS+ mm."""
+def peak_of(map_ijk: np.ndarray, affine: np.ndarray) -> dict | None:
+    """The map's largest voxel (nibabel order) and where it lies in RAS+ mm; None for a map with nothing in it
+    (e.g. occlusion where no patch lowers the margin)."""
+    if not float(map_ijk.max()) > 0:
+        return None
     ijk = np.unravel_index(int(np.argmax(map_ijk)), map_ijk.shape)[:3]
     world = affine @ np.array([*ijk, 1.0])
     return {"voxel": [int(v) for v in ijk], "world_mm": [round(float(v), 2) for v in world[:3]], "space": "RAS+"}

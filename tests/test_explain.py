@@ -246,6 +246,23 @@ def test_occlusion_batches_equal_single_passes(pipe, scans):
     assert set(np.flatnonzero(drops)) <= {171, 200}  # patches not asked for stay 0
 
 
+def test_occlusion_on_onnx_runtime_matches_torch(mni_path):
+    """Occlusion is forward passes only: on ONNX Runtime it gives the PyTorch backend's drops."""
+    from bundles import tiny_onnx_bundle
+
+    bundle = tiny_onnx_bundle("tiny", "none")
+    ort = Pipeline.from_bundle(bundle, backend="ort", huge_pages=False)
+    ref = Pipeline.from_bundle(bundle, backend="torch", huge_pages=False)
+    assert ort.chosen == {"vision": "ort", "llm": "ort"}
+    volume = ort.prepare(mni_path).volume
+    only = [100, 171, 200, 250]
+    got, base = occlusion_map(ort, volume, "", 0, 32, only=only)
+    want, want_base = occlusion_map(ref, volume, "", 0, 32, only=only)
+    assert base == pytest.approx(want_base, abs=1e-4)
+    np.testing.assert_allclose(got.ravel()[only], want.ravel()[only], atol=2e-5)
+    assert np.abs(want.ravel()[only]).max() > 1e-4  # the drops compared are not all zero
+
+
 @pytest.mark.slow
 def test_occlusion_method_on_onnx_runtime(tmp_path, mni_path):
     """The whole occlusion method on ONNX Runtime (343 forward passes), with its rank correlation to relevance."""
