@@ -336,8 +336,3 @@ def eval_main(cohort, bundles, out_dir, rows, group_by, calibrate, write_calibra
     click.echo(json.dumps({"report": str(Path(out_dir) / "report.html"), "metrics": str(Path(out_dir) / "metrics.json"),
                            "bundles": summary, "calibrated_bundle": doc.get("calibrated_bundle")}))
     sys.exit(1 if failed else 0)
-
-
-# -- medblip-profile (cli_profile.py) ---------------------------------------------
-
-from .cli_profile import profile_main  # noqa: E402,F401

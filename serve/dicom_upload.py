@@ -15,7 +15,7 @@ import stat
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from .upload import PartSink, RequestError
+from .request import PartSink, RequestError
 
 MAX_MEMBERS = 4096
 ZIP_MAGIC = b"PK\x03\x04"
