@@ -38,10 +38,11 @@ def profile_main(scans, bundle_dir, out_dir, conform, backend, device):
       medblip-profile trusted/cohort.csv --bundle bundles/t5 --out bundles/t5-profiled
     """
     from .qc.profile import fit_cohort_profile, write_profile_bundle
+    from .runtime.scan_inputs import expand_scans
     from .runtime.pipeline import Pipeline
 
     pipe = Pipeline.from_bundle(bundle_dir, backend=backend, device=device, conform=conform, huge_pages=False)
-    profile, summary = fit_cohort_profile(pipe, list(scans))
+    profile, summary = fit_cohort_profile(pipe, expand_scans(list(scans)))
     manifest = write_profile_bundle(bundle_dir, out_dir, profile, summary)
     entry = manifest["artifacts"]["ood_profile"]
     click.echo(json.dumps({"bundle": str(out_dir), "scans": summary["scans"], "failed": summary["failed"],

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 
 from ..errors import MedblipError
 from ..model.prompts import LABELS
@@ -72,9 +73,11 @@ class Explainer:
             if getattr(vision, "name", "") == "torch" and vision.precision == "fp32":
                 self._model = vision.model
             else:
-                from ..runtime.vision_torch import load_torch_model
+                from ..bundle.format import TORCH
+                from ..model.weights import load_weights
 
-                self._model = load_torch_model(self.pipe.bundle, "fp32", self.device)
+                bundle = self.pipe.bundle
+                self._model = load_weights(bundle.config, bundle.path(TORCH), torch.float32, self.device)
         return self._model
 
     @property

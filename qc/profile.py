@@ -15,13 +15,10 @@ from ..errors import MedblipError, ScanError
 from .ood import ARTIFACT, FILE, OodProfile, pooled
 
 
-def cohort_features(pipe, scans: list, stream=None) -> tuple[np.ndarray, Counter]:
-    """Every scan of `scans` (files, folders, CSVs: as medblip-infer takes them) through `pipe` (a
+def cohort_features(pipe, items: list, stream=None) -> tuple[np.ndarray, Counter]:
+    """Every scan of `items` (runtime.scan_inputs.expand_scans of what medblip-infer takes) through `pipe` (a
     runtime.pipeline.Pipeline, its conform step included) -> (features [n, d] of those that read, error counts)."""
-    from ..runtime.scan_inputs import expand_scans
-
     stream = stream or sys.stderr
-    items = expand_scans(scans)
     feats, errors = [], Counter()
     for k, item in enumerate(items, start=1):
         try:
@@ -49,9 +46,10 @@ def write_profile_bundle(src: str | Path, out: str | Path, profile: OodProfile, 
         return writer.commit(manifest)
 
 
-def fit_cohort_profile(pipe, scans: list, stream=None) -> tuple[OodProfile, dict]:
-    """Features of a cohort through `pipe` -> (the fitted profile, a summary for the manifest and the user)."""
-    feats, errors = cohort_features(pipe, scans, stream)
+def fit_cohort_profile(pipe, items: list, stream=None) -> tuple[OodProfile, dict]:
+    """Features of a cohort's scans (expand_scans items) through `pipe` -> (the fitted profile, a summary for the
+    manifest and the user)."""
+    feats, errors = cohort_features(pipe, items, stream)
     if len(feats) == 0:
         raise MedblipError(f"no scan of the cohort could be read ({dict(errors)})", code="too_few_scans")
     profile = OodProfile.fit(feats)
