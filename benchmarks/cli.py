@@ -20,6 +20,7 @@ SUITES = {
     "serve-load": ("serve_load", "medblip-serve under load beside the in-process pipeline"),
     "ray-cohort": ("ray_cohort", "A cohort through --engine ray beside the local engine"),
     "export-quality": ("export_quality", "Export fidelity to fp32 per LLM format and vision graph"),
+    "quantization": ("quantization", "INT8/INT4 exports held to a tolerance, fallbacks and quantizers"),
 }
 
 

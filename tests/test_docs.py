@@ -109,7 +109,7 @@ def test_generated_cli_reference_covers_every_option():
     out = json.loads(r.stdout)
     assert out["heavy"] == [], f"the CLI reference imported {out['heavy']}"
     suites = {f"medblip-bench {s}" for s in ("pipeline", "decode-formats", "vision-forms", "gunzip", "serve-load",
-                                             "ray-cohort", "export-quality")}
+                                             "ray-cohort", "export-quality", "quantization")}
     assert set(out["opts"]) == {"medblip-export", "medblip-infer", "medblip-bench", "medblip-serve"} | suites
     for name, opts in out["opts"].items():
         assert f"## {name}\n" in out["md"]
