@@ -59,6 +59,8 @@ def one_line_errors(fn):
 @click.option("--allow-out-of-tolerance", is_flag=True, help="Where no mix meets the tolerance, ship the closest one "
               "(marked quantization.met=false in the manifest, with a note) instead of failing with "
               "out_of_tolerance.")
+@click.option("--no-smooth", is_flag=True, help="Where the fully quantized LLM misses the tolerance, go straight to "
+              "the fallback instead of first trying activation smoothing (SmoothQuant alphas 0.25, 0.5, 0.75).")
 @click.option("--trt", is_flag=True, help="Also build a TensorRT FP16 engine of the vision graph (needs TensorRT + GPU).")
 @click.option("--no-onnx", is_flag=True, help="Write only the PyTorch weights (no ONNX graphs).")
 @click.option("--max-batch", type=int, default=8, show_default=True, help="Largest vision batch (TensorRT profile max).")
@@ -66,7 +68,7 @@ def one_line_errors(fn):
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @one_line_errors
 def export_main(checkpoint, llm_dir, preset, out, precision, llm_quant, max_kl, min_top1, min_labels, max_fp32_share,
-                allow_out_of_tolerance, trt, no_onnx, max_batch, opt_batch, quiet):
+                allow_out_of_tolerance, no_smooth, trt, no_onnx, max_batch, opt_batch, quiet):
     """Turn a MedBLIP checkpoint (or a preset with random weights) into a verified bundle folder.
 
     Every artifact is compared with the fp32 PyTorch model on a fixed evaluation set
@@ -89,7 +91,8 @@ def export_main(checkpoint, llm_dir, preset, out, precision, llm_quant, max_kl, 
                                            precision=precision, llm_quant=llm_quant, trt=trt, onnx=not no_onnx,
                                            max_batch=max_batch, opt_batch=opt_batch, max_kl=max_kl,
                                            min_top1=min_top1, min_labels=min_labels, max_fp32_share=max_fp32_share,
-                                           allow_out_of_tolerance=allow_out_of_tolerance), quiet=quiet)
+                                           allow_out_of_tolerance=allow_out_of_tolerance, smooth=not no_smooth),
+                           quiet=quiet)
     click.echo(json.dumps({"bundle": str(out), "random_weights": manifest["random_weights"],
                            "artifacts": sorted(manifest["artifacts"]), "notes": manifest["notes"],
                            **_quantization_summary(manifest)}))

@@ -29,6 +29,7 @@ class ExportOptions:
     min_labels: float | None = None
     max_fp32_share: float | None = None  # cap on the matmul weights kept at fp32 (None: tolerance.MAX_FP32_SHARE)
     allow_out_of_tolerance: bool = False  # ship the closest mix (marked) instead of failing
+    smooth: bool = True  # try SmoothQuant alphas before falling back (export/smooth.py)
     llm_formats: Any = None  # programmatic only: a quantize.LlmQuant replacing --llm-quant's formats (benchmarks)
 
 

@@ -6,8 +6,9 @@
    sensitivity: the effect on the final next-token distribution, measured, not a proxy.
 3. Quantize from the least sensitive upward: keep the k most sensitive at fp32, k the smallest that meets the
    tolerance, found by doubling k and then bisecting between the last mix that missed and the first that met
-   (each mix is measured; the one chosen is always one measured to meet it). k is capped so that at most
-   `max_share` of the quantizable weights stay fp32: past that the graph is no longer the format asked for.
+   (each mix is measured; the one chosen is always one measured to meet it). At most `max_share` of the
+   quantizable weights stay fp32 (past that the graph is no longer the format asked for): a matmul too large
+   for what is left of the share is skipped and the next most sensitive considered.
 
 The cost: one graph write and one evaluation pass per matmul for step 2, and about 2 log2(N) for step 3, at the
 evaluation set's budget (seconds for the test fixtures; the whole search is skipped when step 1 meets it).
@@ -77,12 +78,13 @@ def search(sizes: dict[str, int], measure: Callable[[frozenset], dict], tol: Tol
     everything = frozenset(names)
     alone = {n: measure(everything - {n}) for n in names}
     order = sorted(names, key=lambda n: _rank_key(alone[n]), reverse=True)  # most sensitive first
-    k_max, total = 0, 0
+    fits, total = [], 0  # the most sensitive first, each that still fits within the share (larger ones skipped)
     for n in order:
-        if total + sizes[n] > budget:
-            break
-        total, k_max = total + sizes[n], k_max + 1
-    prefix = [frozenset(order[:k]) for k in range(len(order) + 1)]
+        if total + sizes[n] <= budget:
+            fits.append(n)
+            total += sizes[n]
+    k_max = len(fits)
+    prefix = [frozenset(fits[:k]) for k in range(k_max + 1)]
     lo, hi = 0, None  # lo: a k measured to miss; hi: the smallest k measured to meet
     k = 1
     while k <= k_max:
@@ -97,6 +99,7 @@ def search(sizes: dict[str, int], measure: Callable[[frozenset], dict], tol: Tol
         else:
             lo = mid
     chosen = mix(prefix[hi if hi is not None else k_max])
+    skipped = [n for n in order[:order.index(fits[-1]) + 1] if n not in fits] if fits else []
     missed = trials[prefix[lo]]
     rank = {n: i + 1 for i, n in enumerate(order)}
     kept = [{"matmul": n, "parameters": sizes[n], "sensitivity_rank": rank[n],
@@ -108,7 +111,7 @@ def search(sizes: dict[str, int], measure: Callable[[frozenset], dict], tol: Tol
     all_params = sum(sizes.values())
     record.update({
         "kept": kept, "kept_parameter_share": sum(sizes[n] for n in chosen.keep) / all_params,
-        "max_kept_within_share": k_max,
+        "max_kept_within_share": k_max, "skipped_too_large": skipped,
         "sensitivity": [{"matmul": n, "parameters": sizes[n], **figures(alone[n])} for n in order],
         "trials": [{"kept": len(m.keep), **figures(m.result), "shortfalls": m.shortfalls}
                    for keep, m in trials.items() if keep in prefix],

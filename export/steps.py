@@ -35,7 +35,7 @@ from .quantize import FP32, LLM_FORMATS, QUANTIZERS, VISION_FORMATS, LlmQuant
 from .resources import Meter
 from .smooth import ALPHAS, Smoothed, activation_maxima
 from .speed import llm_times
-from .tolerant import TolerantWrite, mixed_llm, share_of, tolerance_of
+from .tolerant import TolerantWrite, allow_out, mixed_llm, share_of, smoothing_wanted, tolerance_of
 
 LLM_FP32_PROB_TOL = 1e-4
 FP32_CHECK_BYTES = 4 << 30  # fp32 LLM graphs up to this size are written and held to the strict check first
@@ -111,7 +111,7 @@ class VisionOnnxStep:
         job = TolerantWrite("vision graph", "int8", tolerance_of(ctx.opts, "int8"), share_of(ctx.opts),
                             ctx.work / "vision_trial", lambda dst, fmt_of: self._write(model, dst, fmt_of(False)),
                             compare, lambda keep: (lambda decode: Mixed(VISION_FORMATS["int8"], keep)))
-        _, result, record, note = job.run(folder, ctx.opts.allow_out_of_tolerance, timer)
+        _, result, record, note = job.run(folder, allow_out(ctx.opts), timer)
         shutil.rmtree(ctx.work / "vision_trial", ignore_errors=True)
         return result, record, note
 
@@ -217,8 +217,8 @@ class LlmOnnxStep:
                             ctx.work / "llm_trial", write,
                             lambda files: ctx.ref.compare(self._backend(ctx, files, self.quant)), mixed_llm(formats))
         timer = lambda files: llm_times(self._backend(ctx, files, self.quant), ctx.ref)  # noqa: E731
-        files, result, record, note = job.run(folder, ctx.opts.allow_out_of_tolerance, timer,
-                                              lambda: self._smoothed(ctx, formats))
+        files, result, record, note = job.run(folder, allow_out(ctx.opts), timer, (lambda: self._smoothed(ctx, formats))
+                                              if smoothing_wanted(ctx.opts) else None)
         shutil.rmtree(ctx.work / "llm_trial", ignore_errors=True)
         return files, result, names, record, note
 

@@ -26,7 +26,25 @@ def tolerance_of(opts, fmt: str) -> Tolerance:
 
 
 def share_of(opts) -> float:
-    return MAX_FP32_SHARE if opts.max_fp32_share is None else opts.max_fp32_share
+    """The cap on weights kept fp32. Random-weight presets: 0 unless given (their answers mean nothing, so no
+    fallback is searched for them; their figures are measured and recorded all the same)."""
+    if opts.max_fp32_share is not None:
+        return opts.max_fp32_share
+    return 0.0 if random_weights(opts) else MAX_FP32_SHARE
+
+
+def random_weights(opts) -> bool:
+    return opts.preset is not None
+
+
+def allow_out(opts) -> bool:
+    """Whether a mix outside the tolerance may ship (marked): asked for, or random weights (a preset)."""
+    return opts.allow_out_of_tolerance or random_weights(opts)
+
+
+def smoothing_wanted(opts) -> bool:
+    """Smoothing alphas are tried for checkpoints, and for presets only where a fallback was asked for."""
+    return opts.smooth and (not random_weights(opts) or opts.max_fp32_share is not None)
 
 
 def disk_bytes(files) -> int:
