@@ -60,7 +60,8 @@ def _row(model: str, fmt: str, art: dict, seconds: float) -> dict:
             "search_s": q.get("seconds"), "export_s": round(seconds, 1)}
 
 
-def measure(run: Run, models: list[str], formats: list[str], variants: bool, vision: bool) -> dict:
+def measure(run: Run, models: list[str], formats: list[str], variants: bool, vision: bool,
+            max_fp32_share: float | None) -> dict:
     from .timing import Clock
 
     rows, variant_rows = [], []
@@ -75,7 +76,7 @@ def measure(run: Run, models: list[str], formats: list[str], variants: bool, vis
             run.say(f"{name} {label}")
             with tempfile.TemporaryDirectory(prefix="medblip-quant-") as tmp:
                 clock = Clock()
-                m = _export(folder, Path(tmp) / "b", **kw)
+                m = _export(folder, Path(tmp) / "b", max_fp32_share=max_fp32_share, **kw)
                 art = m["artifacts"]["vision_onnx" if "precision" in kw else "llm_onnx"]
                 rows.append(_row(name, label, art, clock.elapsed_s()))
         if not variants:
@@ -148,7 +149,9 @@ def report(res: dict) -> str:
 @click.option("--variants/--no-variants", default=True, show_default=True,
               help="Also measure the quantizer variants without fallback.")
 @click.option("--vision/--no-vision", default=True, show_default=True, help="Also export the INT8 vision graph.")
-def command(run: Run, models: str, formats: str, variants: bool, vision: bool) -> Outcome:
+@click.option("--max-fp32-share", type=float, default=None, help="medblip-export --max-fp32-share for the default "
+              "exports [default: the export's, 0.25].")
+def command(run: Run, models: str, formats: str, variants: bool, vision: bool, max_fp32_share: float | None) -> Outcome:
     """Export each checkpoint per LLM format with its default tolerance and report what the export measured:
     quality against fp32 on the evaluation set, whether the tolerance was met, which matmuls stayed fp32 and
     what they cost in bytes and time (this machine), and each quantizer variant without fallback.
@@ -161,4 +164,4 @@ def command(run: Run, models: str, formats: str, variants: bool, vision: bool) -
     if bad:
         raise MedblipError(f"unknown format {bad[0]}; choose from {', '.join(FORMATS)}", code="usage")
     return Outcome("Quantization held to a tolerance",
-                   measure(run, models.split(","), formats.split(","), variants, vision), report)
+                   measure(run, models.split(","), formats.split(","), variants, vision, max_fp32_share), report)
