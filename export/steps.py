@@ -205,12 +205,10 @@ class LlmOnnxStep:
     def _tolerant(self, ctx, formats, folder: Path):
         """The graphs in `formats`, the most sensitive matmuls kept fp32 until the tolerance is met (tolerant.py).
         -> (files, parity, formats described, quantization record, note)."""
-        model, names = ctx.model, {}
+        model, described = ctx.model, {}
 
         def write(dst: Path, fmt_of):
-            files, described = self._write(model, dst, fmt_of)
-            if dst == folder:  # the shipped graphs' formats (not a trial's)
-                names.update(described)
+            files, described[dst] = self._write(model, dst, fmt_of)
             return files
 
         job = TolerantWrite("LLM graphs", self.quant, tolerance_of(ctx.opts, self.quant), share_of(ctx.opts),
@@ -220,6 +218,8 @@ class LlmOnnxStep:
         files, result, record, note = job.run(folder, allow_out(ctx.opts), timer, (lambda: self._smoothed(ctx, formats))
                                               if smoothing_wanted(ctx.opts) else None)
         shutil.rmtree(ctx.work / "llm_trial", ignore_errors=True)
+        # the shipped graphs' formats: written into the bundle, or (the last trial) moved there
+        names = described.get(folder) or described[ctx.work / "llm_trial"]
         return files, result, names, record, note
 
     @staticmethod

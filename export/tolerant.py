@@ -76,7 +76,25 @@ class TolerantWrite:
         files = self.write(self.scratch, fmt_of)
         for c in wrapped.values():
             self.sizes.update(c.seen)
+        self._held = (self.fmt_of_keep, keep, files)  # what the scratch folder holds now
         return files
+
+    def _ship(self, folder: Path, keep: frozenset, measured: dict):
+        """The chosen mix into `folder` -> (files, its comparison). The graphs the scratch folder still holds
+        (the last trial, when it is the chosen mix) are moved there as they were measured; otherwise written
+        again and measured again."""
+        fmt_of_keep, held_keep, files = self._held
+        if fmt_of_keep is self.fmt_of_keep and held_keep == keep:
+            folder.mkdir(parents=True, exist_ok=True)
+            moved = {}
+            for src in {f for fs in (files.values() if isinstance(files, dict) else [files]) for f in fs}:
+                moved[src] = Path(shutil.move(str(src), str(folder / src.name)))
+            self._held = (None, None, None)
+            relocated = ({g: [moved[f] for f in fs] for g, fs in files.items()} if isinstance(files, dict)
+                         else [moved[f] for f in files])
+            return relocated, {k: v for k, v in measured.items() if k != "bytes_on_disk"}
+        shipped = self.write(folder, self.fmt_of_keep(keep))
+        return shipped, self.compare(shipped)
 
     def measure(self, keep: frozenset) -> dict:
         if not keep and self._first is not None:
@@ -118,16 +136,11 @@ class TolerantWrite:
         fb = search(self.sizes, self.measure, self.tol, self.max_share)
         if tried:
             fb.record["quantizers_tried"] = tried
-        shipped = self.write(folder, self.fmt_of_keep(fb.chosen.keep))
-        result = self.compare(shipped)
+        shipped, result = self._ship(folder, fb.chosen.keep, fb.chosen.result)
         shortfalls = self.tol.shortfalls(result)
         record = {**fb.record, "met": not shortfalls, "shortfalls": shortfalls,
                   "kept_matmuls": sorted(fb.chosen.keep), "quantized_matmuls": sorted(set(self.sizes) - fb.chosen.keep),
                   "cost": {"bytes": disk_bytes(shipped) - self._first["bytes_on_disk"]}}
-        if timer is not None:  # the shipped graphs' speed; where matmuls were kept, against the fully quantized
-            record["speed_ms"] = timer(shipped)
-            if fb.chosen.keep:
-                record["cost"].update(time_cost(timer, record["speed_ms"], self._trial(frozenset())))
         if shortfalls and not allow_out:
             kept = len(fb.chosen.keep)
             raise MedblipError(
@@ -135,6 +148,10 @@ class TolerantWrite:
                 f"most {self.max_share:g} of its matmul weights at fp32: the closest keeps {kept} of {len(self.sizes)} "
                 f"and gives {', '.join(shortfalls)}. Loosen --max-kl / --min-top1 / --min-labels, raise "
                 f"--max-fp32-share, or pass --allow-out-of-tolerance to ship it marked", code="out_of_tolerance")
+        if timer is not None:  # the shipped graphs' speed; where matmuls were kept, against the fully quantized
+            record["speed_ms"] = timer(shipped)
+            if fb.chosen.keep:
+                record["cost"].update(time_cost(timer, record["speed_ms"], self._trial(frozenset())))
         note = None
         if shortfalls:
             note = f"{self.what} ({self.precision}) shipped OUTSIDE its tolerance: {', '.join(shortfalls)}"
