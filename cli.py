@@ -1,4 +1,5 @@
-"""Command-line entry points: medblip-export, medblip-infer, medblip-serve, medblip-bench (thin shells over the Python API)."""
+"""Command-line entry points: medblip-export, medblip-infer, medblip-serve, medblip-bench, medblip-eval (thin shells
+over the Python API)."""
 
 from __future__ import annotations
 
@@ -66,9 +67,12 @@ def one_line_errors(fn):
 @click.option("--max-batch", type=int, default=8, show_default=True, help="Largest vision batch (TensorRT profile max).")
 @click.option("--opt-batch", type=int, default=1, show_default=True, help="TensorRT profile: batch to tune for.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
+@click.option("--conform", default=None, metavar="SPEC", help="Record the conform step the model was trained with "
+              "(iso1mm or iso1mm,ORIENT, e.g. iso1mm,LIA): medblip-infer then applies it by default with this "
+              "bundle. Default: none (the published loader alone).")
 @one_line_errors
 def export_main(checkpoint, llm_dir, preset, out, precision, llm_quant, max_kl, min_top1, min_labels, max_fp32_share,
-                allow_out_of_tolerance, no_smooth, trt, no_onnx, max_batch, opt_batch, quiet):
+                allow_out_of_tolerance, no_smooth, trt, no_onnx, max_batch, opt_batch, quiet, conform):
     """Turn a MedBLIP checkpoint (or a preset with random weights) into a verified bundle folder.
 
     Every artifact is compared with the fp32 PyTorch model on a fixed evaluation set
@@ -91,8 +95,8 @@ def export_main(checkpoint, llm_dir, preset, out, precision, llm_quant, max_kl, 
                                            precision=precision, llm_quant=llm_quant, trt=trt, onnx=not no_onnx,
                                            max_batch=max_batch, opt_batch=opt_batch, max_kl=max_kl,
                                            min_top1=min_top1, min_labels=min_labels, max_fp32_share=max_fp32_share,
-                                           allow_out_of_tolerance=allow_out_of_tolerance, smooth=not no_smooth),
-                           quiet=quiet)
+                                           allow_out_of_tolerance=allow_out_of_tolerance, smooth=not no_smooth,
+                                           conform=conform), quiet=quiet)
     click.echo(json.dumps({"bundle": str(out), "random_weights": manifest["random_weights"],
                            "artifacts": sorted(manifest["artifacts"]), "notes": manifest["notes"],
                            **_quantization_summary(manifest)}))
@@ -122,6 +126,9 @@ def _quantization_summary(manifest: dict) -> dict:
               "(at most 60 new tokens). Without it: diagnosis by scoring the three answers.")
 @click.option("--out", "out_path", type=click.Path(path_type=Path), default=None,
               help="Write rows to results.jsonl or results.csv instead of stdout.")
+@click.option("--decision-detail", is_flag=True, help="Rows also carry what medblip-eval's other decision rules need: "
+              "answer_tokens (each answer's token count) and greedy_answer (the generated answer to the diagnosis "
+              "question; one greedy decode more per scan).")
 @click.option("--resume", is_flag=True, help="With --out: skip scans that already have a complete row there.")
 @click.option("--timeout", "timeout_s", type=float, default=300.0, show_default=True,
               help="Per-scan limit in seconds for reading + preprocessing; a scan over it gets an error row.")
@@ -143,9 +150,29 @@ def _quantization_summary(manifest: dict) -> dict:
               "--device cuda, else 1].")
 @click.option("--threads", type=int, default=None, help="--engine ray: compute threads per model actor [default: "
               "half the cluster's CPUs, the other half read].")
+@click.option("--conform", default=None, metavar="SPEC", help="Resample before the published loader: iso1mm (1 mm "
+              "isotropic in the scan's own axes) or iso1mm,ORIENT (also reorient, e.g. iso1mm,LIA); none for the "
+              "published loader alone. Default: the spec the bundle was exported with (medblip-export --conform), "
+              "else none. Every row says which was applied.")
+@click.option("--strict-qc", is_flag=True, help="A scan failing an input check (a warning code in its row's "
+              "warnings, out_of_distribution included) gets an error row with code qc_failed instead.")
+@click.option("--explain", is_flag=True, help="Also write where in the scan the diagnosis comes from: "
+              "NAME.relevance.nii.gz (the scan's own grid and affine) and NAME.relevance.png per scan, and an "
+              "`explanation` block in its row (JSON Lines only). See docs: guides/explain.")
+@click.option("--explain-out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="--explain: folder for the maps [default: explanations/ beside --out, else ./explanations].")
+@click.option("--explain-class", type=click.Choice(["AD", "MCI", "NC"]), default=None,
+              help="--explain: the class whose margin is explained [default: the predicted class].")
+@click.option("--explain-method", type=click.Choice(["relevance", "occlusion"]), default="relevance",
+              show_default=True, help="--explain: relevance (gradient-weighted attention, needs the bundle's "
+              "PyTorch weights, one backward pass) or occlusion (343 forward passes on any backend; also reports "
+              "its rank correlation with relevance).")
+@click.option("--explain-refine/--explain-no-refine", default=True, show_default=True,
+              help="--explain relevance: spread each 32-voxel token's relevance inside it by |gradient x input|.")
 @one_line_errors
-def infer_main(scans, bundle_dir, backend, device, precision, patient_text, question, out_path, resume,
-               timeout_s, workers, include_paths, rebuild_trt, huge_pages, engine, address, ray_actors, threads):
+def infer_main(scans, bundle_dir, backend, device, precision, patient_text, question, out_path, decision_detail,
+               resume, timeout_s, workers, include_paths, rebuild_trt, huge_pages, engine, address, ray_actors, threads,
+               conform, strict_qc, explain, explain_out, explain_class, explain_method, explain_refine):
     """Diagnose MRI scans with a bundle: one JSON object per scan (JSON Lines).
 
     SCANS are NIfTI files (.nii, .nii.gz), DICOM multi-frame files, folders, or a
@@ -164,8 +191,19 @@ def infer_main(scans, bundle_dir, backend, device, precision, patient_text, ques
         scans=list(scans), bundle=bundle_dir, backend=backend, device=device, precision=precision,
         patient_text=patient_text, question=question, out=out_path, resume=resume, timeout_s=timeout_s,
         workers=workers, include_paths=include_paths, rebuild_trt=rebuild_trt,
-        huge_pages=huge_pages)
+        huge_pages=huge_pages, decision_detail=decision_detail, conform=conform, strict_qc=strict_qc)
+    if explain or explain_out or explain_class:
+        from .explain.run import ExplainOptions
+
+        if not explain:
+            raise MedblipError("--explain-out and --explain-class go with --explain", code="usage")
+        if engine == "ray":
+            raise MedblipError("--explain runs with --engine local", code="usage")
+        folder = explain_out or ((out_path.parent if out_path else Path(".")) / "explanations")
+        opts.explain = ExplainOptions(out=folder, method=explain_method, target=explain_class, refine=explain_refine)
     if engine == "ray":
+        if decision_detail:
+            raise MedblipError("--decision-detail runs with --engine local only", code="usage")
         from .serve.cohort_ray import RayOptions, run_infer_ray
 
         failed = run_infer_ray(opts, RayOptions(address=address, actors=ray_actors, threads=threads))
@@ -259,3 +297,78 @@ def serve_main(bundle_dir, host, port, replicas, threads, preprocess_workers, ma
                               max_batch=max_batch, batch_wait_ms=batch_wait_ms, max_body_mb=max_body_mb,
                               timeout_s=timeout_s),
         replicas=replicas, host=host, port=port, metrics_port=metrics_port, address=address, access_log=access_log))
+
+
+# -- medblip-eval ---------------------------------------------------------------
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("cohort", type=click.Path(path_type=Path))
+@click.option("--bundle", "bundles", required=True, multiple=True, type=click.Path(path_type=Path),
+              help="Bundle folder to evaluate; repeat it for several formats of one checkpoint: each later bundle is "
+              "compared with the first (paired) and gets a non-inferiority verdict.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Report folder: metrics.json, report.html, and per bundle rows.jsonl and PNG plots.")
+@click.option("--rows", "rows", multiple=True, type=click.Path(path_type=Path),
+              help="Evaluate rows medblip-infer already wrote (results.jsonl) instead of running the bundle; one per "
+              "--bundle, same order. The published rule needs rows written with --decision-detail.")
+@click.option("--group-by", default="", help="Comma-separated cohort columns to report subgroups by, e.g. "
+              "sex,site,scanner,age_band (a warning below 30 scans).")
+@click.option("--calibrate", type=float, default=None, help="Fit the calibrated rule (per-class bias + temperature) "
+              "on this stratified fraction of the cohort, e.g. 0.3; its figures are on the held-out rest.")
+@click.option("--write-calibrated", type=click.Path(path_type=Path), default=None,
+              help="With --calibrate: write the first bundle again, with its calibration in the manifest, as this new "
+              "verified bundle; medblip-infer on it reports calibrated probabilities beside the raw ones.")
+@click.option("--margin", type=float, default=0.02, show_default=True,
+              help="Non-inferiority margin in balanced accuracy: a later bundle is non-inferior when the lower end "
+              "of the 95 % interval of its difference to the first is above -MARGIN.")
+@click.option("--bootstrap", "n_bootstrap", type=int, default=2000, show_default=True,
+              help="Stratified bootstrap resamples per 95 % interval.")
+@click.option("--seed", type=int, default=20261205, show_default=True, help="Seed of the bootstrap and the split.")
+@click.option("--backend", default="auto", show_default=True, help="auto, torch, ort or trt (as medblip-infer).")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@click.option("--workers", type=int, default=2, show_default=True, help="Scans read and preprocessed ahead.")
+@click.option("--timeout", "timeout_s", type=float, default=300.0, show_default=True,
+              help="Per-scan limit in seconds for reading + preprocessing (a scan over it fails, counted).")
+@one_line_errors
+def eval_main(cohort, bundles, out_dir, rows, group_by, calibrate, write_calibrated, margin, n_bootstrap, seed,
+              backend, device, workers, timeout_s):
+    """Validate bundles on a labelled cohort: accuracy, balanced accuracy, per-class sensitivity,
+    specificity, PPV, NPV, F1, ROC AUC, weighted kappa, Brier, log-loss, calibration error, each
+    with a 95 % stratified bootstrap interval, under four decision rules side by side.
+
+    COHORT is a CSV with columns scan,label and optionally patient_text and subgroup columns;
+    labels AD, MCI, NC or a synonym (CN, control, dementia, ...); scan paths relative to the CSV.
+    Failed scans are counted and listed, never dropped silently; the exit code is 1 if any failed.
+    Progress goes to stderr, one JSON summary line to stdout.
+
+    \b
+    Examples:
+      medblip-eval cohort.csv --bundle bundles/fp32 --out report
+      medblip-eval cohort.csv --bundle b/fp32 --bundle b/int8 --bundle b/int4 --out report --group-by sex,site
+      medblip-eval cohort.csv --bundle b/fp32 --out report --calibrate 0.3 --write-calibrated b/fp32-cal
+    """
+    import shlex
+
+    from .validation.runner import EvalOptions, run_eval
+
+    opts = EvalOptions(cohort=cohort, bundles=list(bundles), out=out_dir, rows=list(rows),
+                       group_by=[g.strip() for g in group_by.split(",") if g.strip()], calibrate=calibrate,
+                       write_calibrated=write_calibrated, margin=margin, n_bootstrap=n_bootstrap, seed=seed,
+                       backend=backend, device=device, workers=workers, timeout_s=timeout_s,
+                       command=shlex.join(["medblip-eval", *sys.argv[1:]]))
+    doc, failed = run_eval(opts)
+    summary = []
+    for res in doc["bundles"]:
+        figs = res["rules"].get("sum", {}).get("figures", {})
+        summary.append({"bundle": res["bundle"], "precision": res["precision"], "random_weights": res["random_weights"],
+                        "evaluated": res["evaluated"], "failed": len(res["failed"]),
+                        "balanced_accuracy": figs.get("balanced_accuracy"), "macro_auc": figs.get("macro_auc"),
+                        "verdict": res.get("comparison", {}).get("verdict")})
+    click.echo(json.dumps({"report": str(Path(out_dir) / "report.html"), "metrics": str(Path(out_dir) / "metrics.json"),
+                           "bundles": summary, "calibrated_bundle": doc.get("calibrated_bundle")}))
+    sys.exit(1 if failed else 0)
+
+
+# -- medblip-profile (cli_profile.py) ---------------------------------------------
+
+from .cli_profile import profile_main  # noqa: E402,F401

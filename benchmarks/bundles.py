@@ -53,17 +53,30 @@ def export_preset(preset: str, root: Path, device: str, trt: bool, max_batch: in
     """Export `preset` once per LLM quantization into `root`, in parallel processes when memory allows; files
     the bundles have in common (same path, same SHA-256: the PyTorch weights) are stored once (hard links).
     Without `onnx` (only torch rows asked for): one bundle of PyTorch weights, no graphs."""
-    import psutil
-
     kinds = PRESET_BUNDLES["cuda" if device.startswith("cuda") else "cpu"]
     jobs = [{"out": root / f"{preset}-{q}", "preset": preset, "llm_quant": q, "max_batch": max_batch,
              "precision": vision, "trt": trt} for q, vision in kinds]
     if not onnx:
         jobs = [{"out": root / f"{preset}-torch", "preset": preset, "max_batch": max_batch, "onnx": False}]
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    # an export is mostly single-threaded graph writing, so two at once roughly halve the wait;
     # a small-preset export peaks near 2 GiB, a paper-size one near 7 (INT8/INT4 LLM): those run one by one
-    parallel = not _large(preset) and psutil.virtual_memory().available > 8 * 2**30 and cores > 1
+    return export_all(jobs, parallel=not _large(preset))
+
+
+def export_checkpoint(checkpoint: Path, llm_dir: Path, root: Path, quants: list[str]) -> list[Path]:
+    """Export a trained checkpoint once per LLM quantization (medblip-export --llm-quant; "none" is fp32) into
+    root/<fp32|int8|int4|fp16>, in parallel processes when memory allows, shared files stored once."""
+    jobs = [{"out": root / ("fp32" if q == "none" else q), "checkpoint": Path(checkpoint), "llm_dir": Path(llm_dir),
+             "llm_quant": q} for q in quants]
+    return export_all(jobs, parallel=True)
+
+
+def export_all(jobs: list[dict], parallel: bool) -> list[Path]:
+    """Run ExportOptions(**job) for each job in spawned processes; the bundle folders, in the jobs' order."""
+    import psutil
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    # an export is mostly single-threaded graph writing, so two at once roughly halve the wait
+    parallel = parallel and psutil.virtual_memory().available > 8 * 2**30 and cores > 1
     workers = len(jobs) if parallel else 1
     threads = max(1, cores // workers)
     paths = []

@@ -20,6 +20,11 @@ SUITES = {
     "serve-load": ("serve_load", "medblip-serve under load beside the in-process pipeline"),
     "ray-cohort": ("ray_cohort", "A cohort through --engine ray beside the local engine"),
     "export-quality": ("export_quality", "Export fidelity to fp32 per LLM format and vision graph"),
+    "node-load": ("node_load", "medblip-node with several senders at once, each study answered once"),
+    "known-answer": ("known_answer", "Known-answer models: each format's accuracy against fp32 (medblip-eval)"),
+    "qc": ("qc", "OOD score and conform step on synthetic cohorts with a known answer"),
+    "explain": ("explain_cost", "Time and peak memory of --explain per model size"),
+    "explain-checks": ("explain_checks", "Pointing game, randomisation and deletion on known-answer bundles"),
     "quantization": ("quantization", "INT8/INT4 exports held to a tolerance, fallbacks and quantizers"),
 }
 

@@ -46,6 +46,27 @@ class BundleWriter:
         self.artifacts[name] = entry
         return entry
 
+    def copy_from(self, source, skip: tuple[str, ...] = ()) -> None:
+        """Every artifact of `source` (a bundle.reader.Bundle) but those in `skip`, into this bundle: its files
+        hard-linked where the file system allows (bundles are never modified in place), else copied, then hashed
+        again and registered with their manifest keys; a file that changed while copied is an error."""
+        from ..errors import BundleError
+
+        for name, entry in source.artifacts.items():
+            if name in skip:
+                continue
+            for rel in entry["sha256"]:
+                dst = self.path(rel)
+                try:
+                    os.link(source.root / rel, dst)
+                except OSError:
+                    shutil.copy2(source.root / rel, dst)
+            files = dict(entry["files"])
+            main = files.pop("main")
+            meta = {k: v for k, v in entry.items() if k not in ("files", "sha256", "bytes")}
+            if self.add(name, main, files or None, **meta)["sha256"] != entry["sha256"]:
+                raise BundleError(f"artifact {name} changed while it was copied", code="hash_mismatch")
+
     def commit(self, manifest: dict) -> dict:
         """Write manifest.json, then swap the finished folder into place (the old bundle goes only after)."""
         manifest = {"schema_version": SCHEMA_VERSION, **manifest, "artifacts": self.artifacts}

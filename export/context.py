@@ -31,6 +31,7 @@ class ExportOptions:
     allow_out_of_tolerance: bool = False  # ship the closest mix (marked) instead of failing
     smooth: bool = True  # try SmoothQuant alphas before falling back (export/smooth.py)
     llm_formats: Any = None  # programmatic only: a quantize.LlmQuant replacing --llm-quant's formats (benchmarks)
+    conform: str | None = None  # the conform spec the model was trained with (qc/conform.py), into the manifest
 
 
 @dataclass

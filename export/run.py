@@ -70,6 +70,9 @@ def export_bundle(opts: ExportOptions, quiet: bool = False) -> dict:
     if opts.checkpoint is not None and opts.llm_dir is None:
         raise MedblipError("--checkpoint needs --llm DIR (the LLM's Hugging Face folder: config + tokenizer)",
                            code="usage")
+    from ..qc.conform import ConformSpec
+
+    conform = ConformSpec.parse(opts.conform)  # a bad spec fails before any work
     from .steps import plan_steps
 
     steps = plan_steps(opts)
@@ -127,6 +130,7 @@ def export_bundle(opts: ExportOptions, quiet: bool = False) -> dict:
                       "source": {"checkpoint": "random (preset " + opts.preset + ")" if random_weights
                                  else Path(ckpt).name, **report.as_dict()}},
             "preprocess": PreprocessSpec(size=model.cfg.vision.image_size).as_dict(),
+            **({"conform": str(conform)} if conform.active else {}),
             "prompt": {"template": PROMPT_TEMPLATE, "question": DIAGNOSIS_QUESTION, "answers": ANSWERS},
             "generation": {"strategy": "greedy", "max_new_tokens": fam.max_new_tokens},
             "max_batch": opts.max_batch,

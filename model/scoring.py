@@ -58,6 +58,26 @@ def diagnosis(loglik) -> dict:
             "answer": ANSWERS[LABELS[best]], "log_likelihoods": {k: float(s) for k, s in zip(LABELS, ll)}}
 
 
+# Decision scores of the three answers: the sum of their tokens' log-likelihoods (the default), or the per-token
+# mean (the answers differ in length: `Dementia` is one or two tokens, `mild cognitive impairment (MCI)` many).
+SCORE_RULES = ("sum", "mean")
+
+
+def answer_scores(loglik, n_tokens, rule: str = "sum") -> np.ndarray:
+    """[..., 3] sum log-likelihoods and [3] (or [..., 3]) answer token counts -> [..., 3] scores under `rule`."""
+    ll = np.asarray(loglik, np.float64)
+    if rule == "sum":
+        return ll
+    if rule == "mean":
+        return ll / np.asarray(n_tokens, np.float64)
+    raise ValueError(f"unknown score rule {rule!r}; one of {SCORE_RULES}")
+
+
+def softmax(scores) -> np.ndarray:
+    """[..., k] scores -> probabilities over the last axis, float64."""
+    return np.exp(log_softmax(scores))
+
+
 def margins(loglik) -> np.ndarray:
     """[n, 3] per-answer log-likelihoods -> [n] gap between the best and the second-best answer (nats)."""
     top2 = np.sort(np.asarray(loglik, np.float64), axis=1)[:, -2:]

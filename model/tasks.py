@@ -15,6 +15,16 @@ class Tasks:
         self.answer_ids = [family.answer_ids(tokenizer, ANSWERS[k]) for k in LABELS]
         self.max_new_tokens = min(60, max_new_tokens)
 
+    @property
+    def answer_tokens(self) -> dict:
+        """How many tokens each answer string has, keyed AD, MCI, NC (the per-token mean rule divides by it)."""
+        return {k: len(ids) for k, ids in zip(LABELS, self.answer_ids)}
+
+    def decision_detail(self, llm, visual, patient_text: str = "") -> dict:
+        """What the other decision rules need beside the log-likelihoods: the answers' token counts and the greedy
+        answer to the diagnosis question (the published code's output, matched to the answers by medblip-eval)."""
+        return {"answer_tokens": self.answer_tokens, "greedy_answer": self.ask(llm, visual, patient_text)}
+
     def prompt_ids(self, patient_text: str, question: str = DIAGNOSIS_QUESTION) -> list[int]:
         return self.family.prompt_ids(self.tokenizer, build_prompt(patient_text, question))
 

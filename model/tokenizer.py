@@ -95,7 +95,7 @@ def read_tokenizer_json(folder: str | Path, default_specials: tuple[str, ...] = 
 def read_bpe_vocab(folder: str | Path, default_specials: tuple[str, ...] = ("<|endoftext|>",)) -> TextTokenizer:
     """A GPT-2 folder's vocab.json + merges.txt as the slow GPT2Tokenizer reads them: byte-level BPE, no
     prefix space, the vocabulary's special tokens (`<|endoftext|>`, ...) matched whole in the text."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
     folder = Path(folder)
     vocab, merges = folder / "vocab.json", folder / "merges.txt"

@@ -161,7 +161,8 @@ def load_series(series: DicomSeries, *, max_voxels: int | None = None,
         raise ScanError("rescaled values exceed the float32 range", code="out_of_range")
     if lo == hi:
         raise ScanError(f"constant volume (every voxel is {lo}), nothing to normalise", code="constant_volume")
-    return LoadedVolume(out, 0, [], shape, headers[0].stored_dtype, geometry, series.uid_hash)
+    technical = {**(headers[0].technical or {}), "slice_count": len(order)}
+    return LoadedVolume(out, 0, [], shape, headers[0].stored_dtype, geometry, series.uid_hash, technical)
 
 
 def only_series(path) -> tuple[DicomSeries, Counter]:

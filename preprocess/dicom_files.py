@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 from ..errors import ScanError
 from ..quiet import detached_logs, quiet_warnings
+from .dicom_technical import TAGS as TECHNICAL_TAGS
+from .dicom_technical import technical_fields
 
 CODECS_EXTRA = "dicom-codecs"
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
@@ -37,7 +39,7 @@ _HEADER_TAGS = _PROBE_TAGS + [
     "Modality", "SamplesPerPixel", "PhotometricInterpretation", "NumberOfFrames", "BitsAllocated",
     "PixelRepresentation", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "RescaleSlope",
     "RescaleIntercept", "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
-]
+] + TECHNICAL_TAGS
 
 @contextmanager
 def quiet_pydicom():
@@ -129,6 +131,7 @@ class FileHeader:
     pixel_representation: int
     transfer_syntax: str
     stored_dtype: str  # e.g. "<u2"
+    technical: dict | None = None  # dicom_technical.technical_fields: for the input checks (qc/)
 
 
 def _floats(value, n: int) -> tuple[float, ...] | None:
@@ -277,7 +280,7 @@ def read_header(path, file: int, what: str) -> tuple[FileHeader, list[Frame]]:
         if ts is None:
             raise ScanError(f"{what} has no transfer syntax in its file meta header", code="bad_header")
         dtype = f"{'<' if ts.is_little_endian or ts.is_encapsulated else '>'}{'i' if rep else 'u'}{bits // 8}"
-        header = FileHeader(rows, cols, frames, bits, rep, str(ts), dtype)
+        header = FileHeader(rows, cols, frames, bits, rep, str(ts), dtype, technical_fields(ds))
         _check_decoder(ts, what)
         per_frame = ds.get("PerFrameFunctionalGroupsSequence")
         shared = _item(ds, "SharedFunctionalGroupsSequence")

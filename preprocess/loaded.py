@@ -61,6 +61,7 @@ class LoadedVolume:
     dtype_on_disk: str = ""  # numpy dtype string, byte order included, e.g. ">i2"
     geometry: Geometry | None = None
     series: str | None = None  # DICOM: short hash of the SeriesInstanceUID (never the UID itself)
+    technical: dict | None = None  # DICOM: the technical fields the input checks read (preprocess/dicom_technical.py)
 
     @property
     def orientation(self) -> str:

@@ -77,6 +77,8 @@ from ..preprocess.dicom_series import describe_skipped
 from . import pipeline as _pipeline
 from .prefetch import Prefetcher, Task, prepare_scan
 from .results_io import (
+    CALIBRATED_COLUMNS,
+    DETAIL_COLUMNS,
     FileSink,
     OldRow,
     ResumeIndex,
@@ -109,6 +111,10 @@ class InferOptions:
     include_paths: bool = False
     rebuild_trt: bool = False
     huge_pages: bool = True
+    decision_detail: bool = False  # rows also carry answer_tokens and greedy_answer (one greedy decode per scan)
+    conform: str | None = None  # None: the bundle's recorded conform spec (qc/options.py)
+    strict_qc: bool = False
+    explain: object | None = None  # explain.run.ExplainOptions: maps and an `explanation` block per row
 
 
 # ------------------------------------------------------------------ progress
@@ -161,6 +167,8 @@ def check_options(opts: InferOptions) -> None:
         raise MedblipError("--timeout must be more than 0 seconds", code="usage")
     if opts.resume and opts.out is None:
         raise MedblipError("--resume needs --out (the results file to continue)", code="usage")
+    if opts.explain is not None and opts.out is not None and out_format(Path(opts.out)) == "csv":
+        raise MedblipError("--explain adds a block to JSON Lines rows: use --out FILE.jsonl (or stdout)", code="usage")
 
 
 def expand_inputs(opts: InferOptions, stream=None) -> list[ScanItem]:
@@ -195,14 +203,25 @@ def run_infer(opts: InferOptions) -> int:
 
     pipe = _pipeline.Pipeline.from_bundle(opts.bundle, backend=opts.backend, device=opts.device,
                                           precision=opts.precision, rebuild_trt=opts.rebuild_trt,
-                                          huge_pages=opts.huge_pages)
+                                          huge_pages=opts.huge_pages, conform=opts.conform,
+                                          strict_qc=opts.strict_qc)
+    pipe.decision_detail = opts.decision_detail
     why = f" ({pipe.chosen['why']})" if pipe.chosen.get("why") else ""  # e.g. why TensorRT was passed over
     pages = f"; {pipe.huge_pages.describe()}" if opts.device == "cpu" else ""
     print(f"backend: vision={pipe.chosen['vision']} llm={pipe.chosen['llm']}{why}{pages}", file=sys.stderr,
           flush=True)
+    if pipe.qc.conform.active:
+        print(f"conform: {pipe.qc.conform} before the published loader (from the {pipe.qc.conform_from})",
+              file=sys.stderr, flush=True)
 
-    out = RunOutput(opts, len(items))
+    extra = (CALIBRATED_COLUMNS if pipe.calibration else []) + (DETAIL_COLUMNS if opts.decision_detail else [])
+    out = RunOutput(opts, len(items), extra)
     index = out.index
+    explainer = None
+    if opts.explain is not None:
+        from ..explain.run import Explainer
+
+        explainer = Explainer(pipe, opts.explain, opts.device)
 
     def work(task: Task):
         item = task.item
@@ -247,6 +266,10 @@ def run_infer(opts: InferOptions) -> int:
                     if kind == "prepared":
                         text = item.patient_text if item.patient_text is not None else opts.patient_text
                         row = scan_row(pipe, value, visual[k : k + 1], share, text, opts.question)
+                        if explainer is not None:
+                            from ..explain.run import explain_row
+
+                            explain_row(explainer, item.scan, value.volume, row, text)
                         k += 1
                     elif kind == "timeout":
                         row = timeout_row(item, opts.timeout_s)
@@ -265,7 +288,10 @@ def run_infer(opts: InferOptions) -> int:
 def scan_row(pipe, prepared, visual: torch.Tensor, vision_ms: float, patient_text: str, question: str | None) -> dict:
     """The result row of a prepared scan whose visual tokens [1,Q,d] took `vision_ms` (its share of a batch)."""
     prepared.timings_ms["vision"] = vision_ms
-    row = pipe.answer(prepared, visual, patient_text, question)
+    try:
+        row = pipe.answer(prepared, visual, patient_text, question)
+    except ScanError as e:  # --strict-qc: out of distribution
+        return error_row(prepared.name, prepared.sha256, e.code, str(e), prepared.series)
     row["timings_ms"]["total"] = round(sum(row["timings_ms"].values()), 3)
     return row
 
@@ -288,7 +314,7 @@ class RunOutput:
     """Where a run's rows go: the sink (stdout, or --out with what --resume found there), the progress line,
     and each scan's final row text; `finish()` leaves --out holding exactly one row per scan, in input order."""
 
-    def __init__(self, opts: InferOptions, n_scans: int):
+    def __init__(self, opts: InferOptions, n_scans: int, extra_columns: list[str] = ()):
         self.opts = opts
         self.old_rows: list[OldRow] = []
         self.index: ResumeIndex | None = None
@@ -296,7 +322,7 @@ class RunOutput:
             self.sink: Sink = StdoutSink()
         else:
             out = Path(opts.out)
-            self.sink = FileSink(out, out_format(out), opts.include_paths)
+            self.sink = FileSink(out, out_format(out), opts.include_paths, extra_columns)
             try:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 if opts.resume:

@@ -78,15 +78,22 @@ def exception_row(e: BaseException, name: str, path, digest: Callable[[], str | 
     return error_row(name, None, "internal_error", scrub(f"unexpected {type(e).__name__} {where}: {e}", path), series)
 
 
-def _csv_columns(include_paths: bool) -> list[str]:
+# Columns only some runs have: a calibrated bundle's diagnosis, medblip-infer --decision-detail's fields
+CALIBRATED_COLUMNS = ["calibration", "cal_label"] + [f"cal_prob_{k}" for k in LABELS]
+DETAIL_COLUMNS = [f"ntok_{k}" for k in LABELS] + ["greedy_answer"]
+
+
+def _csv_columns(include_paths: bool, extra: list[str] = ()) -> list[str]:
     return (["scan", "scan_sha256", "series"] + (["path"] if include_paths else []) + ["orientation", "label"]
             + [f"prob_{k}" for k in LABELS] + ["answer", "question", "task"] + [f"ll_{k}" for k in LABELS]
             + ["backend_vision", "backend_llm", "precision_vision", "precision_llm", "random_weights"]
-            + ["t_load", "t_preprocess", "t_vision", "t_llm", "t_total", "warnings", "error_code", "error_message"])
+            + ["t_load", "t_preprocess", "t_vision", "t_llm", "t_total", "warnings", "error_code", "error_message"]
+            + ["conform_spec", "conform_from", "ood_distance", "ood_percentile", "qc"] + list(extra))
 
 
 _FLAT_PREFIX = {"probabilities": "prob_", "log_likelihoods": "ll_", "timings_ms": "t_", "backend": "backend_",
-                "precision": "precision_", "error": "error_"}
+                "precision": "precision_", "error": "error_", "answer_tokens": "ntok_",
+                "conform": "conform_", "ood": "ood_"}
 
 
 def _cell(value) -> str:
@@ -94,6 +101,8 @@ def _cell(value) -> str:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, dict):  # the qc block: one JSON cell
+        return json.dumps(value, separators=(",", ":"))
     if isinstance(value, (list, tuple)):
         value = "; ".join(str(v) for v in value)
     return " ".join(str(value).splitlines())  # one record per line, always
@@ -103,7 +112,11 @@ def flatten_row(row: dict) -> dict:
     """A result/error row -> flat {column: str} for CSV."""
     flat = {}
     for key, value in row.items():
-        if key in _FLAT_PREFIX and isinstance(value, dict):
+        if key == "calibrated" and isinstance(value, dict):
+            flat["calibration"], flat["cal_label"] = _cell(value.get("calibration")), _cell(value.get("label"))
+            for k, v in (value.get("probabilities") or {}).items():
+                flat[f"cal_prob_{k}"] = _cell(v)
+        elif key in _FLAT_PREFIX and isinstance(value, dict):
             for k, v in value.items():
                 flat[_FLAT_PREFIX[key] + k] = _cell(v)
         else:
@@ -136,9 +149,9 @@ class StdoutSink(Sink):
 class FileSink(Sink):
     """Appends whole lines with one write() each, then fsync."""
 
-    def __init__(self, path: Path, fmt: str, include_paths: bool):
+    def __init__(self, path: Path, fmt: str, include_paths: bool, extra_columns: list[str] = ()):
         self.path, self.fmt = path, fmt
-        self.columns = _csv_columns(include_paths)
+        self.columns = _csv_columns(include_paths, extra_columns)
         self.fd: int | None = None
 
     def header(self) -> str:

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MedblipError
+from ..qc.options import QcOptions
 from ..runtime.cohort import (InferOptions, RunOutput, check_options, expand_inputs, prepare_or_error, scan_row,
                               timeout_row)
 from ..runtime.pipeline import elapsed_ms
@@ -55,17 +56,20 @@ def _hash(rec: dict) -> dict:
     return {"i": rec["i"], "sha": digest_or_none(_item(rec).scan()) or ""}
 
 
-def _read(rec: dict, spec: dict, timeout_s: float) -> dict:
+def _read(rec: dict, spec: dict, timeout_s: float, qc: dict | None = None) -> dict:
     """One scan -> its volume [1,S,S,S] float32, or its error row (JSON text); never raises."""
     from ..preprocess import PreprocessSpec
     from ..runtime.pipeline import read_scan
 
+    from ..qc.options import QcOptions
+
     item, sha, spec = _item(rec), rec["sha"] or None, PreprocessSpec(**spec)
+    qc = QcOptions.from_dict(qc) if qc else None
     done, abandoned, box = threading.Event(), threading.Event(), {}
 
     def read():
         try:
-            box["result"] = prepare_or_error(lambda: read_scan(item.scan(), spec, sha, lambda: not abandoned.is_set()),
+            box["result"] = prepare_or_error(lambda: read_scan(item.scan(), spec, sha, lambda: not abandoned.is_set(), qc),
                                              item, sha)
         except BaseException as e:  # noqa: BLE001 -- an error row, never a failed task
             box["result"] = ("error", exception_row(e, item.name, item.path))
@@ -84,7 +88,7 @@ def _read(rec: dict, spec: dict, timeout_s: float) -> dict:
         return out
     out["meta"] = json.dumps({"name": value.name, "sha256": value.sha256, "warnings": value.warnings,
                               "timings_ms": value.timings_ms, "orientation": value.orientation,
-                              "series": value.series})
+                              "series": value.series, "qc": value.qc, "conform": value.conform})
     out["volume"] = value.volume[0].numpy()  # [1,S,S,S]
     return out
 
@@ -93,11 +97,12 @@ class _Model:
     """An actor holding one Pipeline: a batch of read scans -> their rows (JSON text), volumes dropped."""
 
     def __init__(self, bundle: str, backend: str, device: str, precision, threads: int, huge_pages: bool,
-                 question):
+                 question, conform: str | None = None, strict_qc: bool = False):
         from ..runtime.pipeline import Pipeline
 
         self.pipe = Pipeline.from_bundle(bundle, backend=backend, device=device, precision=precision,
-                                         threads=threads, huge_pages=huge_pages)
+                                         threads=threads, huge_pages=huge_pages, conform=conform,
+                                         strict_qc=strict_qc)
         self.question = question
 
     def __call__(self, batch: dict) -> dict:
@@ -117,7 +122,8 @@ class _Model:
             for n, k in enumerate(todo):
                 meta = json.loads(batch["meta"][k])
                 prepared = PreparedScan(meta["name"], meta["sha256"], volumes[n : n + 1], meta["warnings"],
-                                        meta["timings_ms"], meta["orientation"], meta["series"])
+                                        meta["timings_ms"], meta["orientation"], meta["series"],
+                                        meta.get("qc"), meta.get("conform"))
                 rows[k] = json.dumps(scan_row(self.pipe, prepared, visual[n : n + 1], share, str(batch["text"][k]),
                                               self.question))
         return {"i": batch["i"], "row": np.array(rows, dtype=object), "timeout": batch["timeout"]}
@@ -195,9 +201,11 @@ def run_infer_ray(opts: InferOptions, ray_opts: RayOptions) -> int:
             if records:
                 model = {"bundle": str(Path(opts.bundle).resolve()), "backend": opts.backend, "device": opts.device,
                          "precision": opts.precision, "threads": threads, "huge_pages": opts.huge_pages,
-                         "question": opts.question}
+                         "question": opts.question, "conform": opts.conform, "strict_qc": opts.strict_qc}
                 ds = (ray.data.from_items(records, override_num_blocks=blocks(len(records)))
-                      .map(_read, fn_kwargs={"spec": bundle.manifest["preprocess"], "timeout_s": opts.timeout_s},
+                      .map(_read, fn_kwargs={"spec": bundle.manifest["preprocess"], "timeout_s": opts.timeout_s,
+                                                "qc": QcOptions.for_bundle(bundle.manifest, opts.conform,
+                                                                           opts.strict_qc).as_dict()},
                            num_cpus=1, ray_remote_args_fn=_spread)
                       .map_batches(_Model, fn_constructor_kwargs=model, batch_size=batch, batch_format="numpy",
                                    compute=ray.data.ActorPoolStrategy(size=actors), **resources))

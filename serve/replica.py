@@ -1,7 +1,9 @@
 """The Ray Serve deployment: each replica holds one Pipeline and answers HTTP with medblip-infer's row.
 
 Routes (all JSON):
-  POST /v1/infer   multipart form: scan (file), patient_text, question -> the row, or an error row + 4xx/5xx
+  POST /v1/infer   multipart form: scan (file; a DICOM series as a .zip), patient_text, question, or a DICOM
+                   series as multipart/related; type="application/dicom" (query: patient_text, question)
+                   -> the row, or an error row + 4xx/5xx
   GET  /v1/ready   200 once this replica's bundle is loaded and verified (the route exists only then)
 
 Per request: the upload is streamed to a temporary file, read and preprocessed on a reader thread
@@ -162,6 +164,8 @@ class MedblipReplica:
             row = await loop.run_in_executor(self.model, self.pipe.answer, prepared, visual, upload.patient_text,
                                              upload.question)
             timing["llm"] = elapsed_ms(t0)
+        except ScanError as e:  # --strict-qc: out of distribution
+            return error_row(upload.name, prepared.sha256, e.code, str(e)), STATUS_SCAN_ERROR
         except Exception as e:  # noqa: BLE001 -- whatever it is, the model failed on a scan that was read
             return error_row(upload.name, prepared.sha256, "internal_error",
                              scrub(f"unexpected {type(e).__name__} in the model: {e}", upload.path)), 500

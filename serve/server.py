@@ -8,12 +8,14 @@ is once the first replica answers /v1/ready; progress goes to stderr.
 Shutdown (SIGTERM, SIGINT): the application is deleted, which makes Serve stop routing new
 requests to the replicas and lets each finish the requests it holds (up to the per-request
 timeout) before it exits; then a cluster started here is shut down and any of its processes
-still alive are killed, so none is left behind. A joined cluster is left running.
+still alive are killed, so none is left behind. A joined cluster is left running. A second SIGTERM
+or SIGINT during that stop kills the processes started here at once and exits (128 + signal).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -137,12 +139,28 @@ def run_server(opts: ServeOptions, stop: threading.Event | None = None, on_start
 
 
 def run_from_command_line(opts: ServeOptions) -> None:
-    """run_server with SIGTERM and SIGINT turned into a graceful stop."""
+    """run_server with SIGTERM and SIGINT turned into a graceful stop; a second one stops at once: the processes
+    this one started (a local Ray cluster's) are killed and it exits with 128 + the signal (a graceful stop
+    waiting on Ray could otherwise hang for a minute)."""
     stop = threading.Event()
+    seen = {"n": 0}
+
+    def on_signal(signum, _frame):
+        seen["n"] += 1
+        if seen["n"] == 1:
+            stop.set()
+            return
+        os.write(2, b"serve: second signal: killing the processes started here and exiting now\n")
+        for p in ray_cluster._descendants():
+            try:
+                p.kill()
+            except Exception:  # noqa: BLE001 -- already gone
+                pass
+        os._exit(128 + signum)
 
     def handle_signals():
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
+            signal.signal(sig, on_signal)
 
     handle_signals()
     run_server(opts, stop, on_started=handle_signals)

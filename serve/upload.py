@@ -145,21 +145,45 @@ def _text(parts: _Parts, name: str) -> str | None:
         raise RequestError(400, "bad_text", f"form field {name!r} is not UTF-8 text") from None
 
 
+def _related_upload(request, parts) -> Upload:
+    """A multipart/related DICOM upload: its folder of parts; patient_text and question from the query string."""
+    if parts.count == 0:
+        raise RequestError(400, "missing_scan", "the multipart/related body has no application/dicom part")
+    texts = {}
+    for name in ("patient_text", "question"):
+        value = request.query_params.get(name)
+        if value is not None and len(value.encode()) > MAX_TEXT_BYTES:
+            raise RequestError(413, "field_too_large", f"{name!r} is over {MAX_TEXT_BYTES // 1024} KiB")
+        texts[name] = value
+    return Upload(parts.folder, texts["patient_text"] or "", texts["question"])
+
+
 async def read_upload(request, max_bytes: int) -> Upload:
-    """Starlette request -> Upload (scan saved to a temporary folder); raises RequestError."""
+    """Starlette request -> Upload (scan saved to a temporary folder; a zip unpacked into a folder; the parts of a
+    multipart/related DICOM body in a folder); raises RequestError."""
     from python_multipart.exceptions import MultipartParseError
     from python_multipart.multipart import MultipartParser, parse_options_header
 
     kind, params = parse_options_header(request.headers.get("content-type", ""))
-    if kind != b"multipart/form-data" or not params.get(b"boundary"):
+    related = kind == b"multipart/related"
+    if kind not in (b"multipart/form-data", b"multipart/related") or not params.get(b"boundary"):
         raise RequestError(415, "unsupported_media_type", "send the scan as multipart/form-data with a 'scan' "
-                           "file part (curl -F scan=@scan.nii.gz)")
+                           "file part (curl -F scan=@scan.nii.gz), or a DICOM series as multipart/related; "
+                           "type=\"application/dicom\"")
+    if related and params.get(b"type", b"application/dicom").lower() != b"application/dicom":
+        raise RequestError(415, "unsupported_media_type", "multipart/related bodies must have "
+                           "type=\"application/dicom\"")
     length = request.headers.get("content-length")
     limit = f"the request body is over the server's limit of {max_bytes / 2**20:g} MiB"
     if length is not None and length.isdigit() and int(length) > max_bytes:
         raise RequestError(413, "body_too_large", limit)
     folder = Path(tempfile.mkdtemp(prefix="medblip-upload-"))
-    parts = _Parts(folder)
+    if related:
+        from .dicom_upload import RelatedParts
+
+        parts = RelatedParts(folder)
+    else:
+        parts = _Parts(folder)
     parser = MultipartParser(params[b"boundary"], parts.callbacks())
     seen = 0
     try:
@@ -176,10 +200,15 @@ async def read_upload(request, max_bytes: int) -> Upload:
             if parts.file is not None:
                 parts.file.close()
         if not parts.complete:
-            raise RequestError(400, "bad_multipart", "the multipart/form-data body ends before its closing boundary")
+            raise RequestError(400, "bad_multipart", "the multipart body ends before its closing boundary")
+        if related:
+            return _related_upload(request, parts)
         if parts.scan is None:
             raise RequestError(400, "missing_scan", "no 'scan' file part in the form")
-        return Upload(parts.scan, _text(parts, "patient_text") or "", _text(parts, "question"))
+        from .dicom_upload import extract_zip, is_zip
+
+        scan = extract_zip(parts.scan, max_bytes) if is_zip(parts.scan) else parts.scan
+        return Upload(scan, _text(parts, "patient_text") or "", _text(parts, "question"))
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise

@@ -10,7 +10,6 @@ from __future__ import annotations
 import locale
 import subprocess
 import sys
-import time
 import tracemalloc
 from collections import Counter
 from pathlib import Path

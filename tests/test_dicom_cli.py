@@ -81,7 +81,8 @@ def test_folder_with_several_series_as_one_scan_is_an_error(study, tiny_bundle):
     pipe = Pipeline.from_bundle(tiny_bundle, backend="torch")
     row = pipe(study / "SE01_T1")  # a folder with one series (and an SR): one scan
     assert row["orientation"] == "RAS" and len(row["series"]) == 12 and row["scan"] == "SE01_T1"
-    assert row["warnings"] == ["skipped: 1 structured report"]
+    assert row["warnings"][0] == "skipped: 1 structured report"  # then the input checks' codes (4 mm voxels)
+    assert set(row["warnings"][1:]) == set(row["qc"]["checks"]) and "coarse_voxels" in row["warnings"]
     with pytest.raises(ScanError) as e:
         pipe(study)
     assert e.value.code == "several_series"

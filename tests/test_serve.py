@@ -10,7 +10,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import gzip
 import json
-import os
 import re
 import signal
 import socket

@@ -658,7 +658,6 @@ def same(a, b, what):
 
 
 def close(a, b, what, tol=1e-5):
-    import torch
     diff = float((a - b).abs().max())
     scale = max(1.0, float(b.abs().max()))
     if diff > tol * scale:

@@ -1,0 +1,110 @@
+"""Checks that a map is not noise, on a model whose answer is known to come from a planted region:
+pointing game (peak inside the region, mass inside it against its volume share), randomisation test
+(Adebayo et al. 2018: the map of a model whose vision tower and Q-Former are re-initialised should not look
+like the trained model's), and the deletion curve (relevance order against random orders)."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from .occlusion import curve_area, deletion_curve, rank_correlation
+from .relevance import explain_relevance
+
+
+@dataclass
+class Pointing:
+    hit: bool  # the map's peak lies inside the region
+    mass_ratio: float  # (map mass inside the region / all mass) / (region voxels / all voxels)
+
+
+def pointing(map_path, mask_path) -> Pointing:
+    """The written map and the planted region's mask, both in the scan's own grid."""
+    rel = np.asarray(nib.load(map_path).dataobj, dtype=np.float64).squeeze()
+    mask = np.asarray(nib.load(mask_path).dataobj).squeeze() > 0.5
+    if rel.shape != mask.shape:
+        raise ValueError(f"map {rel.shape} and mask {mask.shape} are not one grid")
+    peak = np.unravel_index(int(np.argmax(rel)), rel.shape)
+    total = rel.clip(min=0).sum() or 1.0
+    share = mask.sum() / mask.size
+    return Pointing(bool(mask[peak]), float(rel.clip(min=0)[mask].sum() / total / share) if share else 0.0)
+
+
+def reinitialised(model, seed: int = 0):
+    """A copy of `model` whose vision tower and Q-Former weights (matrices and the query tokens) are drawn
+    afresh, N(0, 0.02); LayerNorms, biases, the projection and the LLM kept."""
+    out = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for part in (out.visual_encoder, out.qformer):
+            for p in part.parameters():
+                if p.dim() > 1:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    return out
+
+
+def randomisation(model, tasks, volume, patient_text: str, target: int, trained_patches: np.ndarray,
+                  seed: int = 0) -> float:
+    """Rank correlation of the patch maps of the trained and the re-initialised model (low is good)."""
+    rand = explain_relevance(reinitialised(model, seed), tasks, volume, patient_text, target, refine_voxels=False)
+    return rank_correlation(trained_patches, rand.patches)
+
+
+def deletion(pipe, volume, patches: np.ndarray, patient_text: str, target: int, patch: int, steps: int = 8,
+             n_random: int = 3, seed: int = 0) -> dict:
+    """Areas under the deletion curve (margin in nats over the fraction removed): relevance order and the mean of
+    `n_random` random orders; their difference, positive when relevance order lowers the margin faster."""
+    order = np.argsort(-patches.ravel())
+    ours = curve_area(deletion_curve(pipe, volume, order, patient_text, target, patch, steps))
+    rng = np.random.default_rng(seed)
+    rand = [curve_area(deletion_curve(pipe, volume, rng.permutation(patches.size), patient_text, target, patch, steps))
+            for _ in range(n_random)]
+    return {"auc_relevance": ours, "auc_random": float(np.mean(rand)), "better_by": float(np.mean(rand) - ours)}
+
+
+def read_cohort(folder) -> list[dict]:
+    """A synthetic cohort's cohort.csv (scan, label, patient_text, mask, ...), its paths made absolute."""
+    import csv
+    from pathlib import Path
+
+    folder = Path(folder)
+    with open(folder / "cohort.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for key in ("scan", "mask"):
+            if r.get(key):
+                r[key] = str((folder / r[key]).resolve())
+    return rows
+
+
+def run_checks(pipe, rows: list[dict], out, label: str = "AD", progress=None) -> dict:
+    """The three checks on every scan of `rows` labelled `label` that has a planted-region mask, the map of
+    `label` explained -> {"scans": per-scan figures, "summary": means}."""
+    from ..preprocess import open_scan
+    from .run import Explainer, ExplainOptions
+    from .target import class_index
+
+    ex = Explainer(pipe, ExplainOptions(out=out, target=label, montage=False))
+    target = class_index(label)
+    per = []
+    chosen = [r for r in rows if r.get("label") == label and r.get("mask")]
+    for i, r in enumerate(chosen):
+        text = r.get("patient_text") or ""
+        row = pipe(r["scan"], text)
+        prepared = pipe.prepare(r["scan"])
+        block = ex(open_scan(r["scan"]), prepared.volume, row, text)
+        pt = pointing(block["files"]["nifti"], r["mask"])
+        rel = ex.relevance(prepared.volume, text, target, False)
+        per.append({"scan": row["scan"], "predicted": row["label"], "hit": pt.hit, "mass_ratio": pt.mass_ratio,
+                    "randomisation_rank_corr": randomisation(ex.model(), pipe.tasks, prepared.volume, text, target,
+                                                             rel.patches),
+                    **deletion(pipe, prepared.volume, rel.patches, text, target, ex.patch)})
+        if progress:
+            progress(i + 1, len(chosen))
+    keys = ("hit", "mass_ratio", "randomisation_rank_corr", "auc_relevance", "auc_random", "better_by")
+    summary = {k: float(np.mean([p[k] for p in per])) for k in keys} if per else {}
+    return {"scans": per, "summary": {"n": len(per), **summary}}
