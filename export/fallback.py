@@ -36,7 +36,7 @@ class Mix:
 
 @dataclass
 class Fallback:
-    """The search's outcome: the mix to ship (the smallest that met, or the largest tried if none did)."""
+    """The search's outcome: the mix to ship (the smallest that met, or the closest measured if none did)."""
 
     chosen: Mix
     met: bool
@@ -98,7 +98,11 @@ def search(sizes: dict[str, int], measure: Callable[[frozenset], dict], tol: Tol
             hi = mid
         else:
             lo = mid
-    chosen = mix(prefix[hi if hi is not None else k_max])
+    if hi is not None:
+        chosen = mix(prefix[hi])
+    else:  # none met: the closest measured mix (fewest shortfalls, then lowest mean KL), for --allow-out-of-tolerance
+        chosen = min((trials[p] for p in prefix if p in trials),
+                     key=lambda m: (len(m.shortfalls), m.result["tokens"]["kl_mean"], len(m.keep)))
     skipped = [n for n in order[:order.index(fits[-1]) + 1] if n not in fits] if fits else []
     missed = trials[prefix[lo]]
     rank = {n: i + 1 for i, n in enumerate(order)}
