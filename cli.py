@@ -48,6 +48,20 @@ def one_line_errors(fn):
 @click.option("--llm-quant", type=click.Choice(["none", "int8", "int4", "fp16"]), default="none", show_default=True,
               help="LLM graphs: none (fp32), int8 (CPU: dynamic INT8 GEMMs, 8-bit MatMulNBits decode step), "
               "int4 (weight-only blockwise), fp16 (GPU).")
+@click.option("--max-kl", type=float, default=None, help="Tolerance of --llm-quant int8/int4 and --precision int8: "
+              "largest mean per-token KL(fp32 || quantized) on the evaluation set [default: 0.01 int8, 0.05 int4]. "
+              "The most sensitive matmuls stay fp32 until it is met (docs: Quantization).")
+@click.option("--min-top1", type=float, default=None, help="Tolerance: smallest per-token top-1 agreement with fp32 "
+              "[default: 0.95 int8, 0.85 int4].")
+@click.option("--min-labels", type=float, default=None, help="Tolerance: smallest diagnosis label agreement with "
+              "fp32 [default: 1.0 int8, not required for int4].")
+@click.option("--max-fp32-share", type=float, default=None, help="At most this share of the quantizable matmul "
+              "weights may be kept fp32 to meet the tolerance [default: 0.25]; 0: no fallback.")
+@click.option("--allow-out-of-tolerance", is_flag=True, help="Where no mix meets the tolerance, ship the closest one "
+              "(marked quantization.met=false in the manifest, with a note) instead of failing with "
+              "out_of_tolerance.")
+@click.option("--no-smooth", is_flag=True, help="Where the fully quantized LLM misses the tolerance, go straight to "
+              "the fallback instead of first trying activation smoothing (SmoothQuant alphas 0.25, 0.5, 0.75).")
 @click.option("--trt", is_flag=True, help="Also build a TensorRT FP16 engine of the vision graph (needs TensorRT + GPU).")
 @click.option("--no-onnx", is_flag=True, help="Write only the PyTorch weights (no ONNX graphs).")
 @click.option("--max-batch", type=int, default=8, show_default=True, help="Largest vision batch (TensorRT profile max).")
@@ -57,8 +71,8 @@ def one_line_errors(fn):
               "(iso1mm or iso1mm,ORIENT, e.g. iso1mm,LIA): medblip-infer then applies it by default with this "
               "bundle. Default: none (the published loader alone).")
 @one_line_errors
-def export_main(checkpoint, llm_dir, preset, out, precision, llm_quant, trt, no_onnx, max_batch, opt_batch, quiet,
-                conform):
+def export_main(checkpoint, llm_dir, preset, out, precision, llm_quant, max_kl, min_top1, min_labels, max_fp32_share,
+                allow_out_of_tolerance, no_smooth, trt, no_onnx, max_batch, opt_batch, quiet, conform):
     """Turn a MedBLIP checkpoint (or a preset with random weights) into a verified bundle folder.
 
     Every artifact is compared with the fp32 PyTorch model on a fixed evaluation set
@@ -68,14 +82,31 @@ def export_main(checkpoint, llm_dir, preset, out, precision, llm_quant, trt, no_
     Examples:
       medblip-export --preset tiny --out bundles/tiny --llm-quant int8
       medblip-export --checkpoint medblip_t5.pth --llm ./flan-t5-xl --out bundles/t5 --llm-quant int4
+
+    A quantized graph (--llm-quant int8/int4, --precision int8) must meet a tolerance
+    against fp32 on the evaluation set (--max-kl, --min-top1, --min-labels); where the
+    fully quantized graph misses it, the most sensitive matmuls stay fp32 (listed in the
+    manifest with why and what they cost), and where no mix within --max-fp32-share
+    meets it the export fails with code out_of_tolerance (exit 2).
     """
     from .export.run import ExportOptions, export_bundle
 
     manifest = export_bundle(ExportOptions(out=out, preset=preset, checkpoint=checkpoint, llm_dir=llm_dir,
                                            precision=precision, llm_quant=llm_quant, trt=trt, onnx=not no_onnx,
-                                           max_batch=max_batch, opt_batch=opt_batch, conform=conform), quiet=quiet)
+                                           max_batch=max_batch, opt_batch=opt_batch, max_kl=max_kl,
+                                           min_top1=min_top1, min_labels=min_labels, max_fp32_share=max_fp32_share,
+                                           allow_out_of_tolerance=allow_out_of_tolerance, smooth=not no_smooth,
+                                           conform=conform), quiet=quiet)
     click.echo(json.dumps({"bundle": str(out), "random_weights": manifest["random_weights"],
-                           "artifacts": sorted(manifest["artifacts"]), "notes": manifest["notes"]}))
+                           "artifacts": sorted(manifest["artifacts"]), "notes": manifest["notes"],
+                           **_quantization_summary(manifest)}))
+
+
+def _quantization_summary(manifest: dict) -> dict:
+    """{"quantization": {artifact: {met, kept_fp32}}} for the artifacts held to a tolerance (none: {})."""
+    held = {name: {"met": a["quantization"]["met"], "kept_fp32": a["quantization"]["kept_matmuls"]}
+            for name, a in manifest["artifacts"].items() if "quantization" in a}
+    return {"quantization": held} if held else {}
 
 
 # -- medblip-infer --------------------------------------------------------------

@@ -25,6 +25,7 @@ SUITES = {
     "qc": ("qc", "OOD score and conform step on synthetic cohorts with a known answer"),
     "explain": ("explain_cost", "Time and peak memory of --explain per model size"),
     "explain-checks": ("explain_checks", "Pointing game, randomisation and deletion on known-answer bundles"),
+    "quantization": ("quantization", "INT8/INT4 exports held to a tolerance, fallbacks and quantizers"),
 }
 
 

@@ -23,6 +23,14 @@ class ExportOptions:
     eval_cases: int | None = None  # None: the budget for the model's size (reference_eval.EvalBudget)
     near_ties: int = 2  # evaluation cases made to sit at a decision's edge (export/near_ties.py); none at paper size
     seed: int = 0
+    # the tolerance quantized graphs must meet (export/tolerance.py; None: the format's default)
+    max_kl: float | None = None
+    min_top1: float | None = None
+    min_labels: float | None = None
+    max_fp32_share: float | None = None  # cap on the matmul weights kept at fp32 (None: tolerance.MAX_FP32_SHARE)
+    allow_out_of_tolerance: bool = False  # ship the closest mix (marked) instead of failing
+    smooth: bool = True  # try SmoothQuant alphas before falling back (export/smooth.py)
+    llm_formats: Any = None  # programmatic only: a quantize.LlmQuant replacing --llm-quant's formats (benchmarks)
     conform: str | None = None  # the conform spec the model was trained with (qc/conform.py), into the manifest
 
 

@@ -47,6 +47,7 @@ class BlockQuant:
 
     bits: int
     block: int
+    accuracy: int = ACCURACY_LEVEL  # MatMulNBits accuracy_level: 4 = int8 activations, 0 = fp32 compute
 
     @property
     def bytes_per_weight(self) -> float:
@@ -58,7 +59,7 @@ class BlockQuant:
         return f"{self.bits / 8:g} B + an fp32 scale per {self.block}"
 
     def describe(self) -> str:
-        return f"MatMulNBits {self.bits}-bit, block {self.block}, symmetric, accuracy level {ACCURACY_LEVEL}"
+        return f"MatMulNBits {self.bits}-bit, block {self.block}, symmetric, accuracy level {self.accuracy}"
 
     def pack(self, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """weight [K, N] float32 -> (blocks [N, K/block, block*bits/8] uint8, scales [N, K/block] float32), with
@@ -84,7 +85,7 @@ class BlockQuant:
         if bias is not None:
             inputs += ["", "", w.weight(f"{name}.bias", bias)]
         return w.op("MatMulNBits", inputs, domain=MS_DOMAIN, K=weight.shape[0], N=weight.shape[1], bits=self.bits,
-                    block_size=self.block, accuracy_level=ACCURACY_LEVEL, names=[out] if out else None)
+                    block_size=self.block, accuracy_level=self.accuracy, names=[out] if out else None)
 
     def __call__(self, src: Path, dst: Path) -> None:
         import onnx
@@ -93,7 +94,7 @@ class BlockQuant:
         model = onnx.load(str(src), load_external_data=True)
         with quiet_quantizer_logs():
             q = MatMulNBitsQuantizer(model, bits=self.bits, block_size=self.block, is_symmetric=True,
-                                     accuracy_level=ACCURACY_LEVEL)
+                                     accuracy_level=self.accuracy)
             q.process()
         q.model.save_model_to_file(str(dst), use_external_data_format=_external(src))
 

@@ -111,6 +111,10 @@ class ReferenceEval:
         return {**agreement(Answers.from_logliks(_logliks(cand, self.tasks), cand), self.answers.take(keep)),
                 "greedy_tokens_identical": self._greedy_identical(cand, keep)}
 
+    def prefill_and_score(self, llm) -> None:
+        """Run `llm` over every case's prefill and answer scoring, no continuation (what calibration hooks watch)."""
+        _run_cases(self.tasks, llm, self.visual, self.cases, [[] for _ in self.cases])
+
     def _answer(self, tokens: list[int], with_eos: bool = False) -> list[int]:
         """A continuation as `ask` returns it: cut at the generation limit and at EOS (kept if `with_eos`)."""
         out = tokens[:self.tasks.max_new_tokens]

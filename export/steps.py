@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,19 +21,30 @@ from ..bundle.format import LLM_ONNX, VISION_INPUT, VISION_ONNX, VISION_ONNX_FP1
 from ..engines.ort_session import ort_session
 from ..errors import MedblipError
 from ..model.fidelity import check_vision
+from ..model.fidelity import compare as compare_tensors
 from ..model.medblip import image_encoder_of
 from ..model.stored import fp32_compute, release_module
 from .context import Artifact, StepResult
 from .graphs_vision import VisionWriter
 from .llm_graphs import LLM_GRAPHS
+from .mixed import Mixed
 from .onnx_builder import WeightFile
 from .onnx_export import export_onnx, io_spec
 from .parity import engine_visual, ort_llm, torch_llm
-from .quantize import FP32, LLM_FORMATS, VISION_FORMATS
+from .quantize import FP32, LLM_FORMATS, QUANTIZERS, VISION_FORMATS, LlmQuant
 from .resources import Meter
+from .smooth import ALPHAS, Smoothed, activation_maxima
+from .speed import llm_times
+from .tolerant import TolerantWrite, allow_out, mixed_llm, share_of, smoothing_wanted, tolerance_of
 
 LLM_FP32_PROB_TOL = 1e-4
 FP32_CHECK_BYTES = 4 << 30  # fp32 LLM graphs up to this size are written and held to the strict check first
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def _files(graph_files: dict[str, list[Path]], folder: str) -> dict[str, str]:
@@ -49,10 +61,13 @@ class VisionOnnxStep:
     def run(self, ctx) -> StepResult:
         ref, writer, model, opts = ctx.ref, ctx.writer, ctx.model, ctx.opts
         precision = "int8" if opts.precision == "int8" else "fp32"
+        quantization, note = None, None
         with Meter() as meter:
             path = writer.path("vision/vision.onnx")
-            with WeightFile(path.with_name("vision.data")) as weights:
-                VisionWriter(model, VISION_FORMATS[precision]).write(path, weights)
+            if precision == "int8":
+                down, quantization, note = self._tolerant(ctx, path.parent)
+            else:
+                self._write(model, path.parent, FP32)
             release_module(model)
             sess = ort_session(path)
             visual = self._visual(sess, ref)
@@ -60,12 +75,45 @@ class VisionOnnxStep:
             del sess
             parity = self._check(visual, ref, precision)
             if precision != "fp32":
-                parity["downstream"] = self._downstream(ctx, visual)
-        made = [Artifact(VISION_ONNX, "vision/vision.onnx", {"data": "vision/vision.data"},
-                         dict(kind="onnx", precision=precision, **io, parity=parity, resources=meter.result))]
+                parity["downstream"] = down
+        meta = dict(kind="onnx", precision=precision, **io, parity=parity, resources=meter.result)
+        if quantization is not None:
+            meta["quantization"] = quantization
+        made = [Artifact(VISION_ONNX, "vision/vision.onnx", {"data": "vision/vision.data"}, meta)]
         if opts.precision == "fp16" or opts.trt:
             made.append(self._fp16(ctx, writer, ref))
-        return StepResult(made)
+        return StepResult(made, note)
+
+    @staticmethod
+    def _write(model, folder: Path, fmt) -> list[Path]:
+        path = folder / "vision.onnx"
+        with WeightFile(folder / "vision.data") as weights:
+            return VisionWriter(model, fmt).write(path, weights) + [weights.path]
+
+    def _tolerant(self, ctx, folder: Path):
+        """The INT8 vision graph held to the LLM's tolerance downstream (labels, top-1 and KL of the fp32 LLM run
+        on its visual tokens), the most sensitive ViT matmuls kept fp32 until it is met (tolerant.py).
+        -> (downstream figures of the shipped graph, quantization record, note)."""
+        model = ctx.model
+
+        def compare(files) -> dict:
+            sess = ort_session(files[0])
+            visual = self._visual(sess, ctx.ref)
+            del sess
+            return {**self._downstream(ctx, visual), "visual_tokens": compare_tensors(visual,
+                                                                                     ctx.ref.volume_visual.numpy())}
+
+        def timer(files) -> dict:
+            sess, vol = ort_session(files[0]), ctx.ref.volumes[:1].numpy()
+            best = min(_timed(lambda: sess.run(None, {VISION_INPUT: vol})) for _ in range(3))
+            return {"vision_ms": round(1e3 * best, 3)}
+
+        job = TolerantWrite("vision graph", "int8", tolerance_of(ctx.opts, "int8"), share_of(ctx.opts),
+                            ctx.work / "vision_trial", lambda dst, fmt_of: self._write(model, dst, fmt_of(False)),
+                            compare, lambda keep: (lambda decode: Mixed(VISION_FORMATS["int8"], keep)))
+        _, result, record, note = job.run(folder, allow_out(ctx.opts), timer)
+        shutil.rmtree(ctx.work / "vision_trial", ignore_errors=True)
+        return result, record, note
 
     @staticmethod
     def _visual(sess, ref) -> np.ndarray:
@@ -118,7 +166,7 @@ class LlmOnnxStep:
 
     def run(self, ctx) -> StepResult:
         model, writer = ctx.model, ctx.writer
-        formats = LLM_FORMATS[self.quant]
+        formats = ctx.opts.llm_formats or LLM_FORMATS[self.quant]
         fp32_bytes = 4 * sum(p.numel() for p in model.llm.parameters())
         bundle_dir = writer.path("llm/x").parent
         with Meter() as meter:
@@ -133,17 +181,57 @@ class LlmOnnxStep:
                 fp32_files, fp32_dir = None, None
                 strict = {"checked": False, "reason": f"fp32 graphs not built at this size ({fp32_bytes / 2**30:.1f} "
                                                       "GiB); the same writers are held to it at the small sizes"}
+            quantization, note = None, None
             if self.quant == "none":
                 shipped, result, names = fp32_files, strict, {}
             else:
                 if fp32_dir is not None:
                     shutil.rmtree(fp32_dir)
-                shipped, names = self._write(model, bundle_dir, formats.for_graph)
-                try:
-                    result = {**self._measure(ctx, shipped, self.quant), "fp32_onnx": strict}
-                except Exception as e:  # e.g. fp16 kernels missing on the CPU provider: the GPU run measures it
-                    result = {"checked": False, "reason": str(e).splitlines()[0][:160], "fp32_onnx": strict}
-        return self._ship(ctx, shipped, "fp32" if self.quant == "none" else self.quant, result, names, meter.result)
+                if self.quant in QUANTIZERS or ctx.opts.llm_formats is not None:
+                    shipped, result, names, quantization, note = self._tolerant(ctx, formats, bundle_dir)
+                    result["fp32_onnx"] = strict
+                else:
+                    shipped, names = self._write(model, bundle_dir, formats.for_graph)
+                    try:
+                        result = {**self._measure(ctx, shipped, self.quant), "fp32_onnx": strict}
+                    except Exception as e:  # e.g. fp16 kernels missing on the CPU provider: the GPU run measures it
+                        result = {"checked": False, "reason": str(e).splitlines()[0][:160], "fp32_onnx": strict}
+        done = self._ship(ctx, shipped, "fp32" if self.quant == "none" else self.quant, result, names, meter.result)
+        if quantization is not None:
+            done.artifacts[0].meta["quantization"] = quantization
+            done.note = note or done.note
+        return done
+
+    def _tolerant(self, ctx, formats, folder: Path):
+        """The graphs in `formats`, the most sensitive matmuls kept fp32 until the tolerance is met (tolerant.py).
+        -> (files, parity, formats described, quantization record, note)."""
+        model, described = ctx.model, {}
+
+        def write(dst: Path, fmt_of):
+            files, described[dst] = self._write(model, dst, fmt_of)
+            return files
+
+        job = TolerantWrite("LLM graphs", self.quant, tolerance_of(ctx.opts, self.quant), share_of(ctx.opts),
+                            ctx.work / "llm_trial", write,
+                            lambda files: ctx.ref.compare(self._backend(ctx, files, self.quant)), mixed_llm(formats))
+        timer = lambda files: llm_times(self._backend(ctx, files, self.quant), ctx.ref)  # noqa: E731
+        files, result, record, note = job.run(folder, allow_out(ctx.opts), timer, (lambda: self._smoothed(ctx, formats))
+                                              if smoothing_wanted(ctx.opts) else None)
+        shutil.rmtree(ctx.work / "llm_trial", ignore_errors=True)
+        # the shipped graphs' formats: written into the bundle, or (the last trial) moved there
+        names = described.get(folder) or described[ctx.work / "llm_trial"]
+        return files, result, names, record, note
+
+    @staticmethod
+    def _smoothed(ctx, formats) -> list:
+        """SmoothQuant-style alternatives (export/smooth.py): one per alpha, the activation maxima from the fp32
+        LLM's prefill and answer scoring of every evaluation case."""
+        model = ctx.model
+        with torch.inference_mode(), fp32_compute(model):
+            maxima = activation_maxima(model, lambda: ctx.ref.prefill_and_score(torch_llm(model)))
+        release_module(model)
+        return [(f"smoothed alpha {a:g}", mixed_llm(LlmQuant(Smoothed(formats.gemm, a, maxima),
+                                                             Smoothed(formats.gemv, a, maxima)))) for a in ALPHAS]
 
     @staticmethod
     def _write(model, folder: Path, fmt_of) -> tuple[dict[str, list[Path]], dict[str, str]]:

@@ -34,7 +34,7 @@ def _bench_cmd() -> list[str]:
 
 SUITES = ("pipeline", "decode-formats", "vision-forms", "gunzip", "serve-load", "ray-cohort", "export-quality",
           "node-load", "known-answer", "qc",
-          "explain", "explain-checks")
+          "explain", "explain-checks", "quantization")
 # old module path -> the suite it forwards to, or None: it names the new command and exits 2
 OLD_MODULES = {"decode_variants": "decode-formats", "vision_forms": "vision-forms", "gunzip": "gunzip",
                "serve_load": "serve-load", "cohort_ray": "ray-cohort", "export_quality": "export-quality",

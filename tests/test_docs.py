@@ -110,7 +110,7 @@ def test_generated_cli_reference_covers_every_option():
     assert out["heavy"] == [], f"the CLI reference imported {out['heavy']}"
     suites = {f"medblip-bench {s}" for s in ("pipeline", "decode-formats", "vision-forms", "gunzip", "serve-load",
                                              "ray-cohort", "export-quality", "node-load", "known-answer", "qc",
-                                             "explain", "explain-checks")}
+                                             "explain", "explain-checks", "quantization")}
     assert set(out["opts"]) == {"medblip-export", "medblip-infer", "medblip-bench", "medblip-serve",
                                 "medblip-eval", "medblip-node", "medblip-profile"} | suites
     for name, opts in out["opts"].items():
