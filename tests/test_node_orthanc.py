@@ -5,6 +5,7 @@ medblip-infer's pipeline gives for the same folder, and passing dciodvfy; logs c
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import subprocess
 import urllib.request
@@ -84,6 +85,19 @@ def _content(ds):
     return finding, probs, comments
 
 
+def _dcmtk_storescu() -> str | None:
+    """dcmtk's storescu on PATH: pynetdicom installs a `storescu` of its own (another command line) in the venv,
+    which an activated venv puts first."""
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        path = shutil.which("storescu", path=folder)
+        if path is None:
+            continue
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30)
+        if "dcmtk" in (out.stdout + out.stderr).lower():
+            return path
+    return None
+
+
 def test_storescu_study_comes_back_as_sr_with_infer_row(setup, tmp_path):
     import pydicom
 
@@ -91,7 +105,7 @@ def test_storescu_study_comes_back_as_sr_with_infer_row(setup, tmp_path):
     from medblip_edge.runtime.pipeline import Pipeline
 
     study, node, orthanc = setup["studies"]["alpha"], setup["node"], setup["orthanc"]
-    storescu = shutil.which("storescu")
+    storescu = _dcmtk_storescu()
     if storescu is not None:  # dcmtk, as a modality would send
         p = subprocess.run([storescu, "-aet", "SCANNER", "-aec", "MEDBLIP", "+sd", "127.0.0.1", str(node.port),
                             str(study.series[0])], capture_output=True, text=True, timeout=120)
