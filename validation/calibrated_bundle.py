@@ -1,14 +1,13 @@
 """--write-calibrated: a copy of a bundle whose manifest carries a calibration, written and verified like any bundle.
 
-Every artifact is copied file by file into bundle/writer.py's temporary folder and registered again (its hashes
-recomputed, its other manifest keys kept); the manifest gains `calibration` (model/calibration.py applies it to
+Every artifact is copied into bundle/writer.py's temporary folder by BundleWriter.copy_from (hashes recomputed,
+other manifest keys kept); the manifest gains `calibration` (model/calibration.py applies it to
 every diagnosis) and a note; the schema version stays, so every runtime of this schema reads it (one without the
 calibration code ignores the key). The finished bundle is opened and verified before this returns.
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from ..bundle.reader import Bundle
@@ -23,15 +22,7 @@ def write_calibrated(source: Bundle, out: Path, params: dict) -> Bundle:
     if out.resolve() == source.root.resolve():
         raise MedblipError("--write-calibrated must name a new folder, not the bundle being evaluated", code="usage")
     with BundleWriter(out) as w:
-        for name, entry in source.artifacts.items():
-            for rel in entry["sha256"]:
-                shutil.copy2(source.root / rel, w.path(rel))
-            files = dict(entry["files"])
-            main = files.pop("main")
-            meta = {k: v for k, v in entry.items() if k not in ("files", "sha256", "bytes")}
-            added = w.add(name, main, files or None, **meta)
-            if added["sha256"] != entry["sha256"]:
-                raise MedblipError(f"artifact {name} changed while it was copied", code="hash_mismatch")
+        w.copy_from(source)
         manifest = {k: v for k, v in source.manifest.items() if k not in ("schema_version", "artifacts")}
         manifest["calibration"] = params
         fitted = params["fitted_on"]
