@@ -23,7 +23,6 @@ Messages name a CSV or folder by its position among the arguments, not its path
 
 from __future__ import annotations
 
-import csv
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from pathlib import Path
 from ..errors import MedblipError
 from ..preprocess.dicom_series import describe_skipped, find_series
 from ..preprocess.scans import DicomScan, NiftiScan, display_name, open_scan
+from .scan_table import read_scan_table
 
 SCAN_SUFFIXES = (".nii", ".nii.gz")
 
@@ -97,45 +97,9 @@ def _folder(path: Path, index: int, include_paths: bool, skipped: Counter, on_fi
 
 
 def _csv(path: Path, index: int, include_paths: bool) -> list[ScanItem]:
-    what = _describe("CSV", str(path), index, include_paths)
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.reader(f))
-    except UnicodeDecodeError:
-        raise MedblipError(f"{what} is not UTF-8 text", code="bad_csv") from None
-    except csv.Error as e:
-        raise MedblipError(f"{what} is not valid CSV: {e}", code="bad_csv") from None
-    except FileNotFoundError:
-        raise MedblipError(f"{what} not found", code="bad_csv") from None
-    except OSError as e:
-        raise MedblipError(f"cannot read {what}: {e.strerror or type(e).__name__}", code="bad_csv") from None
-    if not rows:
-        raise MedblipError(f"{what} is empty (a header row scan,patient_text is needed)", code="bad_csv")
-    header = [h.strip().lower() for h in rows[0]]
-    if "scan" not in header:
-        raise MedblipError(f"{what} has no 'scan' column in its header row (expected scan,patient_text)",
-                           code="bad_csv")
-    if len(set(header)) != len(header):
-        raise MedblipError(f"{what} has repeated column names in its header row", code="bad_csv")
-    i_scan = header.index("scan")
-    i_text = header.index("patient_text") if "patient_text" in header else None
-    items = []
-    for line_no, row in enumerate(rows[1:], start=2):
-        if not any(cell.strip() for cell in row):
-            continue  # blank line
-        if len(row) != len(header):
-            raise MedblipError(f"{what} row {line_no} has {len(row)} cells, the header has {len(header)}",
-                               code="bad_csv")
-        scan = row[i_scan].strip()
-        if not scan:
-            raise MedblipError(f"{what} row {line_no} has an empty scan cell", code="bad_csv")
-        scan_path = Path(scan)
-        if not scan_path.is_absolute():
-            scan_path = path.parent / scan_path
-        items.append(ScanItem(scan_path, row[i_text] if i_text is not None else None))
-    if not items:
-        raise MedblipError(f"{what} lists no scans", code="no_scans")
-    return items
+    header, rows = read_scan_table(path, _describe("CSV", str(path), index, include_paths))
+    has_text = "patient_text" in header
+    return [ScanItem(r.path, r.cells["patient_text"] if has_text else None) for r in rows]
 
 
 def expand_scans(args, include_paths: bool = False, skipped: Counter | None = None, on_file=None) -> list[ScanItem]:
