@@ -57,11 +57,16 @@ def one_line_errors(fn):
               "fp32 [default: 1.0 int8, not required for int4].")
 @click.option("--max-fp32-share", type=float, default=None, help="At most this share of the quantizable matmul "
               "weights may be kept fp32 to meet the tolerance [default: 0.25]; 0: no fallback.")
+@click.option("--max-int8-share", type=float, default=None, help="--llm-quant int4: at most this share of the "
+              "matmul weights may be raised to 8 bits (before any is kept fp32) to meet the tolerance "
+              "[default: 1.0]; 0: straight to fp32.")
 @click.option("--allow-out-of-tolerance", is_flag=True, help="Where no mix meets the tolerance, ship the closest one "
               "(marked quantization.met=false in the manifest, with a note) instead of failing with "
               "out_of_tolerance.")
 @click.option("--no-smooth", is_flag=True, help="Where the fully quantized LLM misses the tolerance, go straight to "
               "the fallback instead of first trying activation smoothing (SmoothQuant alphas 0.25, 0.5, 0.75).")
+@click.option("--no-gptq", is_flag=True, help="--llm-quant int4: where the fully quantized LLM misses the tolerance, "
+              "do not try GPTQ weights (fitted to calibration activations) before the fallback.")
 @click.option("--trt", is_flag=True, help="Also build a TensorRT FP16 engine of the vision graph (needs TensorRT + GPU).")
 @click.option("--no-onnx", is_flag=True, help="Write only the PyTorch weights (no ONNX graphs).")
 @click.option("--max-batch", type=int, default=8, show_default=True, help="Largest vision batch (TensorRT profile max).")
@@ -72,7 +77,8 @@ def one_line_errors(fn):
               "bundle. Default: none (the published loader alone).")
 @one_line_errors
 def export_main(checkpoint, llm_dir, preset, out, precision, llm_quant, max_kl, min_top1, min_labels, max_fp32_share,
-                allow_out_of_tolerance, no_smooth, trt, no_onnx, max_batch, opt_batch, quiet, conform):
+                max_int8_share, allow_out_of_tolerance, no_smooth, no_gptq, trt, no_onnx, max_batch, opt_batch, quiet,
+                conform):
     """Turn a MedBLIP checkpoint (or a preset with random weights) into a verified bundle folder.
 
     Every artifact is compared with the fp32 PyTorch model on a fixed evaluation set
@@ -85,9 +91,9 @@ def export_main(checkpoint, llm_dir, preset, out, precision, llm_quant, max_kl, 
 
     A quantized graph (--llm-quant int8/int4, --precision int8) must meet a tolerance
     against fp32 on the evaluation set (--max-kl, --min-top1, --min-labels); where the
-    fully quantized graph misses it, the most sensitive matmuls stay fp32 (listed in the
-    manifest with why and what they cost), and where no mix within --max-fp32-share
-    meets it the export fails with code out_of_tolerance (exit 2).
+    fully quantized graph misses it, the most sensitive matmuls are raised to 8 bits
+    (int4 only), then kept fp32 (listed in the manifest with why and what they cost),
+    and where no mix within --max-int8-share / --max-fp32-share meets it the export fails with code out_of_tolerance (exit 2).
     """
     from .export.run import ExportOptions, export_bundle
 
@@ -95,7 +101,8 @@ def export_main(checkpoint, llm_dir, preset, out, precision, llm_quant, max_kl, 
                                            precision=precision, llm_quant=llm_quant, trt=trt, onnx=not no_onnx,
                                            max_batch=max_batch, opt_batch=opt_batch, max_kl=max_kl,
                                            min_top1=min_top1, min_labels=min_labels, max_fp32_share=max_fp32_share,
-                                           allow_out_of_tolerance=allow_out_of_tolerance, smooth=not no_smooth,
+                                           max_int8_share=max_int8_share, allow_out_of_tolerance=allow_out_of_tolerance,
+                                           smooth=not no_smooth, gptq=not no_gptq,
                                            conform=conform), quiet=quiet)
     click.echo(json.dumps({"bundle": str(out), "random_weights": manifest["random_weights"],
                            "artifacts": sorted(manifest["artifacts"]), "notes": manifest["notes"],
@@ -103,8 +110,11 @@ def export_main(checkpoint, llm_dir, preset, out, precision, llm_quant, max_kl, 
 
 
 def _quantization_summary(manifest: dict) -> dict:
-    """{"quantization": {artifact: {met, kept_fp32}}} for the artifacts held to a tolerance (none: {})."""
-    held = {name: {"met": a["quantization"]["met"], "kept_fp32": a["quantization"]["kept_matmuls"]}
+    """{"quantization": {artifact: {met, kept_fp32[, raised_int8]}}} for the artifacts held to a tolerance (none:
+    {}); raised_int8 where the format has an 8-bit step (int4)."""
+    held = {name: {"met": a["quantization"]["met"], "kept_fp32": a["quantization"]["kept_matmuls"],
+                   **({"raised_int8": a["quantization"]["raised_matmuls"]} if "max_int8_share" in a["quantization"]
+                      else {})}
             for name, a in manifest["artifacts"].items() if "quantization" in a}
     return {"quantization": held} if held else {}
 

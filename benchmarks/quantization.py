@@ -5,8 +5,10 @@ Per checkpoint (a folder with checkpoint.pth + llm/, e.g. the published-code fix
 
 - the default export per format (`--llm-quant int8|int4`, the format's default tolerance, the fallback on,
   --allow-out-of-tolerance so a miss is reported instead of stopping the run): quality against fp32, how many
-  matmuls were kept fp32, their share of the weights, bytes, classify and decode-step times on this machine
-  and what the kept matmuls cost;
+  matmuls were raised to 8 bits (int4) or kept fp32, their share of the weights, bytes, classify and
+  decode-step times on this machine and what the raised and kept matmuls cost; int4 also without GPTQ;
+- where a fallback ran, each matmul's sensitivity (quantized alone, every other one fp32), the format it
+  shipped in, and the alone KLs summed against the fully quantized graph's (is the error additive?);
 - the INT8 vision graph (`--precision int8`), measured downstream;
 - quantizer variants without any fallback (block size, accuracy level, INT8 prefill + INT4 decode), and the
   SmoothQuant alphas the export tried, each fully quantized.
@@ -26,9 +28,12 @@ FORMATS = ("int8", "int4")
 
 
 def _variants() -> dict:
-    from ..export.quantize import BlockQuant, DynamicInt8, LlmQuant
+    from ..export.quantize import BlockQuant, DynamicInt8, FittedBlockQuant, LlmQuant
 
     return {"int4 block 16 (both graphs)": LlmQuant(BlockQuant(4, 16), BlockQuant(4, 16)),
+            "int4 block 32 (both graphs)": LlmQuant(BlockQuant(4, 32), BlockQuant(4, 32)),
+            "int4 scales fitted to the weight error (block 32 / 128)": LlmQuant(FittedBlockQuant(4, 32),
+                                                                               FittedBlockQuant(4, 128)),
             "int4 accuracy level 0 (fp32 activations)": LlmQuant(BlockQuant(4, 32, 0), BlockQuant(4, 128, 0)),
             "int8 prefill + int4 decode (block 32)": LlmQuant(DynamicInt8(), BlockQuant(4, 32)),
             "int8 prefill + 8-bit MatMulNBits decode, block 32": LlmQuant(DynamicInt8(), BlockQuant(8, 32))}
@@ -51,9 +56,13 @@ def _row(model: str, fmt: str, art: dict, seconds: float) -> dict:
     q = art["quantization"]
     p = art["parity"].get("downstream", art["parity"])
     cost = q.get("cost", {})
-    return {"model": model, "format": fmt, **_quality(p), "met": q["met"], "shortfalls": q["shortfalls"],
+    return {"model": model, "format": fmt, "precision": art["precision"], **_quality(p), "met": q["met"],
+            "shortfalls": q["shortfalls"],
             "tolerance": q["tolerance"], "matmuls": q["matmuls"], "kept": q["kept_matmuls"],
-            "kept_share": q["kept_parameter_share"], "bytes": art["bytes"], "bytes_cost": cost.get("bytes", 0),
+            "raised": q.get("raised_matmuls", []), "raised_share": q.get("raised_parameter_share", 0.0),
+            "has_raised_step": "max_int8_share" in q, "sensitivity": q.get("sensitivity", []),
+            "alone_kl_sum": q.get("alone_kl_sum"), "kept_share": q["kept_parameter_share"], "bytes": art["bytes"],
+            "bytes_cost": cost.get("bytes", 0),
             "speed_ms": q.get("speed_ms", {}), "speed_cost_ms": {k: v for k, v in cost.items()
                                                                    if k.endswith("_ms") and k != "all_quantized_ms"},
             "all_quantized": q["all_quantized"], "quantizers_tried": q.get("quantizers_tried", []),
@@ -70,8 +79,11 @@ def measure(run: Run, models: list[str], formats: list[str], variants: bool, vis
         if not (folder / "checkpoint.pth").exists() or not (folder / "llm").is_dir():
             raise MedblipError(f"{model}: no checkpoint.pth + llm/ there", code="usage")
         name = "/".join(folder.parts[-2:])
-        jobs = [(fmt, {"llm_quant": fmt}) for fmt in formats] + ([("vision int8", {"precision": "int8"})] if vision
-                                                                 else [])
+        jobs = [(fmt, {"llm_quant": fmt}) for fmt in formats]
+        if "int4" in formats:  # what GPTQ changes: the same export without it
+            jobs.append(("int4 --no-gptq", {"llm_quant": "int4", "gptq": False}))
+        if vision:
+            jobs.append(("vision int8", {"precision": "int8"}))
         for label, kw in jobs:
             run.say(f"{name} {label}")
             with tempfile.TemporaryDirectory(prefix="medblip-quant-") as tmp:
@@ -99,9 +111,9 @@ def _f(v, spec: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = ["checkpoint", "format", "tolerance met", "labels agree", "top-1", "KL mean", "kept fp32 (of)",
-            "kept share", "bytes", "bytes kept cost", "classify ms", "decode step ms", "time kept cost (ms)",
-            "fully quantized: top-1 / KL"]
+    head = ["checkpoint", "format", "tolerance met", "labels agree", "top-1", "KL mean", "raised to 8 bits / kept fp32 "
+            "(of)", "raised / kept share", "bytes", "bytes cost", "classify ms", "decode step ms",
+            "time cost (ms)", "fully quantized: top-1 / KL"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         s, c, a = r["speed_ms"], r["speed_cost_ms"], r["all_quantized"]
@@ -110,7 +122,9 @@ def table(rows: list[dict]) -> str:
         lines.append("| " + " | ".join([
             r["model"], r["format"], "yes" if r["met"] else "NO: " + "; ".join(r["shortfalls"]),
             _f(r["label_agreement"], ".2f"), _f(r["top1"], ".3f"), _f(r["kl_mean"], ".3g"),
-            f"{len(r['kept'])} ({r['matmuls']})", _f(r["kept_share"], ".2f"), f"{r['bytes'] / 2**10:.0f} KiB",
+            (f"{len(r['raised'])} / " if r["has_raised_step"] else "- / ") + f"{len(r['kept'])} ({r['matmuls']})",
+            (f"{r['raised_share']:.2f} / " if r["has_raised_step"] else "- / ") + _f(r["kept_share"], ".2f"),
+            f"{r['bytes'] / 2**10:.0f} KiB",
             f"{r['bytes_cost'] / 2**10:+.0f} KiB", *speed, ", ".join(f"{k} {v:+.3f}" for k, v in c.items()) or "-",
             f"{a['top1']:.3f} / {a['kl_mean']:.3g}"]) + " |")
     return "\n".join(lines)
@@ -136,10 +150,29 @@ def variant_table(rows: list[dict], main: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def sensitivity_tables(rows: list[dict]) -> list[str]:
+    """Per default export whose fallback ran: each matmul quantized alone, and the format it shipped in."""
+    out = []
+    for r in rows:
+        if not r["sensitivity"]:
+            continue
+        level = {**{n: "int8" for n in r["raised"]}, **{n: "fp32" for n in r["kept"]}}
+        out += [f"### {r['model']} {r['format']}: sensitivity, most sensitive first", "",
+                f"Alone KLs summed: {r['alone_kl_sum']:.3g}; fully quantized graph: "
+                f"{r['all_quantized']['kl_mean']:.3g}.",
+                "", "| matmul | parameters | quantized alone: KL mean | top-1 | shipped as |", "|---|---|---|---|---|"]
+        out += [f"| {s['matmul']} | {s['parameters']} | {s['kl_mean']:.3g} | {s['top1']:.3f} | "
+                f"{level.get(s['matmul'], r['precision'])} |" for s in r["sensitivity"]]
+        out.append("")
+    return out
+
+
 def report(res: dict) -> str:
     return "\n".join(["## Default exports: the tolerance, the fallback and what it cost", "", table(res["rows"]), "",
                       "## Quantizers before any fallback (fully quantized)", "",
-                      variant_table(res["variants"], res["rows"])])
+                      variant_table(res["variants"], res["rows"]), "",
+                      "## Where the error comes from: each matmul quantized alone", "",
+                      *sensitivity_tables(res["rows"])])
 
 
 @suite("quantization")

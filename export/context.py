@@ -28,8 +28,10 @@ class ExportOptions:
     min_top1: float | None = None
     min_labels: float | None = None
     max_fp32_share: float | None = None  # cap on the matmul weights kept at fp32 (None: tolerance.MAX_FP32_SHARE)
+    max_int8_share: float | None = None  # cap on the weights a 4-bit graph raises to 8 bits (tolerance.MAX_INT8_SHARE)
     allow_out_of_tolerance: bool = False  # ship the closest mix (marked) instead of failing
     smooth: bool = True  # try SmoothQuant alphas before falling back (export/smooth.py)
+    gptq: bool = True  # 4-bit: try GPTQ before falling back (export/gptq.py)
     llm_formats: Any = None  # programmatic only: a quantize.LlmQuant replacing --llm-quant's formats (benchmarks)
     conform: str | None = None  # the conform spec the model was trained with (qc/conform.py), into the manifest
 

@@ -115,6 +115,13 @@ class ReferenceEval:
         """Run `llm` over every case's prefill and answer scoring, no continuation (what calibration hooks watch)."""
         _run_cases(self.tasks, llm, self.visual, self.cases, [[] for _ in self.cases])
 
+    def calibrate(self, llm, visual: torch.Tensor, continuation: int) -> None:
+        """Run `llm` on other visual tokens [n,Q,d] (volume i with patient text i, as eval_cases pairs them): each
+        case's prefill, answer scoring and a greedy continuation of `continuation` tokens (what calibration hooks
+        watch: the decoder then sees generated tokens too, not only the answers')."""
+        cases = eval_cases(len(visual))
+        _run_cases(self.tasks, llm, visual, cases, [continuation] * len(cases))
+
     def _answer(self, tokens: list[int], with_eos: bool = False) -> list[int]:
         """A continuation as `ask` returns it: cut at the generation limit and at EOS (kept if `with_eos`)."""
         out = tokens[:self.tasks.max_new_tokens]

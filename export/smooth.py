@@ -37,15 +37,14 @@ def _column_and_width(module: nn.Module):
     return None
 
 
-def activation_maxima(model, run) -> dict[bytes, np.ndarray]:
-    """Per input channel max |x| of each linear layer of model.llm while `run()` runs it (the fp32 reference
-    over the evaluation set), keyed by the layer's fingerprint."""
-    maxima, handles = {}, []
+def fold_layer_inputs(model, run, fold) -> dict:
+    """Run `run()` with a hook on every linear layer of model.llm; per layer (keyed by its fingerprint),
+    acc = fold(previous acc or None, its input as [tokens, in_features]) at each call. Returns the accs."""
+    acc, handles = {}, []
 
     def hook_for(key):
         def hook(module, args):
-            x = args[0].detach().float().abs().reshape(-1, args[0].shape[-1]).amax(0).numpy()
-            maxima[key] = x if key not in maxima else np.maximum(maxima[key], x)
+            acc[key] = fold(acc.get(key), args[0].detach().reshape(-1, args[0].shape[-1]))
         return hook
 
     for module in model.llm.modules():
@@ -57,7 +56,16 @@ def activation_maxima(model, run) -> dict[bytes, np.ndarray]:
     finally:
         for h in handles:
             h.remove()
-    return maxima
+    return acc
+
+
+def activation_maxima(model, run) -> dict[bytes, np.ndarray]:
+    """Per input channel max |x| of each linear layer of model.llm while `run()` runs it (the fp32 reference
+    over the evaluation set), keyed by the layer's fingerprint."""
+    def fold(prev, x):
+        m = x.float().abs().amax(0).numpy()
+        return m if prev is None else np.maximum(prev, m)
+    return fold_layer_inputs(model, run, fold)
 
 
 @dataclass(frozen=True, eq=False)

@@ -26,16 +26,19 @@ from ..model.medblip import image_encoder_of
 from ..model.stored import fp32_compute, release_module
 from .context import Artifact, StepResult
 from .graphs_vision import VisionWriter
+from .gptq import (CALIBRATION_VOLUMES, DAMP, MAX_HESSIAN_BYTES, GptqBlockQuant, calibration_visual, hessian_bytes,
+                   hessians)
 from .llm_graphs import LLM_GRAPHS
 from .mixed import Mixed
 from .onnx_builder import WeightFile
 from .onnx_export import export_onnx, io_spec
 from .parity import engine_visual, ort_llm, torch_llm
-from .quantize import FP32, LLM_FORMATS, QUANTIZERS, VISION_FORMATS, LlmQuant
+from .quantize import FP32, LLM_FORMATS, QUANTIZERS, VISION_FORMATS, BlockQuant, LlmQuant
 from .resources import Meter
 from .smooth import ALPHAS, Smoothed, activation_maxima
 from .speed import llm_times
-from .tolerant import TolerantWrite, allow_out, mixed_llm, share_of, smoothing_wanted, tolerance_of
+from .tolerant import (TolerantWrite, allow_out, alternatives_wanted, has_raised_step, mixed_llm, raised_share_of,
+                       share_of, tolerance_of)
 
 LLM_FP32_PROB_TOL = 1e-4
 FP32_CHECK_BYTES = 4 << 30  # fp32 LLM graphs up to this size are written and held to the strict check first
@@ -110,7 +113,8 @@ class VisionOnnxStep:
 
         job = TolerantWrite("vision graph", "int8", tolerance_of(ctx.opts, "int8"), share_of(ctx.opts),
                             ctx.work / "vision_trial", lambda dst, fmt_of: self._write(model, dst, fmt_of(False)),
-                            compare, lambda keep: (lambda decode: Mixed(VISION_FORMATS["int8"], keep)))
+                            compare, lambda keep, raised=frozenset(): (lambda decode: Mixed(VISION_FORMATS["int8"],
+                                                                                             keep)))
         _, result, record, note = job.run(folder, allow_out(ctx.opts), timer)
         shutil.rmtree(ctx.work / "vision_trial", ignore_errors=True)
         return result, record, note
@@ -203,24 +207,46 @@ class LlmOnnxStep:
         return done
 
     def _tolerant(self, ctx, formats, folder: Path):
-        """The graphs in `formats`, the most sensitive matmuls kept fp32 until the tolerance is met (tolerant.py).
+        """The graphs in `formats`, the most sensitive matmuls raised to 8 bits (4-bit formats) and then kept fp32 until
+        the tolerance is met (tolerant.py).
         -> (files, parity, formats described, quantization record, note)."""
-        model, described = ctx.model, {}
+        model = ctx.model
 
         def write(dst: Path, fmt_of):
-            files, described[dst] = self._write(model, dst, fmt_of)
-            return files
+            return self._write(model, dst, fmt_of)[0]
 
         job = TolerantWrite("LLM graphs", self.quant, tolerance_of(ctx.opts, self.quant), share_of(ctx.opts),
                             ctx.work / "llm_trial", write,
-                            lambda files: ctx.ref.compare(self._backend(ctx, files, self.quant)), mixed_llm(formats))
+                            lambda files: ctx.ref.compare(self._backend(ctx, files, self.quant)), mixed_llm(formats),
+                            raised_share_of(ctx.opts) if has_raised_step(formats) else None)
         timer = lambda files: llm_times(self._backend(ctx, files, self.quant), ctx.ref)  # noqa: E731
-        files, result, record, note = job.run(folder, allow_out(ctx.opts), timer, (lambda: self._smoothed(ctx, formats))
-                                              if smoothing_wanted(ctx.opts) else None)
+        files, result, record, note = job.run(folder, allow_out(ctx.opts), timer,
+                                              (lambda: self._alternatives(ctx, formats))
+                                              if alternatives_wanted(ctx.opts) else None)
         shutil.rmtree(ctx.work / "llm_trial", ignore_errors=True)
-        # the shipped graphs' formats: written into the bundle, or (the last trial) moved there
-        names = described.get(folder) or described[ctx.work / "llm_trial"]
+        names = {g.name: job.shipped_fmt_of(g.decode).describe() for g in LLM_GRAPHS[model.cfg.variant](model.llm)}
         return files, result, names, record, note
+
+    @classmethod
+    def _alternatives(cls, ctx, formats) -> list:
+        """The quantizers tried before any fallback (tolerant.TolerantWrite._better_quantizer): SmoothQuant alphas,
+        and for 4-bit formats GPTQ (export/gptq.py) where its calibration sums fit in memory."""
+        out = cls._smoothed(ctx, formats) if ctx.opts.smooth else []
+        fourbit = all(isinstance(f, BlockQuant) and f.bits == 4 for f in (formats.gemm, formats.gemv))
+        if ctx.opts.gptq and fourbit and hessian_bytes(ctx.model) <= MAX_HESSIAN_BYTES:
+            out.append((f"GPTQ (calibration: {CALIBRATION_VOLUMES * ctx.ref.budget.cases} other volumes, damping "
+                        f"{DAMP:g})", mixed_llm(cls._gptq(ctx, formats))))
+        return out
+
+    @staticmethod
+    def _gptq(ctx, formats) -> LlmQuant:
+        model = ctx.model
+        budget = ctx.ref.budget
+        visual = calibration_visual(model, CALIBRATION_VOLUMES * budget.cases)
+        with torch.inference_mode(), fp32_compute(model):
+            sums = hessians(model, lambda: ctx.ref.calibrate(torch_llm(model), visual, budget.continuation_tokens))
+        release_module(model)
+        return LlmQuant(*(GptqBlockQuant(f.bits, f.block, f.accuracy, sums=sums) for f in (formats.gemm, formats.gemv)))
 
     @staticmethod
     def _smoothed(ctx, formats) -> list:

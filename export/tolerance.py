@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 DEFAULTS = {"int8": {"max_kl": 0.01, "min_top1": 0.95, "min_labels": 1.0},
             "int4": {"max_kl": 0.05, "min_top1": 0.85, "min_labels": None}}
 MAX_FP32_SHARE = 0.25  # default cap: at most this share of the quantizable matmul weights kept at fp32
+MAX_INT8_SHARE = 1.0  # default cap on the weights a 4-bit graph raises to 8 bits before keeping any at fp32
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,11 @@ class Tolerance:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def closeness(shortfalls: list, result: dict) -> tuple:
+    """How near a graph outside the tolerance comes: fewest shortfalls, then lowest mean KL (smaller is nearer)."""
+    return len(shortfalls), result["tokens"]["kl_mean"]
 
 
 def figures(result: dict) -> dict:
