@@ -60,7 +60,9 @@ def _rewrite(src: Path, dst: Path, change) -> Path:
 
 
 def make_cohorts(root: Path, n: int, seed: int, run: Run) -> dict[str, Path]:
-    """The held-out cohort, the same with its labels shuffled, and the noise cohort without patient text."""
+    """The held-out cohort, the same with its labels shuffled, the noise cohort without patient text, and the two
+    halves of the input on their own: the held-out scans with their patient text emptied (image only), and the
+    noise volumes with the held-out patient texts (text only)."""
     from ..synth.cohort import make_cohort
 
     def progress(kind):
@@ -72,10 +74,13 @@ def make_cohorts(root: Path, n: int, seed: int, run: Run) -> dict[str, Path]:
         return [{**r, "label": lab} for r, lab in zip(rows, labels)]
 
     shuffled = _rewrite(held, held.with_name("cohort-shuffled.csv"), shuffle)
-    noise = make_cohort(root / "noise", n, seed, variant="noise", progress=progress("noise"))
-    noise = _rewrite(noise, noise.with_name("cohort-no-text.csv"),
+    image_only = _rewrite(held, held.with_name("cohort-image-only.csv"),
+                          lambda rows: [{**r, "patient_text": ""} for r in rows])
+    noise_scans = make_cohort(root / "noise", n, seed, variant="noise", progress=progress("noise"))
+    noise = _rewrite(noise_scans, noise_scans.with_name("cohort-no-text.csv"),
                      lambda rows: [{**r, "patient_text": ""} for r in rows])
-    return {"held_out": held, "shuffled": shuffled, "noise": noise}
+    return {"held_out": held, "shuffled": shuffled, "noise": noise, "image_only": image_only,
+            "text_only": noise_scans}  # the noise variant keeps each subject's patient text
 
 
 # -- bundles ------------------------------------------------------------------
@@ -183,8 +188,14 @@ def measure(run: Run, variants: list[str], fixtures: Path, n: int, seed: int, fo
                 "eval_command": doc["command"], "bundles": [bundle_row(r) for r in doc["bundles"]],
                 "not_evaluated": skipped, "controls": [control_row("noise images, no patient text", noise),
                                                        control_row("labels shuffled (fp32 rows)", shuffled)]}
-            files += [f"{d}/{f}" for d in (variant, f"{variant}-noise", f"{variant}-shuffled")
-                      for f in ("metrics.json", "report.html")]
+            run.say(f"{variant}: one half of the input at a time (image only; text only)")
+            results[variant]["halves"] = [
+                control_row("image only: held-out scans, patient text emptied",
+                            evaluate(cohorts["image_only"], bundles[:1], out / f"{variant}-image-only", opts, work)),
+                control_row("text only: noise images, held-out patient texts",
+                            evaluate(cohorts["text_only"], bundles[:1], out / f"{variant}-text-only", opts, work))]
+            files += [f"{d}/{f}" for d in (variant, f"{variant}-noise", f"{variant}-shuffled", f"{variant}-image-only",
+                                           f"{variant}-text-only") for f in ("metrics.json", "report.html")]
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -220,10 +231,10 @@ def variant_table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def controls_table(res: dict) -> str:
-    lines = ["| chance-level control (fp32) | scans | balanced accuracy [95 % CI] | macro AUC [95 % CI] | "
+def controls_table(res: dict, key: str = "controls", title: str = "chance-level control (fp32)") -> str:
+    lines = [f"| {title} | scans | balanced accuracy [95 % CI] | macro AUC [95 % CI] | "
              "intervals hold 1/3 and 0.5 |", "|---|---|---|---|---|"]
-    for c in res["controls"]:
+    for c in res.get(key, []):
         lines.append(f"| {c['control']} | {c['evaluated']} | {_ci(c['balanced_accuracy'])} | {_ci(c['macro_auc'])} | "
                      f"{'yes' if c['at_chance'] else 'no'} |")
     return "\n".join(lines)
@@ -235,6 +246,7 @@ def summary(results: dict, n: int, seed: int, margin: float) -> str:
              f"the 95 % interval of the balanced-accuracy difference is above -{margin:g}."]
     for variant, res in results.items():
         parts += ["", f"## {variant}", "", variant_table(res), "", controls_table(res), "",
+                  controls_table(res, "halves", "one half of the input (fp32)"), "",
                   f"Reports: [{variant}/report.html]({variant}/report.html), "
                   f"[{variant}-noise/report.html]({variant}-noise/report.html), "
                   f"[{variant}-shuffled/report.html]({variant}-shuffled/report.html)"]

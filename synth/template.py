@@ -15,7 +15,7 @@ VENTRICLE_BOX_MM = {"x": (-30.0, 30.0), "y": (-45.0, 30.0), "z": (-5.0, 35.0)}
 VENTRICLE_T1_MAX = 80.0
 TISSUE_MAX = 0.5
 # Enlargement by binary dilation, in 1 mm steps; the planted region is the largest enlargement.
-MAX_DILATION_MM = 8
+MAX_DILATION_MM = 12
 
 
 @dataclass(frozen=True)

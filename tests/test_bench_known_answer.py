@@ -66,6 +66,9 @@ def test_smoke_run_writes_summary_reports_and_controls(tmp_path):
     assert t5["bundles"][0]["verdict"] == "reference" and t5["bundles"][0]["label_agreement"] == 1.0
     assert {b["verdict"] for b in t5["bundles"][1:]} <= {"non-inferior", "not shown non-inferior"}
     assert [c["control"] for c in t5["controls"]] == ["noise images, no patient text", "labels shuffled (fp32 rows)"]
+    assert [c["control"] for c in t5["halves"]] == ["image only: held-out scans, patient text emptied",
+                                                    "text only: noise images, held-out patient texts"]
+    assert all(c["evaluated"] == N for c in t5["halves"])
 
     # the summary is the metrics.json medblip-eval wrote: same figures, same verdicts, same agreement
     metrics = json.loads((out / "t5" / "metrics.json").read_text())
@@ -82,7 +85,7 @@ def test_smoke_run_writes_summary_reports_and_controls(tmp_path):
         if "comparison" in b:
             assert row["verdict"] == b["comparison"]["verdict"]
             assert row["label_agreement"] == b["comparison"]["label_agreement"]
-    for kind in ("t5", "t5-noise", "t5-shuffled"):
+    for kind in ("t5", "t5-noise", "t5-shuffled", "t5-image-only", "t5-text-only"):
         html = (out / kind / "report.html").read_text()
         assert "<img" in html and "data:image/png;base64," in html
     shuffled = json.loads((out / "t5-shuffled" / "metrics.json").read_text())["bundles"][0]

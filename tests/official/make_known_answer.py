@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -56,6 +57,9 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (the published default is 2e-5, "
                    "for a pre-trained model; these tiny models start from random weights)")
+    p.add_argument("--vision-lr", type=float, help="learning rate of the image encoder's trainable 3D stem (default: "
+                   "--lr); its patch embedding has 32,768 inputs per output, so Adam's per-weight step moves each "
+                   "token far more than the same rate moves the Q-Former")
     p.add_argument("--warmup-ratio", type=float, default=0.05)
     p.add_argument("--val-fraction", type=float, default=0.15)
     p.add_argument("--seed", type=int, default=0, help="model initialisation and batch order")
@@ -66,6 +70,15 @@ def parse_args(argv):
                    help="after the constructor, add make_fixtures.py's deterministic noise (image-half weights at "
                         "1/sqrt(fan_in)): BERT's 0.02 initialisation of the tiny Q-Former attends uniformly over "
                         "the 344 image tokens, so the visual tokens barely depend on the image and nothing learns")
+    p.add_argument("--balanced-batches", action="store_true",
+                   help="every batch holds the same number of scans of each class (--batch-size a multiple of 3): "
+                        "the ITC loss's in-batch targets then never pair two scans of one class")
+    p.add_argument("--no-mmse", action="store_true",
+                   help="train on patient texts without their MMSE sentence (the text's strongest class signal), so "
+                        "that the image is the only strong one")
+    p.add_argument("--init-gain", type=float, default=1.0,
+                   help="multiply the Q-Former cross-attention weights (query, key, value, output) by this after "
+                        "initialisation: sharper attention and a larger image-dependent part in the query outputs")
     p.add_argument("--init", help="continue from this checkpoint.pth (a saved OUT/<variant>/checkpoint.pth; "
                    "give one variant) instead of the constructor's initialisation")
     p.add_argument("--cache", help="keep the loaded volumes here between runs (a .npy named by the cohort's SHA-256)")
@@ -83,7 +96,8 @@ def outer(argv):
            "--cohort", os.path.abspath(args.cohort), "--out", os.path.abspath(args.out),
            "--medblip-commit", args.medblip_commit, "--lavis-commit", args.lavis_commit,
            "--variants", ",".join(args.variants), "--epochs", str(args.epochs),
-           "--batch-size", str(args.batch_size), "--lr", repr(args.lr), "--warmup-ratio", repr(args.warmup_ratio),
+           "--batch-size", str(args.batch_size), "--lr", repr(args.lr),
+           "--vision-lr", repr(args.vision_lr if args.vision_lr is not None else args.lr), "--warmup-ratio", repr(args.warmup_ratio),
            "--val-fraction", repr(args.val_fraction), "--seed", str(args.seed), "--threads", str(args.threads)]
     if args.unfreeze_llm:
         cmd.append("--unfreeze-llm")
@@ -93,6 +107,11 @@ def outer(argv):
         cmd += ["--init", os.path.abspath(args.init)]
     if args.init_noise:
         cmd.append("--init-noise")
+    cmd += ["--init-gain", repr(args.init_gain)]
+    if args.no_mmse:
+        cmd.append("--no-mmse")
+    if args.balanced_batches:
+        cmd.append("--balanced-batches")
     mf.log("running inside %s" % python)
     return subprocess.run(cmd).returncode
 
@@ -112,9 +131,13 @@ def read_cohort(path):
     return rows
 
 
-def report(row):
+def patient_text(row, no_mmse=False):
+    return re.sub(r" MMSE \d+\. ", " ", row["patient_text"]) if no_mmse else row["patient_text"]
+
+
+def report(row, no_mmse=False):
     """The training report as the published dataset lists carry it: patient text, then the diagnosis sentence."""
-    return "%sThe diagnosis is %s." % (row["patient_text"], row["label"])
+    return "%sThe diagnosis is %s." % (patient_text(row, no_mmse), row["label"])
 
 
 def split(rows, fraction):
@@ -126,6 +149,23 @@ def split(rows, fraction):
         (val if seen[r["label"]] % k == 0 else []).append(i)
     train = [i for i in range(len(rows)) if i not in set(val)]
     return train, val
+
+
+def epoch_batches(idx, rows, size, balanced, gen):
+    """One epoch's batches (sorted indices each): a random order, or with `balanced` one scan per class in turn
+    (each class shuffled on its own; the epoch ends with the smallest class)."""
+    import torch
+    if not balanced:
+        order = [idx[i] for i in torch.randperm(len(idx), generator=gen).tolist()]
+        return [sorted(order[s * size:(s + 1) * size]) for s in range(len(idx) // size)]
+    if size % len(CLASS_OF_LABEL):
+        mf.fail("--balanced-batches needs a --batch-size that is a multiple of %d" % len(CLASS_OF_LABEL))
+    per = []
+    for c in CLASS_OF_LABEL:
+        mine = [i for i in idx if rows[i]["label"] == c]
+        per.append([mine[j] for j in torch.randperm(len(mine), generator=gen).tolist()])
+    order = [i for group in zip(*per) for i in group]
+    return [sorted(order[s * size:(s + 1) * size]) for s in range(len(order) // size)]
 
 
 def load_volumes(rows, path):
@@ -209,13 +249,13 @@ class Scorer:
         return out
 
 
-def evaluate(scorer, vols, rows, idx):
+def evaluate(scorer, vols, rows, idx, no_mmse=False):
     import torch
     scorer.model.eval()
     correct, per_class = 0, {}
     with torch.no_grad():
         for i in idx:
-            ll = scorer.logliks(torch.from_numpy(vols[i][None].copy()), rows[i]["patient_text"])
+            ll = scorer.logliks(torch.from_numpy(vols[i][None].copy()), patient_text(rows[i], no_mmse))
             pred = max(ll, key=ll.get)
             ok = pred == rows[i]["label"]
             correct += ok
@@ -254,6 +294,20 @@ def build(published, cls, seed, **kwargs):
     stored = {k: v.dtype for k, v in model.state_dict().items()}
     model.Qformer.bert.embeddings.word_embeddings, model.Qformer.bert.embeddings.position_embeddings = captured["emb"]
     return model, stored
+
+
+def without_dropout(bert_dir):
+    """The Q-Former's BERT config without dropout (bert-base's is 0.1; the tiny T5 and GPT-2 folders have none).
+
+    The image reaches the LLM as a small variation on near-constant query outputs (the Q-Former starts attending
+    almost uniformly over 344 tokens, most of them background); dropout at 0.1 on those hidden states is noise
+    several times that variation. Inference runs without dropout either way, so the checkpoint is unaffected."""
+    path = os.path.join(bert_dir, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=1)
 
 
 def room_for_pad(llm_dir):
@@ -307,6 +361,12 @@ def train_variant(args, variant, work, rows, vols, common):
     if args.init_noise and not args.init:
         mf.add_noise(model)
         init = {"noise": "make_fixtures.add_noise (seed %d)" % mf.NOISE_SEED}
+    if args.init_gain != 1.0 and not args.init:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".crossattention." in name and name.endswith(".weight") and p.dim() == 2:
+                    p.mul_(args.init_gain)
+        init = dict(init or {}, cross_attention_gain=args.init_gain)
     if args.init:
         state = torch.load(args.init, map_location="cpu", weights_only=True)
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -327,13 +387,18 @@ def train_variant(args, variant, work, rows, vols, common):
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     train_idx, val_idx = split(rows, args.val_fraction)
-    steps_per_epoch = len(train_idx) // args.batch_size
+    steps_per_epoch = len(epoch_batches(train_idx, rows, args.batch_size, args.balanced_batches,
+                                        torch.Generator().manual_seed(0)))
     total = steps_per_epoch * args.epochs
     # The published trainer's optimiser set-up: AdamW, no decay on biases and LayerNorm weights, WarmupCosine.
     no_decay = ["bias", "LayerNorm.bias", "LayerNorm.weight"]
     named = list(model.named_parameters())
-    groups = [{"params": [p for n, p in named if not any(nd in n for nd in no_decay)], "weight_decay": 0.01},
-              {"params": [p for n, p in named if any(nd in n for nd in no_decay)], "weight_decay": 0.0}]
+    groups = []
+    for vision in (False, True):
+        part = [(n, p) for n, p in named if n.startswith("visual_encoder.") == vision]
+        lr = args.vision_lr if vision else args.lr
+        groups += [{"params": [p for n, p in part if not any(nd in n for nd in no_decay)], "weight_decay": 0.01, "lr": lr},
+                   {"params": [p for n, p in part if any(nd in n for nd in no_decay)], "weight_decay": 0.0, "lr": lr}]
     optimizer = torch.optim.AdamW(groups, lr=args.lr)
     scheduler = Trainer._get_scheduler(optimizer, scheduler="warmupcosine",
                                        warmup_steps=math.ceil(total * args.warmup_ratio), t_total=total)
@@ -344,14 +409,13 @@ def train_variant(args, variant, work, rows, vols, common):
     mf.log("%s: training %d parameters in %s; %d train / %d validation scans, %d steps"
            % (variant, n_trainable, ",".join(trainable), len(train_idx), len(val_idx), total))
     for epoch in range(args.epochs):
-        order = [train_idx[i] for i in torch.randperm(len(train_idx), generator=gen).tolist()]
+        batches = epoch_batches(train_idx, rows, args.batch_size, args.balanced_batches, gen)
         losses = []
-        for s in range(steps_per_epoch):
-            batch = sorted(order[s * args.batch_size:(s + 1) * args.batch_size])
+        for s, batch in enumerate(batches):
             images = torch.from_numpy(vols[batch]).as_subclass(CpuImage)
             model.train()
             with contextlib.redirect_stdout(open(os.devnull, "w")):   # the forward prints every sample
-                loss = model({"images": images, "reports": [report(rows[i]) for i in batch]})["loss"]
+                loss = model({"images": images, "reports": [report(rows[i], args.no_mmse) for i in batch]})["loss"]
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -361,7 +425,7 @@ def train_variant(args, variant, work, rows, vols, common):
             if (s + 1) % 10 == 0:
                 mf.log("%s: epoch %d step %d/%d loss %.4f" % (variant, epoch + 1, s + 1, steps_per_epoch,
                                                             sum(losses[-10:]) / 10))
-        val = evaluate(scorer, vols, rows, val_idx)
+        val = evaluate(scorer, vols, rows, val_idx, args.no_mmse)
         curve.append({"epoch": epoch + 1, "loss": sum(losses) / len(losses), "val": val,
                       "seconds": round(time.time() - t0, 1)})
         mf.log("%s: epoch %d loss %.4f val accuracy %.3f balanced %.3f"
@@ -382,9 +446,12 @@ def train_variant(args, variant, work, rows, vols, common):
                   "vit": mf.VIT, "trainable_modules": trainable, "trainable_parameters": n_trainable,
                   "llm_frozen": not args.unfreeze_llm, "stored_dtypes": mf.dtype_summary(state)},
         "training": {"seed": args.seed, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+                     "vision_lr": args.vision_lr,
                      "optimizer": "AdamW (weight decay 0.01, none on biases and LayerNorm weights)",
                      "scheduler": "published Trainer._get_scheduler('warmupcosine')",
                      "warmup_ratio": args.warmup_ratio, "max_grad_norm": 1.0, "loss": "published forward: ITC + LM",
+                     "qformer_dropout": 0.0, "patient_text_mmse": not args.no_mmse,
+                     "balanced_batches": args.balanced_batches,
                      "text_embeddings": "Q-Former word/position embeddings trained for the ITC text path and "
                                         "left out of the checkpoint, as in the published layout",
                      "compute": "CPU, fp32", "train_scans": len(train_idx), "val_scans": len(val_idx),
@@ -419,6 +486,7 @@ def inside(args):
     with tempfile.TemporaryDirectory(prefix="medblip-known-answer-") as work:
         os.chdir(work)   # Blip2Base resolves "bert-base-uncased" relative to the cwd
         mf.write_tiny_bert(os.path.join(work, "bert-base-uncased"))
+        without_dropout(os.path.join(work, "bert-base-uncased"))
         cache = args.cache or work
         os.makedirs(cache, exist_ok=True)
         vols = load_volumes(rows, os.path.join(cache, "volumes-%s.npy" % cohort_sha[:16]))
