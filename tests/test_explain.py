@@ -237,13 +237,15 @@ def test_occlusion_batches_equal_single_passes(pipe, scans):
     """Occlusion in batches through the pipeline's backends: each patch's drop equals that patch removed alone."""
     volume = pipe.prepare(scans["as_is"]).volume
     drops, base = occlusion_map(pipe, volume, "", 0, 32, only=[0, 171, 200], batch=3)
-    assert drops.ravel()[0] == pytest.approx(0.0, abs=1e-6)  # the corner patch is padding: nothing to remove
+    # the corner patch is padding: nothing to remove (a batch of 3 and a single pass may round differently: the
+    # CPU's kernels are chosen by batch size, 1.3e-6 seen on an Intel Xeon with AMX)
+    assert drops.ravel()[0] == pytest.approx(0.0, abs=1e-5)
     for flat in (171, 200):
         d, h, w = np.unravel_index(flat, (7, 7, 7))
         v = volume.clone()
         v[:, :, d * 32:(d + 1) * 32, h * 32:(h + 1) * 32, w * 32:(w + 1) * 32] = float(volume.min())
         assert drops.ravel()[flat] == pytest.approx(base - pipeline_margin(pipe, v, "", 0)[0], abs=1e-5)
-    assert set(np.flatnonzero(drops)) <= {171, 200}  # patches not asked for stay 0
+    assert set(np.flatnonzero(drops)) <= {0, 171, 200}  # patches not asked for stay 0
 
 
 def test_occlusion_on_onnx_runtime_matches_torch(mni_path):
