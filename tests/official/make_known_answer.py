@@ -14,7 +14,7 @@ constructor gave it. For each variant, OUT/<variant>/ gets:
 
 Usage (any python3.11; the outer level reuses make_fixtures.py's venv handling):
 
-  python -m medblip_edge.synth --n 240 --seed 0 --out /tmp/ka-train      # in the project's venv
+  python -m medblip_edge.synth --n 1200 --seed 0 --out /tmp/ka-train     # in the project's venv
   python3.11 tests/official/make_known_answer.py --medblip DIR --lavis DIR \\
       --cohort /tmp/ka-train/cohort.csv --out tests/fixtures/known_answer
 """
@@ -81,7 +81,12 @@ def parse_args(argv):
                         "initialisation: sharper attention and a larger image-dependent part in the query outputs")
     p.add_argument("--init", help="continue from this checkpoint.pth (a saved OUT/<variant>/checkpoint.pth; "
                    "give one variant) instead of the constructor's initialisation")
-    p.add_argument("--cache", help="keep the loaded volumes here between runs (a .npy named by the cohort's SHA-256)")
+    p.add_argument("--cache", help="keep the loaded volumes (or, with --frozen-stem, the image encoder's outputs) "
+                   "here between runs (a .npy named by the cohort's SHA-256)")
+    p.add_argument("--frozen-stem", action="store_true",
+                   help="freeze the 3D stem too, so the whole image encoder is frozen: its output for each scan is "
+                        "then fixed, computed once with the encoder and looked up during training (the same values; "
+                        "no volume is kept), which lets far more scans and steps run on a CPU")
     p.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -112,6 +117,8 @@ def outer(argv):
         cmd.append("--no-mmse")
     if args.balanced_batches:
         cmd.append("--balanced-batches")
+    if args.frozen_stem:
+        cmd.append("--frozen-stem")
     mf.log("running inside %s" % python)
     return subprocess.run(cmd).returncode
 
@@ -186,6 +193,57 @@ def load_volumes(rows, path):
     return np.load(path, mmap_mode="r")
 
 
+def encoder_outputs(encoder, rows, cache):
+    """The frozen image encoder's output for every scan (the published loader, then the encoder), float32
+    [N, tokens, width]; kept in `cache` under the cohort's and the encoder weights' SHA-256."""
+    import numpy as np
+    import torch
+    digest = hashlib.sha256()
+    for k, v in sorted(encoder.state_dict().items()):
+        digest.update(k.encode() + v.detach().float().numpy().tobytes())
+    path = os.path.join(cache, "encoder-%s-%s.npy" % (rows_digest(rows)[:16], digest.hexdigest()[:16]))
+    if os.path.isfile(path):
+        mf.log("image encoder outputs from %s" % path)
+        return np.load(path)
+    encoder.eval()
+    out = None
+    with torch.no_grad():
+        for i, r in enumerate(rows):
+            one = encoder(mf.load_volume(r["scan"]))[0].numpy()
+            if out is None:
+                out = np.empty((len(rows),) + one.shape, np.float32)
+            out[i] = one
+            if (i + 1) % 100 == 0 or i + 1 == len(rows):
+                mf.log("encoded %d/%d scans (published loader, frozen encoder)" % (i + 1, len(rows)))
+    with open(path + ".part", "wb") as f:
+        np.save(f, out)
+    os.replace(path + ".part", path)
+    return out
+
+
+def rows_digest(rows):
+    """SHA-256 of the scans' paths and labels, in order (what the encoder outputs are keyed by)."""
+    return hashlib.sha256("\n".join("%s\t%s" % (r["scan"], r["label"]) for r in rows).encode()).hexdigest()
+
+
+def encoder_lookup(outputs):
+    """A stand-in for the frozen image encoder that returns its precomputed outputs for the scans in `.rows`
+    (set before each call); the placeholder image it is given only carries the batch size."""
+    import torch
+
+    class EncoderOutputs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.outputs = torch.from_numpy(outputs)
+            self.rows = []
+
+        def forward(self, image):
+            assert image.shape[0] == len(self.rows), (image.shape, self.rows)
+            return self.outputs[self.rows]
+
+    return EncoderOutputs()
+
+
 def cpu_image_type():
     """An image tensor whose .cuda() and .half() leave it as it is.
 
@@ -249,13 +307,13 @@ class Scorer:
         return out
 
 
-def evaluate(scorer, vols, rows, idx, no_mmse=False):
+def evaluate(scorer, images_of, rows, idx, no_mmse=False):
     import torch
     scorer.model.eval()
     correct, per_class = 0, {}
     with torch.no_grad():
         for i in idx:
-            ll = scorer.logliks(torch.from_numpy(vols[i][None].copy()), patient_text(rows[i], no_mmse))
+            ll = scorer.logliks(images_of([i]), patient_text(rows[i], no_mmse))
             pred = max(ll, key=ll.get)
             ok = pred == rows[i]["label"]
             correct += ok
@@ -383,6 +441,20 @@ def train_variant(args, variant, work, rows, vols, common):
         for p in llm_module.parameters():
             p.requires_grad = True
     model.float()                                   # CPU: fp32 compute (see cpu_image_type)
+    CpuImage = cpu_image_type()
+    encoder, lookup = model.visual_encoder, None
+    if args.frozen_stem:
+        for p in encoder.parameters():
+            p.requires_grad = False
+        lookup = encoder_lookup(encoder_outputs(encoder, rows, args.cache or work))
+        model.visual_encoder = lookup
+
+    def images_of(batch):
+        if lookup is None:
+            return torch.from_numpy(vols[batch]).as_subclass(CpuImage)
+        lookup.rows = list(batch)
+        return torch.zeros(len(batch), 1).as_subclass(CpuImage)
+
     trainable = sorted({n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad})
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -402,7 +474,6 @@ def train_variant(args, variant, work, rows, vols, common):
     optimizer = torch.optim.AdamW(groups, lr=args.lr)
     scheduler = Trainer._get_scheduler(optimizer, scheduler="warmupcosine",
                                        warmup_steps=math.ceil(total * args.warmup_ratio), t_total=total)
-    CpuImage = cpu_image_type()
     scorer = Scorer(model, variant)
     gen = torch.Generator().manual_seed(args.seed)
     curve, t0 = [], time.time()
@@ -412,7 +483,7 @@ def train_variant(args, variant, work, rows, vols, common):
         batches = epoch_batches(train_idx, rows, args.batch_size, args.balanced_batches, gen)
         losses = []
         for s, batch in enumerate(batches):
-            images = torch.from_numpy(vols[batch]).as_subclass(CpuImage)
+            images = images_of(batch)
             model.train()
             with contextlib.redirect_stdout(open(os.devnull, "w")):   # the forward prints every sample
                 loss = model({"images": images, "reports": [report(rows[i], args.no_mmse) for i in batch]})["loss"]
@@ -425,12 +496,13 @@ def train_variant(args, variant, work, rows, vols, common):
             if (s + 1) % 10 == 0:
                 mf.log("%s: epoch %d step %d/%d loss %.4f" % (variant, epoch + 1, s + 1, steps_per_epoch,
                                                             sum(losses[-10:]) / 10))
-        val = evaluate(scorer, vols, rows, val_idx, args.no_mmse)
+        val = evaluate(scorer, images_of, rows, val_idx, args.no_mmse)
         curve.append({"epoch": epoch + 1, "loss": sum(losses) / len(losses), "val": val,
                       "seconds": round(time.time() - t0, 1)})
         mf.log("%s: epoch %d loss %.4f val accuracy %.3f balanced %.3f"
                % (variant, epoch + 1, curve[-1]["loss"], val["accuracy"], val["balanced_accuracy"]))
 
+    model.visual_encoder = encoder
     out_dir = os.path.join(os.path.abspath(args.out), variant)
     if os.path.isdir(out_dir):
         shutil.rmtree(out_dir)
@@ -451,7 +523,7 @@ def train_variant(args, variant, work, rows, vols, common):
                      "scheduler": "published Trainer._get_scheduler('warmupcosine')",
                      "warmup_ratio": args.warmup_ratio, "max_grad_norm": 1.0, "loss": "published forward: ITC + LM",
                      "qformer_dropout": 0.0, "patient_text_mmse": not args.no_mmse,
-                     "balanced_batches": args.balanced_batches,
+                     "balanced_batches": args.balanced_batches, "frozen_stem": args.frozen_stem,
                      "text_embeddings": "Q-Former word/position embeddings trained for the ITC text path and "
                                         "left out of the checkpoint, as in the published layout",
                      "compute": "CPU, fp32", "train_scans": len(train_idx), "val_scans": len(val_idx),
@@ -489,7 +561,7 @@ def inside(args):
         without_dropout(os.path.join(work, "bert-base-uncased"))
         cache = args.cache or work
         os.makedirs(cache, exist_ok=True)
-        vols = load_volumes(rows, os.path.join(cache, "volumes-%s.npy" % cohort_sha[:16]))
+        vols = None if args.frozen_stem else load_volumes(rows, os.path.join(cache, "volumes-%s.npy" % cohort_sha[:16]))
         for variant in args.variants.split(","):
             train_variant(args, variant, work, rows, vols, common)
         os.chdir(HERE)
