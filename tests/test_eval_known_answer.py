@@ -57,7 +57,8 @@ def evaluate(cohort: Path, bundles: list[Path], out: Path, extra=()) -> dict:
 
 def chance(figs: dict) -> None:
     ba, auc = figs["balanced_accuracy"], figs["macro_auc"]
-    assert ba["ci_low"] <= 1 / 3 <= ba["ci_high"], ba
+    # a model that gives one class to every noise scan has balanced accuracy exactly 1/3 and an interval of width 0
+    assert ba["ci_low"] - 1e-9 <= 1 / 3 <= ba["ci_high"] + 1e-9, ba
     assert auc["ci_low"] <= 0.5 <= auc["ci_high"], auc
 
 
