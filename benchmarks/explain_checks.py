@@ -13,15 +13,17 @@ from .suite import Outcome, Run, device_option, suite
 
 
 def report(res: dict) -> str:
-    lines = ["| bundle | AD scans | peak inside the region | mass / volume share | randomisation rank corr | "
+    lines = ["| bundle | AD scans | peak inside the region | top patch on the region (a random patch's odds) | "
+             "mass / volume share | randomisation rank corr | "
              "deletion AUC, relevance order (nats) | random order | better by |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, r in res["bundles"].items():
         s = r["summary"]
         if not s.get("n"):
-            lines.append(f"| {name} | 0 | | | | | | |")
+            lines.append(f"| {name} | 0 | | | | | | | |")
             continue
-        lines.append(f"| {name} | {s['n']} | {s['hit']:.0%} | {s['mass_ratio']:.2f} | "
+        lines.append(f"| {name} | {s['n']} | {s['hit']:.0%} | {s['patch_hit']:.0%} ({s['patch_hit_chance']:.0%}) | "
+                     f"{s['mass_ratio']:.2f} | "
                      f"{s['randomisation_rank_corr']:.3f} | {s['auc_relevance']:.3f} | {s['auc_random']:.3f} | "
                      f"{s['better_by']:.3f} |")
     return "\n".join(lines)

@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from .grid import ModelGrid, to_nibabel
 from .occlusion import curve_area, deletion_curve, rank_correlation
 from .relevance import explain_relevance
 
@@ -22,10 +23,31 @@ class Pointing:
     mass_ratio: float  # (map mass inside the region / all mass) / (region voxels / all voxels)
 
 
+def read_mask(mask_path) -> np.ndarray:
+    return np.asarray(nib.load(mask_path).dataobj).squeeze() > 0.5
+
+
+def top_patch_hit(patches: np.ndarray, mask: np.ndarray, size: int, patch: int) -> tuple[bool, float]:
+    """The pointing game at the map's own resolution: do the scan voxels of the most relevant patch (the
+    unrefined map, [g, g, g]) include voxels of the planted region (`mask`, nibabel's (i, j, k) grid of the scan)?
+    -> (hit, chance): chance is the share of the scan's patches that hold region voxels (a random patch's odds).
+
+    The voxel-refined map redistributes each patch's relevance by |gradient x input|, which is near zero on dark
+    voxels: a planted region of dark CSF (enlarged ventricles) then never holds the refined map's peak even when
+    its patch is the most relevant one."""
+    grid = ModelGrid(tuple(reversed(mask.shape)), size, patch)
+    g = patches.shape[0]
+    z, y, x = np.meshgrid(grid.patch_of(0), grid.patch_of(1), grid.patch_of(2), indexing="ij")
+    flat = to_nibabel((z * g + y) * g + x)
+    top = int(np.argmax(patches))
+    touched = np.unique(flat[mask])
+    return bool(top in set(touched.tolist())), float(len(touched) / len(np.unique(flat)))
+
+
 def pointing(map_path, mask_path) -> Pointing:
     """The written map and the planted region's mask, both in the scan's own grid."""
     rel = np.asarray(nib.load(map_path).dataobj, dtype=np.float64).squeeze()
-    mask = np.asarray(nib.load(mask_path).dataobj).squeeze() > 0.5
+    mask = read_mask(mask_path)
     if rel.shape != mask.shape:
         raise ValueError(f"map {rel.shape} and mask {mask.shape} are not one grid")
     peak = np.unravel_index(int(np.argmax(rel)), rel.shape)
@@ -99,12 +121,16 @@ def run_checks(pipe, rows: list[dict], out, label: str = "AD", progress=None) ->
         block = ex(open_scan(r["scan"]), prepared.volume, row, text)
         pt = pointing(block["files"]["nifti"], r["mask"])
         rel = ex.relevance(prepared.volume, text, target, False)
-        per.append({"scan": row["scan"], "predicted": row["label"], "hit": pt.hit, "mass_ratio": pt.mass_ratio,
+        patch_hit, chance = top_patch_hit(rel.patches, read_mask(r["mask"]), int(prepared.volume.shape[-1]), ex.patch)
+        per.append({"scan": row["scan"], "predicted": row["label"], "hit": pt.hit, "patch_hit": patch_hit,
+                    "patch_hit_chance": chance,
+                    "mass_ratio": pt.mass_ratio,
                     "randomisation_rank_corr": randomisation(ex.model(), pipe.tasks, prepared.volume, text, target,
                                                              rel.patches),
                     **deletion(pipe, prepared.volume, rel.patches, text, target, ex.patch)})
         if progress:
             progress(i + 1, len(chosen))
-    keys = ("hit", "mass_ratio", "randomisation_rank_corr", "auc_relevance", "auc_random", "better_by")
+    keys = ("hit", "patch_hit", "patch_hit_chance", "mass_ratio", "randomisation_rank_corr", "auc_relevance",
+            "auc_random", "better_by")
     summary = {k: float(np.mean([p[k] for p in per])) for k in keys} if per else {}
     return {"scans": per, "summary": {"n": len(per), **summary}}
