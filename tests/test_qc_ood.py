@@ -34,21 +34,48 @@ def test_profile_flags_about_one_percent_of_held_out_and_all_shifted_features():
     assert np.median(prof.reference) > np.median(prof.distance(ref))
 
 
+def tokens_with(mean: np.ndarray, spread: np.ndarray) -> np.ndarray:
+    """[1, 4, d] visual tokens whose mean over the 4 tokens is `mean` and whose range is `spread` (>= 0)."""
+    return (mean[None, :] + np.array([-0.5, 0.5, 0.0, 0.0])[:, None] * spread[None, :])[None]
+
+
 def test_profile_score_and_storage(tmp_path):
     rng = np.random.default_rng(1)
-    prof = OodProfile.fit(rng.normal(size=(40, 8)))
+    reference = rng.normal(size=(40, 4, 4))  # 40 scans' visual tokens [Q = 4, d = 4]
+    prof = OodProfile.fit(pooled(reference))
+    assert prof.pooling == "mean+range" and prof.mean.shape == (8,)
     prof.save(tmp_path / "p.npz")
     back = OodProfile.load(tmp_path / "p.npz")
     for a in ("mean", "precision", "reference"):
         np.testing.assert_array_equal(getattr(back, a), getattr(prof, a))
-    visual = np.tile(prof.mean, (1, 4, 1))  # [1, Q, d], pooling gives the mean itself
+    assert back.pooling == prof.pooling and back.meta()["pooling"] == "mean+range"
+    visual = tokens_with(prof.mean[:4], prof.mean[4:])  # pools to the profile's mean itself
     score, far = back.score(visual)
-    assert score == {"distance": 0.0, "percentile": 0.0} and not far
-    score, far = back.score(visual + 100.0)
+    assert score == pytest.approx({"distance": 0.0, "percentile": 0.0}, abs=1e-9) and not far
+    score, far = back.score(visual + 100.0)  # the mean moved
+    assert score["percentile"] == 100.0 and far
+    score, far = back.score(tokens_with(prof.mean[:4], prof.mean[4:] * 20))  # same mean, tokens spread apart
     assert score["percentile"] == 100.0 and far
     with pytest.raises(MedblipError) as e:
         back.score(np.zeros((1, 4, 9)))
     assert e.value.code == "bad_profile"
+
+
+def test_profile_without_a_recorded_pooling_pools_by_the_mean(tmp_path):
+    """A profile stored before the pooling was recorded keeps its features: the mean of the visual tokens."""
+    rng = np.random.default_rng(2)
+    prof = OodProfile.fit(rng.normal(size=(30, 4)), pooling="mean")
+    np.savez(tmp_path / "old.npz", mean=prof.mean, precision=prof.precision, reference=prof.reference,
+             shrinkage=np.float64(prof.shrinkage))
+    old = OodProfile.load(tmp_path / "old.npz")
+    assert old.pooling == "mean" and old.meta()["features"] == "mean of the visual tokens"
+    score, far = old.score(np.tile(prof.mean, (1, 3, 1)))
+    assert score["distance"] == pytest.approx(0.0, abs=1e-9) and not far
+    np.savez(tmp_path / "odd.npz", mean=prof.mean, precision=prof.precision, reference=prof.reference,
+             shrinkage=np.float64(prof.shrinkage), pooling=np.array("median"))
+    with pytest.raises(MedblipError) as e:
+        OodProfile.load(tmp_path / "odd.npz")
+    assert e.value.code == "bad_profile" and "median" in str(e.value)
 
 
 def test_profile_needs_enough_scans():
