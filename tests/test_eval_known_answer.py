@@ -1,7 +1,7 @@
 """medblip-eval on the known-answer models (tests/fixtures/known_answer, trained by the published code on the
 synthetic cohort of medblip_edge.synth): on a held-out cohort made on the fly, fp32 and INT8 bundles reach
 balanced accuracy >= 0.85 and macro AUC >= 0.90; INT4's figures are reported beside them (no goal); a noise-image
-cohort (without patient text) and a label-shuffled cohort give chance level (the interval holds 1/3 and 0.5),
+cohort (without patient text) and a label-shuffled cohort give chance level (near 1/3 and 0.5),
 proving the figures measure something. Skips until the fixtures exist; MEDBLIP_KNOWN_ANSWER_FIXTURES names another
 folder of the same layout (VARIANT/checkpoint.pth, VARIANT/llm/)."""
 
@@ -56,10 +56,16 @@ def evaluate(cohort: Path, bundles: list[Path], out: Path, extra=()) -> dict:
 
 
 def chance(figs: dict) -> None:
+    """At chance level: balanced accuracy near 1/3 and macro AUC near 0.5, where the trained model scores 1.0.
+
+    Not "the 95 % interval holds chance": a run checks four such intervals (two controls, two models), so about
+    one null run in five would exclude chance somewhere; the seeds are fixed, so one such cohort fails every time
+    (BioMedLM's noise control on these 90 scans: macro AUC 0.414 [0.333, 0.494]). On 90 scans a null balanced
+    accuracy or macro AUC has a standard error of about 0.05 and 0.04: the bands below are three of them or more,
+    and far from what a model reading the input gives."""
     ba, auc = figs["balanced_accuracy"], figs["macro_auc"]
-    # a model that gives one class to every noise scan has balanced accuracy exactly 1/3 and an interval of width 0
-    assert ba["ci_low"] - 1e-9 <= 1 / 3 <= ba["ci_high"] + 1e-9, ba
-    assert auc["ci_low"] <= 0.5 <= auc["ci_high"], auc
+    assert abs(ba["value"] - 1 / 3) <= 0.15, ba
+    assert abs(auc["value"] - 0.5) <= 0.15, auc
 
 
 def figures_line(res: dict) -> str:
