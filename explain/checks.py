@@ -41,13 +41,12 @@ def top_patch_hit(patches: np.ndarray, mask: np.ndarray, size: int, patch: int) 
     flat = to_nibabel((z * g + y) * g + x)
     top = int(np.argmax(patches))
     touched = np.unique(flat[mask])
-    return bool(top in set(touched.tolist())), float(len(touched) / len(np.unique(flat)))
+    return bool(np.isin(top, touched)), float(len(touched) / len(np.unique(flat)))
 
 
-def pointing(map_path, mask_path) -> Pointing:
-    """The written map and the planted region's mask, both in the scan's own grid."""
+def pointing(map_path, mask: np.ndarray) -> Pointing:
+    """The written map and the planted region's mask (read_mask), both in the scan's own grid."""
     rel = np.asarray(nib.load(map_path).dataobj, dtype=np.float64).squeeze()
-    mask = read_mask(mask_path)
     if rel.shape != mask.shape:
         raise ValueError(f"map {rel.shape} and mask {mask.shape} are not one grid")
     peak = np.unravel_index(int(np.argmax(rel)), rel.shape)
@@ -119,9 +118,10 @@ def run_checks(pipe, rows: list[dict], out, label: str = "AD", progress=None) ->
         row = pipe(r["scan"], text)
         prepared = pipe.prepare(r["scan"])
         block = ex(open_scan(r["scan"]), prepared.volume, row, text)
-        pt = pointing(block["files"]["nifti"], r["mask"])
+        mask = read_mask(r["mask"])
+        pt = pointing(block["files"]["nifti"], mask)
         rel = ex.relevance(prepared.volume, text, target, False)
-        patch_hit, chance = top_patch_hit(rel.patches, read_mask(r["mask"]), int(prepared.volume.shape[-1]), ex.patch)
+        patch_hit, chance = top_patch_hit(rel.patches, mask, int(prepared.volume.shape[-1]), ex.patch)
         per.append({"scan": row["scan"], "predicted": row["label"], "hit": pt.hit, "patch_hit": patch_hit,
                     "patch_hit_chance": chance,
                     "mass_ratio": pt.mass_ratio,

@@ -26,7 +26,6 @@ ARTIFACT = "ood_profile"  # manifest artifact name
 FILE = "ood/profile.npz"  # bundle-relative
 
 
-
 def _mean(tokens: np.ndarray) -> np.ndarray:
     return tokens.mean(axis=1)
 

@@ -82,7 +82,8 @@ def parse_args(argv):
     p.add_argument("--init", help="continue from this checkpoint.pth (a saved OUT/<variant>/checkpoint.pth; "
                    "give one variant) instead of the constructor's initialisation")
     p.add_argument("--cache", help="keep the loaded volumes (or, with --frozen-stem, the image encoder's outputs) "
-                   "here between runs (a .npy named by the cohort's SHA-256)")
+                   "here between runs (a .npy named by the cohort's SHA-256; the encoder outputs also by the encoder's "
+                   "weights)")
     p.add_argument("--frozen-stem", action="store_true",
                    help="freeze the 3D stem too, so the whole image encoder is frozen: its output for each scan is "
                         "then fixed, computed once with the encoder and looked up during training (the same values; "
@@ -102,7 +103,8 @@ def outer(argv):
            "--medblip-commit", args.medblip_commit, "--lavis-commit", args.lavis_commit,
            "--variants", ",".join(args.variants), "--epochs", str(args.epochs),
            "--batch-size", str(args.batch_size), "--lr", repr(args.lr),
-           "--vision-lr", repr(args.vision_lr if args.vision_lr is not None else args.lr), "--warmup-ratio", repr(args.warmup_ratio),
+           "--vision-lr", repr(args.vision_lr if args.vision_lr is not None else args.lr),
+           "--warmup-ratio", repr(args.warmup_ratio),
            "--val-fraction", repr(args.val_fraction), "--seed", str(args.seed), "--threads", str(args.threads)]
     if args.unfreeze_llm:
         cmd.append("--unfreeze-llm")
@@ -469,7 +471,8 @@ def train_variant(args, variant, work, rows, vols, common):
     for vision in (False, True):
         part = [(n, p) for n, p in named if n.startswith("visual_encoder.") == vision]
         lr = args.vision_lr if vision else args.lr
-        groups += [{"params": [p for n, p in part if not any(nd in n for nd in no_decay)], "weight_decay": 0.01, "lr": lr},
+        groups += [{"params": [p for n, p in part if not any(nd in n for nd in no_decay)], "weight_decay": 0.01,
+                    "lr": lr},
                    {"params": [p for n, p in part if any(nd in n for nd in no_decay)], "weight_decay": 0.0, "lr": lr}]
     optimizer = torch.optim.AdamW(groups, lr=args.lr)
     scheduler = Trainer._get_scheduler(optimizer, scheduler="warmupcosine",
@@ -561,7 +564,8 @@ def inside(args):
         without_dropout(os.path.join(work, "bert-base-uncased"))
         cache = args.cache or work
         os.makedirs(cache, exist_ok=True)
-        vols = None if args.frozen_stem else load_volumes(rows, os.path.join(cache, "volumes-%s.npy" % cohort_sha[:16]))
+        vols = (None if args.frozen_stem
+                else load_volumes(rows, os.path.join(cache, "volumes-%s.npy" % cohort_sha[:16])))
         for variant in args.variants.split(","):
             train_variant(args, variant, work, rows, vols, common)
         os.chdir(HERE)
