@@ -11,6 +11,8 @@ import click
 
 from .suite import Outcome, Run, device_option, suite
 
+DEFAULT_WINDOW = "33x9 at the model's 32-voxel patches (p + 1 x p / 4 + 1)"
+
 
 def report(res: dict) -> str:
     lines = ["| bundle | AD scans | peak inside the region | top patch on the region (a random patch's odds) | "
@@ -26,7 +28,27 @@ def report(res: dict) -> str:
                      f"{s['mass_ratio']:.2f} | "
                      f"{s['randomisation_rank_corr']:.3f} | {s['auc_relevance']:.3f} | {s['auc_random']:.3f} | "
                      f"{s['better_by']:.3f} |")
+    swept = {name: r["summary"]["window_hits"] for name, r in res["bundles"].items() if r["summary"].get("window_hits")}
+    if swept:
+        keys = list(next(iter(swept.values())))
+        lines += ["", "Refined peak inside the region per refinement window (background x smoothing, voxels; "
+                  f"the default is {DEFAULT_WINDOW}):", "",
+                  "| bundle | " + " | ".join(keys) + " |", "| --- |" + " ---: |" * len(keys)]
+        lines += [f"| {name} | " + " | ".join(f"{hits[k]:.0%}" for k in keys) + " |" for name, hits in swept.items()]
     return "\n".join(lines)
+
+
+def _window(ctx, param, values) -> tuple[tuple[int, int], ...]:
+    out = []
+    for v in values:
+        try:
+            background, smooth = (int(x) for x in v.split(","))
+        except ValueError:
+            raise click.BadParameter(f"{v!r}: give two odd voxel counts, BACKGROUND,SMOOTH (e.g. 33,9)") from None
+        if background < 1 or smooth < 1 or background % 2 == 0 or smooth % 2 == 0:
+            raise click.BadParameter(f"{v!r}: both windows must be odd and positive")
+        out.append((background, smooth))
+    return tuple(out)
 
 
 @suite("explain-checks")
@@ -34,11 +56,15 @@ def report(res: dict) -> str:
               help="A known-answer bundle (repeat the option).")
 @click.option("--cohort", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A held-out synthetic cohort folder (its cohort.csv names scan, label, patient_text, mask).")
+@click.option("--window", "windows", multiple=True, callback=_window, metavar="BACKGROUND,SMOOTH",
+              help="Also point with the refined map made with these windows (voxels, odd; repeat the option): "
+                   "the background mean's and the smoothing's, as in explain.relevance.detail_attribution.")
 @device_option
-def command(run: Run, bundles: tuple[Path, ...], cohort: Path, device: str) -> Outcome:
+def command(run: Run, bundles: tuple[Path, ...], cohort: Path, windows: tuple, device: str) -> Outcome:
     """Pointing game, mass inside the planted region against its volume share, randomisation test (vision
     tower and Q-Former re-initialised) and deletion curve against random orders, for the AD map of every AD
-    scan with a planted region in --cohort, on each --bundle.
+    scan with a planted region in --cohort, on each --bundle. With --window, the pointing game of the refined
+    map under other refinement windows too (one gradient per scan).
     """
     from ..explain.checks import read_cohort, run_checks
     from ..runtime.pipeline import Pipeline
@@ -48,6 +74,7 @@ def command(run: Run, bundles: tuple[Path, ...], cohort: Path, device: str) -> O
     with tempfile.TemporaryDirectory(prefix="medblip-explain-checks-") as tmp:
         for bundle in bundles:
             pipe = Pipeline.from_bundle(bundle, backend="torch", device=device, huge_pages=False)
-            out[bundle.name] = run_checks(pipe, rows, Path(tmp) / bundle.name,
+            out[bundle.name] = run_checks(pipe, rows, Path(tmp) / bundle.name, windows=windows,
                                           progress=lambda i, n: run.say(f"{bundle.name}: {i}/{n} AD scans"))
-    return Outcome("Checks that --explain maps are not noise", {"cohort": str(cohort), "bundles": out}, report)
+    return Outcome("Checks that --explain maps are not noise",
+                   {"cohort": str(cohort), "windows": [list(w) for w in windows], "bundles": out}, report)

@@ -24,7 +24,8 @@ def _timed(fn, device: str) -> tuple[float, dict, object]:
         t0 = time.perf_counter()
         out = fn()
         ms = (time.perf_counter() - t0) * 1000
-    return round(ms, 1), {**mem.result, "rss_added_mib": round(mem.result["rss_peak_mib"] - mem.result["rss_start_mib"], 1)}, out
+    added = round(mem.result["rss_peak_mib"] - mem.result["rss_start_mib"], 1)
+    return round(ms, 1), {**mem.result, "rss_added_mib": added}, out
 
 
 def measure_preset(run: Run, preset: str, root: Path, device: str, occlusion_patches: int) -> dict:
@@ -63,14 +64,21 @@ def measure_preset(run: Run, preset: str, root: Path, device: str, occlusion_pat
             "occlusion_memory": occ_mem}
 
 
+def _peak(row: dict) -> float:
+    """The process's largest sampled RSS over the steps (the model's weights included)."""
+    return max(row[k]["rss_peak_mib"] for k in ("diagnosis_memory", "relevance_memory", "explain_whole_memory",
+                                                 "occlusion_memory"))
+
+
 def report(res: dict) -> str:
-    lines = ["| preset | device | diagnosis ms | relevance ms | relevance RSS added MiB | --explain whole ms "
-             "(map, NIfTI, PNG) | occlusion ms per patch | occlusion ms, 343 patches | occlusion RSS added MiB |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| preset | device | diagnosis ms | relevance ms | relevance RSS added MiB | process peak RSS MiB | "
+             "--explain whole ms (map, NIfTI, PNG) | occlusion ms per patch | occlusion ms, 343 patches | "
+             "occlusion RSS added MiB |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in res["rows"]:
         scaled = f" (scaled from {r['occlusion_patches_timed']})" if r["occlusion_scaled"] else ""
         lines.append(f"| {r['preset']} | {r['device']} | {r['diagnosis_ms']} | {r['relevance_ms']} | "
-                     f"{r['relevance_memory']['rss_added_mib']} | {r['explain_whole_ms']} | "
+                     f"{r['relevance_memory']['rss_added_mib']} | {_peak(r)} | {r['explain_whole_ms']} | "
                      f"{r['occlusion_ms_per_patch']} | {r['occlusion_ms_all_patches']:.0f}{scaled} | "
                      f"{r['occlusion_memory']['rss_added_mib']} |")
     if res.get("skipped"):

@@ -43,8 +43,8 @@ def top_text_tokens(llm_inputs: np.ndarray, text_ids: list[int], tokenizer=None,
 def resolution_note(grid, spacing_xyz, refined: bool, method: str) -> str:
     g = grid.size // grid.patch
     mm = grid.resolution_mm(spacing_xyz)
-    inside = ("refined inside each token by |gradient x input|: finer detail is the gradient's, not the "
-              "attention's" if refined else "one value per token, not refined")
+    inside = ("refined inside each token by gradient x (input - its local mean): finer detail is the gradient's, "
+              "not the attention's" if refined else "one value per token, not refined")
     how = "occlusion of each token" if method == "occlusion" else "attention relevance"
     return (f"{how} on {g}x{g}x{g} tokens of {grid.patch} model voxels; one token spans "
             f"{mm[0]:.1f} x {mm[1]:.1f} x {mm[2]:.1f} mm (x, y, z) of this scan; {inside}")

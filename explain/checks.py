@@ -14,7 +14,7 @@ import torch
 
 from .grid import ModelGrid, to_nibabel
 from .occlusion import curve_area, deletion_curve, rank_correlation
-from .relevance import explain_relevance
+from .relevance import detail_attribution, explain_relevance, refine
 
 
 @dataclass
@@ -31,10 +31,7 @@ def top_patch_hit(patches: np.ndarray, mask: np.ndarray, size: int, patch: int) 
     """The pointing game at the map's own resolution: do the scan voxels of the most relevant patch (the
     unrefined map, [g, g, g]) include voxels of the planted region (`mask`, nibabel's (i, j, k) grid of the scan)?
     -> (hit, chance): chance is the share of the scan's patches that hold region voxels (a random patch's odds).
-
-    The voxel-refined map redistributes each patch's relevance by |gradient x input|, which is near zero on dark
-    voxels: a planted region of dark CSF (enlarged ventricles) then never holds the refined map's peak even when
-    its patch is the most relevant one."""
+    `pointing` plays the same game with the refined map's peak, a voxel."""
     grid = ModelGrid(tuple(reversed(mask.shape)), size, patch)
     g = patches.shape[0]
     z, y, x = np.meshgrid(grid.patch_of(0), grid.patch_of(1), grid.patch_of(2), indexing="ij")
@@ -53,6 +50,20 @@ def pointing(map_path, mask: np.ndarray) -> Pointing:
     total = rel.clip(min=0).sum() or 1.0
     share = mask.sum() / mask.size
     return Pointing(bool(mask[peak]), float(rel.clip(min=0)[mask].sum() / total / share) if share else 0.0)
+
+
+def window_hits(rel, volume, grid: ModelGrid, mask: np.ndarray, patch: int, windows) -> dict[str, bool]:
+    """The pointing game of the voxel-refined map under other refinement windows (background, smooth), from one
+    gradient (`rel`: explain_relevance(..., keep_grad=True)) -> {"BxS": peak inside the region}."""
+    grad = rel.volume_grad
+    prel = torch.from_numpy(rel.patches.ravel()).to(grad.device, grad.dtype)  # as explain_relevance refines
+    vol = volume.to(grad.device, grad.dtype)
+    out = {}
+    for background, smooth in windows:
+        vox = refine(prel, detail_attribution(grad, vol, patch, background, smooth), patch).cpu().numpy()
+        in_scan = to_nibabel(grid.voxels_to_scan(vox))
+        out[f"{background}x{smooth}"] = bool(mask[np.unravel_index(int(np.argmax(in_scan)), in_scan.shape)])
+    return out
 
 
 def reinitialised(model, seed: int = 0):
@@ -102,10 +113,11 @@ def read_cohort(folder) -> list[dict]:
     return rows
 
 
-def run_checks(pipe, rows: list[dict], out, label: str = "AD", progress=None) -> dict:
+def run_checks(pipe, rows: list[dict], out, label: str = "AD", progress=None, windows=()) -> dict:
     """The three checks on every scan of `rows` labelled `label` that has a planted-region mask, the map of
-    `label` explained -> {"scans": per-scan figures, "summary": means}."""
-    from ..preprocess import open_scan
+    `label` explained -> {"scans": per-scan figures, "summary": means}. `windows`: (background, smooth) pairs
+    whose refined peak is pointed with too (window_hits), as "window_hits" in each scan and the summary."""
+    from ..preprocess import load_scan, open_scan
     from .run import Explainer, ExplainOptions
     from .target import class_index
 
@@ -120,17 +132,24 @@ def run_checks(pipe, rows: list[dict], out, label: str = "AD", progress=None) ->
         block = ex(open_scan(r["scan"]), prepared.volume, row, text)
         mask = read_mask(r["mask"])
         pt = pointing(block["files"]["nifti"], mask)
-        rel = ex.relevance(prepared.volume, text, target, False)
-        patch_hit, chance = top_patch_hit(rel.patches, mask, int(prepared.volume.shape[-1]), ex.patch)
+        rel = ex.relevance(prepared.volume, text, target, False, keep_grad=bool(windows))
+        size = int(prepared.volume.shape[-1])
+        patch_hit, chance = top_patch_hit(rel.patches, mask, size, ex.patch)
+        swept = {}
+        if windows:
+            grid = ModelGrid(tuple(load_scan(open_scan(r["scan"])).array.shape), size, ex.patch)
+            swept = {"window_hits": window_hits(rel, prepared.volume, grid, mask, ex.patch, windows)}
         per.append({"scan": row["scan"], "predicted": row["label"], "hit": pt.hit, "patch_hit": patch_hit,
                     "patch_hit_chance": chance,
                     "mass_ratio": pt.mass_ratio,
                     "randomisation_rank_corr": randomisation(ex.model(), pipe.tasks, prepared.volume, text, target,
                                                              rel.patches),
-                    **deletion(pipe, prepared.volume, rel.patches, text, target, ex.patch)})
+                    **deletion(pipe, prepared.volume, rel.patches, text, target, ex.patch), **swept})
         if progress:
             progress(i + 1, len(chosen))
     keys = ("hit", "patch_hit", "patch_hit_chance", "mass_ratio", "randomisation_rank_corr", "auc_relevance",
             "auc_random", "better_by")
     summary = {k: float(np.mean([p[k] for p in per])) for k in keys} if per else {}
+    if windows and per:
+        summary["window_hits"] = {k: float(np.mean([p["window_hits"][k] for p in per])) for k in per[0]["window_hits"]}
     return {"scans": per, "summary": {"n": len(per), **summary}}

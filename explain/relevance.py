@@ -6,8 +6,9 @@ One forward and one backward pass of the fp32 model, every attention layer's pro
   Q-Former: R^{qq} by its self-attention, R^{qi} by its cross-attention onto the image tokens (the cross rule
        carries the ViT's R^{ii}); the LLM's relevance over the queries weights the rows of R^{qi};
   ViT: R^{ii} by its self-attention over cls + patch tokens; the patch columns are the map.
-Optional refinement inside each patch: |gradient x input| of the margin with respect to the volume (the patch
-embedding's input) spreads each patch's relevance over its voxels, the patch's mean kept.
+Optional refinement inside each patch: gradient x (input - the input at the token's resolution) of the margin
+with respect to the volume (the patch embedding's input), its positive part smoothed over a quarter of a patch,
+spreads each patch's relevance over its voxels, the patch's mean kept (`detail_attribution`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..model.vit3d import patches
 from .llm_rollout import ROLLOUTS
@@ -33,6 +35,7 @@ class Relevance:
     n_prompt: int  # T
     margin: float
     loglik: np.ndarray  # [3]
+    volume_grad: torch.Tensor | None = None  # [1,1,S,S,S] d margin / d volume (kept on request)
 
 
 @contextmanager
@@ -61,12 +64,37 @@ def qformer_rollout(layers, q_self, q_cross, r_vit: torch.Tensor, n_query: int) 
     return r_qi
 
 
-def refine(patch_rel: torch.Tensor, grad_x_input: torch.Tensor, p: int) -> torch.Tensor:
-    """patch relevance [P] and |grad x input| [1,1,S,S,S] -> [S,S,S], each patch's mean equal to its relevance
-    (a patch with no gradient x input keeps its relevance uniform)."""
-    s = grad_x_input.shape[-1]
+def box_mean(t: torch.Tensor, window: int) -> torch.Tensor:
+    """[1,1,S,S,S] moving average over a cube of `window` (odd) voxels, separable; near the edges the mean of the
+    voxels that exist."""
+    for ks in ((window, 1, 1), (1, window, 1), (1, 1, window)):
+        t = F.avg_pool3d(t, ks, stride=1, padding=tuple(k // 2 for k in ks), count_include_pad=False)
+    return t
+
+
+def detail_attribution(grad: torch.Tensor, volume: torch.Tensor, p: int, background: int | None = None,
+                       smooth: int | None = None) -> torch.Tensor:
+    """First-order attribution of the margin to each voxel's departure from the volume seen at the token's
+    resolution (its mean over a patch-wide window): grad x (volume - that mean), the positive part (the voxels
+    whose departure raises the margin) of its average over a quarter-patch window, [1,1,S,S,S] >= 0.
+
+    Plain |gradient x input| is zero where the input is zero, so it never marks dark voxels: enlarged ventricles,
+    i.e. dark CSF, the change a dementia diagnosis leans on, would get none of their patch's relevance. Against
+    the local mean a voxel darker than its surroundings has a negative difference, and where brightening it lowers
+    the margin (negative gradient) the product is positive. The smoothing window sums the per-voxel products,
+    whose spatial pattern within a patch is otherwise the patch embedding's kernel. The windows (`background`,
+    default p + 1 voxels, and `smooth`, default p / 4 + 1) were chosen on a tuning cohort separate from the one
+    the checks report (`medblip-bench explain-checks --window`)."""
+    detail = grad * (volume - box_mean(volume, background or p + 1))
+    return box_mean(detail, smooth or p // 4 + 1).clamp(min=0)
+
+
+def refine(patch_rel: torch.Tensor, attribution: torch.Tensor, p: int) -> torch.Tensor:
+    """patch relevance [P] and a voxel attribution >= 0 [1,1,S,S,S] (detail_attribution) -> [S,S,S], each patch's
+    mean equal to its relevance (a patch with no attribution keeps its relevance uniform)."""
+    s = attribution.shape[-1]
     g = s // p
-    w = patches(grad_x_input, p)[0]  # [P, p^3]
+    w = patches(attribution, p)[0]  # [P, p^3]
     sums = w.sum(dim=1, keepdim=True)
     w = torch.where(sums > 0, w / sums.clamp(min=1e-30), torch.full_like(w, 1.0 / w.shape[1])) * w.shape[1]
     vox = (w * patch_rel[:, None]).reshape(g, g, g, p, p, p).permute(0, 3, 1, 4, 2, 5).reshape(g * p, g * p, g * p)
@@ -76,8 +104,9 @@ def refine(patch_rel: torch.Tensor, grad_x_input: torch.Tensor, p: int) -> torch
 
 
 def explain_relevance(model, tasks, volume: torch.Tensor, patient_text: str, target: int,
-                      refine_voxels: bool = True) -> Relevance:
-    """model: a fp32 MedBlip (model/medblip.py); tasks: model/tasks.Tasks; volume [1,1,S,S,S] (the model input)."""
+                      refine_voxels: bool = True, keep_grad: bool = False) -> Relevance:
+    """model: a fp32 MedBlip (model/medblip.py); tasks: model/tasks.Tasks; volume [1,1,S,S,S] (the model input).
+    keep_grad: the margin's gradient with respect to the volume comes back too (to refine with other windows)."""
     device = model.proj.weight.device
     vit, qf = model.visual_encoder, model.qformer.qformer
     layers = list(qf.encoder.layer)
@@ -106,7 +135,8 @@ def explain_relevance(model, tasks, volume: torch.Tensor, patient_text: str, tar
         grid = round(patch_rel.numel() ** (1 / 3))
         voxels = None
         if refine_voxels:
-            voxels = refine(patch_rel, (vol.grad * vol).abs(), vit.cfg.patch).cpu().numpy()
+            p = vit.cfg.patch
+            voxels = refine(patch_rel, detail_attribution(vol.grad, vol.detach(), p), p).cpu().numpy()
     return Relevance(patch_rel.reshape(grid, grid, grid).cpu().numpy().astype(np.float64), voxels,
                      llm_rel.cpu().numpy().astype(np.float64), len(prompt), float(margin.detach()),
-                     ll.detach().cpu().numpy().astype(np.float64))
+                     ll.detach().cpu().numpy().astype(np.float64), vol.grad.detach() if keep_grad else None)

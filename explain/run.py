@@ -31,7 +31,7 @@ class ExplainOptions:
     out: Path
     method: str = "relevance"
     target: str | None = None  # AD, MCI or NC; None: the predicted class
-    refine: bool = True  # relevance: spread each patch's relevance by |gradient x input|
+    refine: bool = True  # relevance: spread each patch's relevance by detail_attribution (relevance.py)
     montage: bool = True
     include_text: bool = False  # the top patient-text tokens' text in the block (rows never carry it otherwise)
 
@@ -86,15 +86,16 @@ class Explainer:
 
     # -- the maps ------------------------------------------------------------
 
-    def relevance(self, volume, patient_text: str, target: int, refine: bool):
-        return explain_relevance(self.model(), self.pipe.tasks, volume, patient_text, target, refine)
+    def relevance(self, volume, patient_text: str, target: int, refine: bool, keep_grad: bool = False):
+        return explain_relevance(self.model(), self.pipe.tasks, volume, patient_text, target, refine, keep_grad)
 
     def make_map(self, volume, patient_text: str, target: int) -> ScanMap:
         if self.opts.method == "relevance":
             rel = self.relevance(volume, patient_text, target, self.opts.refine)
             return ScanMap(rel.patches, rel.voxels, {"relevance": rel})
         drops, base = occlusion_map(self.pipe, volume, patient_text, target, self.patch)
-        extra = {"margin": base, "negative_share": round(float(-drops[drops < 0].sum() / (np.abs(drops).sum() or 1)), 4)}
+        negative = float(-drops[drops < 0].sum() / (np.abs(drops).sum() or 1))
+        extra = {"margin": base, "negative_share": round(negative, 4)}
         try:
             rel = self.relevance(volume, patient_text, target, refine=False)
             extra["rank_correlation_with_relevance"] = round(rank_correlation(drops, rel.patches), 4)

@@ -369,3 +369,10 @@ def test_ceiling_probe_skips_slow_paths_but_always_keeps_fp32():
     assert "flops_per_s" not in skipped and skipped["probe_flops_per_s"] > 0 and "probe" in skipped["skipped"]
     kept = _bounded(_torch_mm, 2048, 3, torch.float32, "cpu", budget_s=1e-6, required=True)
     assert kept["flops_per_s"] > 0 and f"{PROBE_N}x{PROBE_N}" in kept["how"] and "probe" in kept["note"]
+
+
+@pytest.mark.parametrize("window", ["32,9", "33", "33,x", "0,9"])
+def test_explain_checks_refuses_a_bad_refinement_window(window, tmp_path):
+    r = _bench(["explain-checks", "--bundle", str(tmp_path), "--cohort", str(tmp_path), "--window", window,
+                "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "--window" in r.output and not (tmp_path / "x").exists()
