@@ -35,6 +35,18 @@ def report(res: dict) -> str:
                   f"the default is {DEFAULT_WINDOW}):", "",
                   "| bundle | " + " | ".join(keys) + " |", "| --- |" + " ---: |" * len(keys)]
         lines += [f"| {name} | " + " | ".join(f"{hits[k]:.0%}" for k in keys) + " |" for name, hits in swept.items()]
+    placed = {name: r["summary"]["placement"] for name, r in res["bundles"].items() if r["summary"].get("placement")}
+    if placed:
+        lines += ["", "Placement: the overlay's top patch blanked in the scan's own file (stored four ways) against "
+                  "the same patch occluded in the model input; margin drops in nats, means over the scans; the share "
+                  "of the model input's change inside the patch:", "",
+                  "| bundle | storage | scans | occluded | blanked | largest difference (nats, relative) | "
+                  "change inside the patch, smallest |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        for name, variants in placed.items():
+            lines += [f"| {name} | {v} | {p['scans']} | {p['mean_occluded_drop']:.3f} | {p['mean_blanked_drop']:.3f} | "
+                      f"{p['max_abs_diff']:.3f} ({p['max_rel_diff']:.1%}) | {p['min_inside']:.1%} |"
+                      for v, p in variants.items()]
     return "\n".join(lines)
 
 
@@ -59,8 +71,12 @@ def _window(ctx, param, values) -> tuple[tuple[int, int], ...]:
 @click.option("--window", "windows", multiple=True, callback=_window, metavar="BACKGROUND,SMOOTH",
               help="Also point with the refined map made with these windows (voxels, odd; repeat the option): "
                    "the background mean's and the smoothing's, as in explain.relevance.detail_attribution.")
+@click.option("--placement-scans", type=click.IntRange(0), default=0, show_default=True,
+              help="Also run the placement check on the first N AD scans: the overlay's top patch blanked in the "
+                   "scan's own file, stored as it is, flipped, permuted and anisotropic, against occluding it.")
 @device_option
-def command(run: Run, bundles: tuple[Path, ...], cohort: Path, windows: tuple, device: str) -> Outcome:
+def command(run: Run, bundles: tuple[Path, ...], cohort: Path, windows: tuple, placement_scans: int,
+            device: str) -> Outcome:
     """Pointing game, mass inside the planted region against its volume share, randomisation test (vision
     tower and Q-Former re-initialised) and deletion curve against random orders, for the AD map of every AD
     scan with a planted region in --cohort, on each --bundle. With --window, the pointing game of the refined
@@ -75,6 +91,7 @@ def command(run: Run, bundles: tuple[Path, ...], cohort: Path, windows: tuple, d
         for bundle in bundles:
             pipe = Pipeline.from_bundle(bundle, backend="torch", device=device, huge_pages=False)
             out[bundle.name] = run_checks(pipe, rows, Path(tmp) / bundle.name, windows=windows,
+                                          placement_scans=placement_scans,
                                           progress=lambda i, n: run.say(f"{bundle.name}: {i}/{n} AD scans"))
     return Outcome("Checks that --explain maps are not noise",
                    {"cohort": str(cohort), "windows": [list(w) for w in windows], "bundles": out}, report)

@@ -8,5 +8,7 @@
   refined inside each patch by a gradient attribution against the local mean.
 - occlusion.py: each patch replaced by the volume's background, forward only, on any backend.
 - grid.py: the preprocessing undone: model-input grid <-> the scan's own voxels and affine.
+- storage.py: one scan stored flipped, permuted or anisotropic (the placement checks' files).
+- checks.py: pointing game, randomisation, deletion and placement on a model with a known answer.
 - montage.py: the PNG; block.py: the row's `explanation` and the files; run.py: one scan end to end.
 """

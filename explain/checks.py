@@ -1,19 +1,22 @@
 """Checks that a map is not noise, on a model whose answer is known to come from a planted region:
 pointing game (peak inside the region, mass inside it against its volume share), randomisation test
 (Adebayo et al. 2018: the map of a model whose vision tower and Q-Former are re-initialised should not look
-like the trained model's), and the deletion curve (relevance order against random orders)."""
+like the trained model's), the deletion curve (relevance order against random orders), and placement (the
+overlay's top patch blanked in the scan's own file, stored four ways, moves the margin as occluding that patch
+in the model input does)."""
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
 
 from .grid import ModelGrid, to_nibabel
-from .occlusion import curve_area, deletion_curve, rank_correlation
+from .occlusion import curve_area, deletion_curve, occlusion_map, pipeline_margin, rank_correlation
 from .relevance import detail_attribution, explain_relevance, refine
 
 
@@ -98,6 +101,93 @@ def deletion(pipe, volume, patches: np.ndarray, patient_text: str, target: int, 
     return {"auc_relevance": ours, "auc_random": float(np.mean(rand)), "better_by": float(np.mean(rand) - ours)}
 
 
+def blanked(pipe, path: Path, marks: np.ndarray, volume, index, patch: int, patient_text: str, target: int,
+            work: Path) -> tuple[float, float]:
+    """`path` with the voxels `marks` (nibabel's grid) set to the scan's minimum in the file itself (header kept),
+    read back through the pipeline's own preprocessing -> (its margin, the share of the model input's change
+    against `volume`, the unblanked input, that lies inside model patch `index`)."""
+    img = nib.load(path)
+    arr = np.asarray(img.dataobj).copy()
+    arr[marks] = arr.min()
+    out = Path(work) / "blanked.nii.gz"
+    nib.save(nib.Nifti1Image(arr, img.affine, header=img.header), out)
+    changed = pipe.prepare(out).volume
+    diff = (volume - changed).abs()[0, 0]
+    d, h, w = (int(i) * patch for i in index)
+    inside = float(diff[d: d + patch, h: h + patch, w: w + patch].sum() / diff.sum()) if diff.sum() > 0 else 0.0
+    return float(pipeline_margin(pipe, changed, patient_text, target)[0]), inside
+
+
+def at_model_resolution(path: Path, volume, patch: int, out: Path) -> Path:
+    """`path` rewritten at the model's resolution: its model input without the padding (normalised and resized
+    as the loader does), in nibabel's axis order, with the affine that keeps each voxel's world position (with
+    align_corners, resized index z lies at original index z (n - 1) / (m - 1)). Its longest axis is the model's
+    size, so the loader pads it without resizing: blanking its voxels and occluding model voxels then touch the
+    same voxels. The model input is the original's up to the loader normalising the resized values again."""
+    from ..preprocess import load_scan, open_scan
+
+    size = int(volume.shape[-1])
+    grid = ModelGrid(tuple(load_scan(open_scan(path)).array.shape), size, patch)
+    (a, b, c), (z, y, x) = grid.offset, grid.new
+    arr = volume[0, 0, a: a + z, b: b + y, c: c + x].detach().cpu().numpy().astype(np.float32)
+    scale = [(n - 1) / (m - 1) if m > 1 else 1.0 for n, m in zip(grid.shape, grid.new)]  # Z, Y, X
+    img = nib.load(path)
+    nib.save(nib.Nifti1Image(to_nibabel(arr), img.affine @ np.diag([scale[2], scale[1], scale[0], 1.0])), out)
+    return out
+
+
+def placement(pipe, ex, path, patient_text: str, target: int, work) -> dict:
+    """For `path` at the model's resolution (at_model_resolution: the loader pads it without resizing), stored as
+    it is, flipped, permuted and anisotropic (storage.write_variants): the overlay's top patch (the voxels the map
+    marks for it in that file's own grid) blanked in the file, against the same patch occluded in the model input
+    -> {variant: {"occluded_drop", "blanked_drop", "inside", "rescaled"}}, margin drops in nats. inside: the share
+    of the model input's change that lies in the patch; rescaled: the marks held the scan's maximum, so blanking
+    them changed the min-max normalisation. (A mirrored-marks control is in tests/test_explain.py; here the top
+    patch sits over the ventricles, near the middle, where a mirror image of the marks is mostly the marks.)
+
+    The loader does not reorient, so for the flipped and permuted files the model sees a turned brain: their
+    drops are the model's answer to an input it was not trained on, and only their agreement is the check."""
+    from ..preprocess import load_scan, open_scan
+    from .storage import write_variants
+
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    source = at_model_resolution(Path(path), pipe.prepare(path).volume, ex.patch, work / "model-resolution.nii.gz")
+    size = int(pipe.bundle.config.vision.image_size)
+    out = {}
+    for name, variant in write_variants(source, work / "stored", crop_to=size).items():
+        prepared = pipe.prepare(variant)
+        patches = ex.relevance(prepared.volume, patient_text, target, False).patches
+        flat = int(np.argmax(patches))
+        index = np.unravel_index(flat, patches.shape)
+        grid = ModelGrid(tuple(load_scan(open_scan(variant)).array.shape), int(prepared.volume.shape[-1]), ex.patch)
+        marks = to_nibabel(grid.patch_mask(index))
+        drops, base = occlusion_map(pipe, prepared.volume, patient_text, target, ex.patch, only=[flat])
+        raw = np.asarray(nib.load(variant).dataobj)
+        args = (prepared.volume, index, ex.patch, patient_text, target, work)
+        margin, inside = blanked(pipe, variant, marks, *args)
+        out[name] = {"occluded_drop": float(drops.ravel()[flat]), "blanked_drop": base - margin, "inside": inside,
+                     "rescaled": bool(raw[marks].max() >= raw.max())}
+    return out
+
+
+def placement_summary(per: list[dict]) -> dict:
+    """Per storage variant, over the scans that ran placement: the largest difference of the blanked and occluded
+    drops (nats, and relative to the occluded drop), the mean drops and the smallest share inside the patch."""
+    rows = [p["placement"] for p in per if "placement" in p]
+    out = {}
+    for name in (rows[0] if rows else {}):
+        cases = [r[name] for r in rows]
+        out[name] = {"scans": len(cases),
+                     "max_abs_diff": float(max(abs(c["blanked_drop"] - c["occluded_drop"]) for c in cases)),
+                     "max_rel_diff": float(max(abs(c["blanked_drop"] - c["occluded_drop"]) / abs(c["occluded_drop"])
+                                               for c in cases)),
+                     "min_inside": float(min(c["inside"] for c in cases)),
+                     **{f"mean_{k}": float(np.mean([c[k] for c in cases])) for k in ("occluded_drop", "blanked_drop")},
+                     "rescaled": int(sum(c["rescaled"] for c in cases))}
+    return out
+
+
 def read_cohort(folder) -> list[dict]:
     """A synthetic cohort's cohort.csv (scan, label, patient_text, mask, ...), its paths made absolute."""
     import csv
@@ -113,10 +203,12 @@ def read_cohort(folder) -> list[dict]:
     return rows
 
 
-def run_checks(pipe, rows: list[dict], out, label: str = "AD", progress=None, windows=()) -> dict:
-    """The three checks on every scan of `rows` labelled `label` that has a planted-region mask, the map of
-    `label` explained -> {"scans": per-scan figures, "summary": means}. `windows`: (background, smooth) pairs
-    whose refined peak is pointed with too (window_hits), as "window_hits" in each scan and the summary."""
+def run_checks(pipe, rows: list[dict], out, label: str = "AD", progress=None, windows=(),
+               placement_scans: int = 0) -> dict:
+    """The checks on every scan of `rows` labelled `label` that has a planted-region mask, the map of `label`
+    explained -> {"scans": per-scan figures, "summary": means}. `windows`: (background, smooth) pairs whose
+    refined peak is pointed with too (window_hits), as "window_hits" in each scan and the summary.
+    `placement_scans`: the first that many of those scans also run `placement` ("placement" in the summary)."""
     from ..preprocess import load_scan, open_scan
     from .run import Explainer, ExplainOptions
     from .target import class_index
@@ -145,6 +237,8 @@ def run_checks(pipe, rows: list[dict], out, label: str = "AD", progress=None, wi
                     "randomisation_rank_corr": randomisation(ex.model(), pipe.tasks, prepared.volume, text, target,
                                                              rel.patches),
                     **deletion(pipe, prepared.volume, rel.patches, text, target, ex.patch), **swept})
+        if i < placement_scans:
+            per[-1]["placement"] = placement(pipe, ex, r["scan"], text, target, Path(out) / "placement")
         if progress:
             progress(i + 1, len(chosen))
     keys = ("hit", "patch_hit", "patch_hit_chance", "mass_ratio", "randomisation_rank_corr", "auc_relevance",
@@ -152,4 +246,6 @@ def run_checks(pipe, rows: list[dict], out, label: str = "AD", progress=None, wi
     summary = {k: float(np.mean([p[k] for p in per])) for k in keys} if per else {}
     if windows and per:
         summary["window_hits"] = {k: float(np.mean([p["window_hits"][k] for p in per])) for k in per[0]["window_hits"]}
+    if placement_scans and per:
+        summary["placement"] = placement_summary(per)
     return {"scans": per, "summary": {"n": len(per), **summary}}

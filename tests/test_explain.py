@@ -10,10 +10,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from explain_scans import sensitise, write_variants
+from explain_scans import sensitise
 from medblip_edge.explain.grid import ModelGrid, to_nibabel
 from medblip_edge.explain.occlusion import curve_area, deletion_curve, occlusion_map, pipeline_margin
 from medblip_edge.explain.run import Explainer, ExplainOptions, map_image
+from medblip_edge.explain.storage import write_variants
 from medblip_edge.explain.target import class_index, margin_numpy
 from medblip_edge.model.prompts import LABELS
 from medblip_edge.preprocess import open_scan

@@ -6,7 +6,9 @@ and a held-out synthetic cohort (`python -m medblip_edge.synth`): they run as so
   the region's share of the volume (mean over those scans);
 - randomisation test: re-initialising the vision tower and Q-Former drops the map's rank correlation with the
   trained model's below 0.3 (mean over scans);
-- deletion: relevance order lowers the margin faster than random orders (area under the curve smaller)."""
+- deletion: relevance order lowers the margin faster than random orders (area under the curve smaller);
+- placement: blanking the overlay's top patch in the scan's own file, stored as it is, flipped, permuted and
+  anisotropic, moves the margin exactly as occluding that patch in the model input does."""
 
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ def test_known_answer_checks(known):
 
     variant, root, rows = known
     pipe = Pipeline.from_bundle(root / "bundle", backend="torch", huge_pages=False)
-    res = run_checks(pipe, rows, root / "maps", windows=((33, 9), (17, 9)))
+    res = run_checks(pipe, rows, root / "maps", windows=((33, 9), (17, 9)), placement_scans=1)
     s = res["summary"]
     assert s["n"] > 0, "the held-out cohort has AD scans with planted regions"
     print(f"{variant}: top patch on the region {s['patch_hit']:.3f}, refined peak inside it {s['hit']:.3f}, of "
@@ -62,6 +64,14 @@ def test_known_answer_checks(known):
     assert s["hit"] >= 0.9
     # the window sweep (one gradient, refined again) reproduces the written map's pointing at the default windows
     assert [scan["window_hits"]["33x9"] for scan in res["scans"]] == [scan["hit"] for scan in res["scans"]]
+    # placement: the overlay's top patch blanked in the file (stored four ways, at the model's resolution) moves
+    # the margin exactly as occluding that patch in the model input, and changes nothing outside it
+    placed = res["scans"][0]["placement"]
+    assert set(placed) == {"as_is", "flipped", "permuted", "anisotropic"}
+    for storage, p in placed.items():
+        assert p["blanked_drop"] == pytest.approx(p["occluded_drop"], rel=1e-4, abs=1e-4), storage
+        assert p["inside"] == pytest.approx(1.0, abs=1e-4) and not p["rescaled"], storage
+    assert abs(placed["as_is"]["occluded_drop"]) > 1.0  # the planted region's patch carries the diagnosis
     assert s["mass_ratio"] >= 3.0
     assert s["randomisation_rank_corr"] < 0.3
     assert s["better_by"] > 0
