@@ -178,7 +178,8 @@ def _quantization_summary(manifest: dict) -> dict:
               "PyTorch weights, one backward pass) or occlusion (343 forward passes on any backend; also reports "
               "its rank correlation with relevance).")
 @click.option("--explain-refine/--explain-no-refine", default=True, show_default=True,
-              help="--explain relevance: spread each 32-voxel token's relevance inside it by |gradient x input|.")
+              help="--explain relevance: spread each 32-voxel token's relevance inside it by gradient x (input - "
+                   "its patch-wide mean), averaged over a quarter patch.")
 @one_line_errors
 def infer_main(scans, bundle_dir, backend, device, precision, patient_text, question, out_path, decision_detail,
                resume, timeout_s, workers, include_paths, rebuild_trt, huge_pages, engine, address, ray_actors, threads,
