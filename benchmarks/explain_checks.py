@@ -11,7 +11,7 @@ import click
 
 from .suite import Outcome, Run, device_option, suite
 
-DEFAULT_WINDOW = "33x9 at the model's 32-voxel patches (p + 1 x p / 4 + 1)"
+PUBLISHED_PATCH = 32  # the published model's patch size, for the report's note on the default windows
 
 
 def report(res: dict) -> str:
@@ -30,9 +30,12 @@ def report(res: dict) -> str:
                      f"{s['better_by']:.3f} |")
     swept = {name: r["summary"]["window_hits"] for name, r in res["bundles"].items() if r["summary"].get("window_hits")}
     if swept:
+        from ..explain.relevance import default_windows
+
         keys = list(next(iter(swept.values())))
+        background, smooth = default_windows(PUBLISHED_PATCH)
         lines += ["", "Refined peak inside the region per refinement window (background x smoothing, voxels; "
-                  f"the default is {DEFAULT_WINDOW}):", "",
+                  f"the default is {background}x{smooth} at the model's {PUBLISHED_PATCH}-voxel patches):", "",
                   "| bundle | " + " | ".join(keys) + " |", "| --- |" + " ---: |" * len(keys)]
         lines += [f"| {name} | " + " | ".join(f"{hits[k]:.0%}" for k in keys) + " |" for name, hits in swept.items()]
     placed = {name: r["summary"]["placement"] for name, r in res["bundles"].items() if r["summary"].get("placement")}

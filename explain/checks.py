@@ -101,21 +101,26 @@ def deletion(pipe, volume, patches: np.ndarray, patient_text: str, target: int, 
     return {"auc_relevance": ours, "auc_random": float(np.mean(rand)), "better_by": float(np.mean(rand) - ours)}
 
 
-def blanked(pipe, path: Path, marks: np.ndarray, volume, index, patch: int, patient_text: str, target: int,
-            work: Path) -> tuple[float, float]:
+def blank_in_file(pipe, path: Path, marks: np.ndarray, work: Path) -> tuple[torch.Tensor, bool]:
     """`path` with the voxels `marks` (nibabel's grid) set to the scan's minimum in the file itself (header kept),
-    read back through the pipeline's own preprocessing -> (its margin, the share of the model input's change
-    against `volume`, the unblanked input, that lies inside model patch `index`)."""
+    read back through the pipeline's own preprocessing -> (its model input, whether the marks held the scan's
+    maximum, so that blanking them changed the min-max normalisation)."""
     img = nib.load(path)
     arr = np.asarray(img.dataobj).copy()
+    rescaled = bool(arr[marks].max() >= arr.max())
     arr[marks] = arr.min()
     out = Path(work) / "blanked.nii.gz"
     nib.save(nib.Nifti1Image(arr, img.affine, header=img.header), out)
-    changed = pipe.prepare(out).volume
+    return pipe.prepare(out).volume, rescaled
+
+
+def share_inside(volume: torch.Tensor, changed: torch.Tensor, index, patch: int) -> float:
+    """The share of the change between two model inputs [1,1,S,S,S] that lies inside model patch `index` (D, H, W)
+    (0 where nothing changed)."""
     diff = (volume - changed).abs()[0, 0]
     d, h, w = (int(i) * patch for i in index)
-    inside = float(diff[d: d + patch, h: h + patch, w: w + patch].sum() / diff.sum()) if diff.sum() > 0 else 0.0
-    return float(pipeline_margin(pipe, changed, patient_text, target)[0]), inside
+    total = diff.sum()
+    return float(diff[d: d + patch, h: h + patch, w: w + patch].sum() / total) if total > 0 else 0.0
 
 
 def at_model_resolution(path: Path, volume, patch: int, out: Path) -> Path:
@@ -136,10 +141,11 @@ def at_model_resolution(path: Path, volume, patch: int, out: Path) -> Path:
     return out
 
 
-def placement(pipe, ex, path, patient_text: str, target: int, work) -> dict:
-    """For `path` at the model's resolution (at_model_resolution: the loader pads it without resizing), stored as
-    it is, flipped, permuted and anisotropic (storage.write_variants): the overlay's top patch (the voxels the map
-    marks for it in that file's own grid) blanked in the file, against the same patch occluded in the model input
+def placement(pipe, ex, path, volume, patient_text: str, target: int, work) -> dict:
+    """For `path` (`volume`: its model input) at the model's resolution (at_model_resolution: the loader pads it
+    without resizing), stored as it is, flipped, permuted and anisotropic (storage.write_variants): the overlay's
+    top patch (the voxels the map marks for it in that file's own grid) blanked in the file, against the same patch
+    occluded in the model input
     -> {variant: {"occluded_drop", "blanked_drop", "inside", "rescaled"}}, margin drops in nats. inside: the share
     of the model input's change that lies in the patch; rescaled: the marks held the scan's maximum, so blanking
     them changed the min-max normalisation. (A mirrored-marks control is in tests/test_explain.py; here the top
@@ -152,22 +158,20 @@ def placement(pipe, ex, path, patient_text: str, target: int, work) -> dict:
 
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
-    source = at_model_resolution(Path(path), pipe.prepare(path).volume, ex.patch, work / "model-resolution.nii.gz")
-    size = int(pipe.bundle.config.vision.image_size)
+    source = at_model_resolution(Path(path), volume, ex.patch, work / "model-resolution.nii.gz")
+    size = int(volume.shape[-1])
     out = {}
     for name, variant in write_variants(source, work / "stored", crop_to=size).items():
-        prepared = pipe.prepare(variant)
-        patches = ex.relevance(prepared.volume, patient_text, target, False).patches
+        stored = pipe.prepare(variant).volume
+        patches = ex.relevance(stored, patient_text, target, False).patches
         flat = int(np.argmax(patches))
         index = np.unravel_index(flat, patches.shape)
-        grid = ModelGrid(tuple(load_scan(open_scan(variant)).array.shape), int(prepared.volume.shape[-1]), ex.patch)
-        marks = to_nibabel(grid.patch_mask(index))
-        drops, base = occlusion_map(pipe, prepared.volume, patient_text, target, ex.patch, only=[flat])
-        raw = np.asarray(nib.load(variant).dataobj)
-        args = (prepared.volume, index, ex.patch, patient_text, target, work)
-        margin, inside = blanked(pipe, variant, marks, *args)
-        out[name] = {"occluded_drop": float(drops.ravel()[flat]), "blanked_drop": base - margin, "inside": inside,
-                     "rescaled": bool(raw[marks].max() >= raw.max())}
+        grid = ModelGrid(tuple(load_scan(open_scan(variant)).array.shape), size, ex.patch)
+        drops, base = occlusion_map(pipe, stored, patient_text, target, ex.patch, only=[flat])
+        changed, rescaled = blank_in_file(pipe, variant, to_nibabel(grid.patch_mask(index)), work)
+        out[name] = {"occluded_drop": float(drops.ravel()[flat]),
+                     "blanked_drop": base - float(pipeline_margin(pipe, changed, patient_text, target)[0]),
+                     "inside": share_inside(stored, changed, index, ex.patch), "rescaled": rescaled}
     return out
 
 
@@ -191,7 +195,6 @@ def placement_summary(per: list[dict]) -> dict:
 def read_cohort(folder) -> list[dict]:
     """A synthetic cohort's cohort.csv (scan, label, patient_text, mask, ...), its paths made absolute."""
     import csv
-    from pathlib import Path
 
     folder = Path(folder)
     with open(folder / "cohort.csv", newline="") as f:
@@ -238,7 +241,8 @@ def run_checks(pipe, rows: list[dict], out, label: str = "AD", progress=None, wi
                                                              rel.patches),
                     **deletion(pipe, prepared.volume, rel.patches, text, target, ex.patch), **swept})
         if i < placement_scans:
-            per[-1]["placement"] = placement(pipe, ex, r["scan"], text, target, Path(out) / "placement")
+            per[-1]["placement"] = placement(pipe, ex, r["scan"], prepared.volume, text, target,
+                                             Path(out) / "placement")
         if progress:
             progress(i + 1, len(chosen))
     keys = ("hit", "patch_hit", "patch_hit_chance", "mass_ratio", "randomisation_rank_corr", "auc_relevance",

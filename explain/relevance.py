@@ -72,6 +72,12 @@ def box_mean(t: torch.Tensor, window: int) -> torch.Tensor:
     return t
 
 
+def default_windows(p: int) -> tuple[int, int]:
+    """The refinement's (background, smooth) windows for patches of `p` voxels: a patch-wide mean, a quarter-patch
+    average (33 and 9 at the published model's 32)."""
+    return p + 1, p // 4 + 1
+
+
 def detail_attribution(grad: torch.Tensor, volume: torch.Tensor, p: int, background: int | None = None,
                        smooth: int | None = None) -> torch.Tensor:
     """First-order attribution of the margin to each voxel's departure from the volume seen at the token's
@@ -82,11 +88,12 @@ def detail_attribution(grad: torch.Tensor, volume: torch.Tensor, p: int, backgro
     i.e. dark CSF, the change a dementia diagnosis leans on, would get none of their patch's relevance. Against
     the local mean a voxel darker than its surroundings has a negative difference, and where brightening it lowers
     the margin (negative gradient) the product is positive. The smoothing window sums the per-voxel products,
-    whose spatial pattern within a patch is otherwise the patch embedding's kernel. The windows (`background`,
-    default p + 1 voxels, and `smooth`, default p / 4 + 1) were chosen on a tuning cohort separate from the one
+    whose spatial pattern within a patch is otherwise the patch embedding's kernel. The windows (`background` and
+    `smooth`, default_windows unless given) were chosen on a tuning cohort separate from the one
     the checks report (`medblip-bench explain-checks --window`)."""
-    detail = grad * (volume - box_mean(volume, background or p + 1))
-    return box_mean(detail, smooth or p // 4 + 1).clamp(min=0)
+    default_background, default_smooth = default_windows(p)
+    detail = grad * (volume - box_mean(volume, background or default_background))
+    return box_mean(detail, smooth or default_smooth).clamp(min=0)
 
 
 def refine(patch_rel: torch.Tensor, attribution: torch.Tensor, p: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from explain_scans import sensitise
+from medblip_edge.explain.checks import blank_in_file, share_inside
 from medblip_edge.explain.grid import ModelGrid, to_nibabel
 from medblip_edge.explain.occlusion import curve_area, deletion_curve, occlusion_map, pipeline_margin
 from medblip_edge.explain.run import Explainer, ExplainOptions, map_image
@@ -90,17 +91,8 @@ def test_nothing_comes_back_from_the_padding(scans):
 def change_inside_box(pipe, path, mask_ijk, box_index, tmp_path, volume):
     """Blank `mask_ijk` in the scan's own file to its minimum -> (model input of the blanked file, the fraction of
     the model input's change, against `volume` (the file's model input), that lies inside patch `box_index`)."""
-    img = nib.load(path)
-    arr = np.asarray(img.dataobj).copy()
-    arr[mask_ijk] = arr.min()
-    blanked = tmp_path / f"blanked-{abs(hash(mask_ijk.tobytes())) % 10**8}.nii.gz"
-    nib.save(nib.Nifti1Image(arr, img.affine, header=img.header), blanked)
-    changed = pipe.prepare(blanked).volume
-    diff = (volume - changed).abs()[0, 0]
-    p = 32
-    d, h, w = box_index
-    inside = diff[d * p:(d + 1) * p, h * p:(h + 1) * p, w * p:(w + 1) * p].sum()
-    return changed, float(inside / diff.sum()) if diff.sum() > 0 else 0.0
+    changed, _ = blank_in_file(pipe, path, mask_ijk, tmp_path)
+    return changed, share_inside(volume, changed, box_index, 32)
 
 
 def overlay_patches(pipe, path, tmp_path, k: int = 5):
