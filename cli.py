@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from .errors import MedblipError
+from .errors import MedblipError, disk_full
 
 
 def one_line_errors(fn):
@@ -22,6 +22,12 @@ def one_line_errors(fn):
             return fn(*args, **kwargs)
         except MedblipError as e:
             click.echo(f"error [{e.code}]: {e}", err=True)
+            sys.exit(2)
+        except OSError as e:
+            full = disk_full(e)
+            if full is None:
+                raise
+            click.echo(f"error [{full.code}]: {full}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)

@@ -26,7 +26,7 @@ import torch
 
 from ..bundle.format import TOKENIZER, TORCH
 from ..bundle.writer import BundleWriter
-from ..errors import MedblipError
+from ..errors import MedblipError, disk_full
 from ..model.checkpoint import load_checkpoint
 from ..model.config import preset as get_preset
 from ..model.llm import family
@@ -64,7 +64,18 @@ def _pause_if_asked(writer: BundleWriter) -> None:
 
 
 def export_bundle(opts: ExportOptions, quiet: bool = False) -> dict:
-    """Run the export; returns the manifest written. Nothing is left at `opts.out` on failure."""
+    """Run the export; returns the manifest written. Nothing is left at `opts.out` on failure (a full disk
+    included: `disk_full`, naming the folder the bundle was being written in)."""
+    try:
+        return _export_bundle(opts, quiet)
+    except OSError as e:
+        full = disk_full(e, writing=f"{opts.out} (the partial bundle is removed)")
+        if full is None:
+            raise
+        raise full from e
+
+
+def _export_bundle(opts: ExportOptions, quiet: bool) -> dict:
     if (opts.preset is None) == (opts.checkpoint is None):
         raise MedblipError("give either --preset NAME or --checkpoint PATH --llm DIR", code="usage")
     if opts.checkpoint is not None and opts.llm_dir is None:

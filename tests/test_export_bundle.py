@@ -297,3 +297,27 @@ def test_quantized_graphs_leave_no_fp32_weight_matrix_multiply(preset, quant):
         plain = [x for n in m.graph.node if n.op_type in ("MatMul", "Gemm") for x in n.input if x in fp32]
         assert not plain, (name, plain[:3])
         assert any(n.op_type in ("MatMulNBits", "DynamicQuantizeMatMul", "MatMulInteger") for n in m.graph.node)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 1 MiB tmpfs (needs root and a mount-capable machine, as CI is): an export into it fills it up."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root on a machine that allows mounts")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_export_onto_a_full_disk_says_so_in_one_line_and_leaves_nothing(small_disk):
+    """The disk fills while the PyTorch weights are written: `error [disk_full]` naming the file, exit 2, no
+    traceback, and no partial folder left on the full disk."""
+    r = subprocess.run([sys.executable, "-m", "medblip_edge.cli_export", "--preset", "tiny", "--out",
+                        str(small_disk / "b"), "--quiet"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("error [disk_full]: no space left on the device while writing ") and str(small_disk) in line
+    assert list(small_disk.iterdir()) == []
