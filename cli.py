@@ -20,14 +20,11 @@ def one_line_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except MedblipError as e:
-            click.echo(f"error [{e.code}]: {e}", err=True)
-            sys.exit(2)
-        except OSError as e:
-            full = disk_full(e)
-            if full is None:
-                raise
-            click.echo(f"error [{full.code}]: {full}", err=True)
+        except (MedblipError, OSError) as e:
+            error = e if isinstance(e, MedblipError) else disk_full(e)
+            if error is None:
+                raise  # any other OSError is a bug: its traceback is wanted
+            click.echo(f"error [{error.code}]: {error}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)

@@ -321,3 +321,32 @@ def test_export_onto_a_full_disk_says_so_in_one_line_and_leaves_nothing(small_di
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith("error [disk_full]: no space left on the device while writing ") and str(small_disk) in line
     assert list(small_disk.iterdir()) == []
+
+
+_WRITES = """
+import click, sys
+from medblip_edge.cli import one_line_errors
+
+@click.command()
+@one_line_errors
+def main():
+    with open(sys.argv[1], "w") as f:
+        f.write("x" * 65536)
+        f.flush()
+
+main([])
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+@pytest.mark.parametrize("target,code", [("/dev/full", 2), ("/nonexistent-dir/out.txt", 1)], ids=["full", "other"])
+def test_every_command_turns_a_full_disk_into_one_line(target, code):
+    """The wrapper every medblip-* command runs in: a write the OS refuses for lack of space (Linux's /dev/full
+    always does) ends with `error [disk_full]` and exit 2; any other OSError keeps its traceback (a bug)."""
+    r = subprocess.run([sys.executable, "-c", _WRITES, target], capture_output=True, text=True, timeout=120)
+    assert r.returncode == code, r.stderr[-2000:]
+    if code == 2:
+        assert r.stderr.strip() == "error [disk_full]: no space left on the device: free some space or write to " \
+                                   "another disk"
+    else:
+        assert "Traceback" in r.stderr and "FileNotFoundError" in r.stderr
